@@ -1,0 +1,472 @@
+//! Configuration: command-line flags, each with a `CONFIG_SIDECAR_*` environment variable, over an
+//! optional TOML file, over the `DEFAULT_*` constants below. Everything is parsed and validated
+//! before anything binds or connects; a bad setting is one message naming it and exit code 2.
+//!
+//! Precedence: flag, then environment variable, then file, then default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::keys::Prefixes;
+
+/// Default etcd endpoint: a local member on etcd's client port.
+pub const DEFAULT_ENDPOINTS: &str = "http://127.0.0.1:2379";
+/// Default listen address: loopback only, on the sidecar's documented port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7379";
+/// Default time allowed to open a TCP connection to one etcd member.
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default deadline for one unary etcd call (a range page).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default HTTP/2 keep-alive ping interval towards etcd; with the timeout below a frozen member is
+/// noticed in about two seconds instead of never.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Default time to wait for a keep-alive ping's answer.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default silence after which a watch stream is treated as stuck and reopened. The sync task asks
+/// for a progress notification at a third of it, so a healthy stream is never silent this long.
+pub const DEFAULT_WATCH_DEADLINE: Duration = Duration::from_secs(6);
+/// Default smallest reconnect backoff.
+pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Default largest reconnect backoff.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Default time a failed endpoint rests before it is tried again (unless every endpoint failed).
+pub const DEFAULT_ENDPOINT_COOLDOWN: Duration = Duration::from_secs(5);
+/// Default number of keys per page of the initial load (one page stays well under etcd-client's
+/// decode limit for 1 KiB values; the limit itself is raised for larger values).
+pub const DEFAULT_PAGE_SIZE: i64 = 1000;
+/// Default time in-flight HTTP requests get to finish at shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default limit on one HTTP request's handling time.
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default weight bound of the rendered-body cache, in bytes.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The command line. Every flag has an environment variable; all are optional here so that the
+/// TOML file and the defaults can fill what is not given.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "config-sidecar",
+    version,
+    about = "Serves etcd-backed configuration to the application beside it over localhost HTTP."
+)]
+pub struct Cli {
+    /// etcd endpoints (comma-separated URLs, e.g. http://127.0.0.1:2379).
+    #[arg(long, env = "CONFIG_SIDECAR_ENDPOINTS", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// Key prefix to mirror; repeat the flag for more (must start with '/').
+    #[arg(
+        long = "prefix",
+        env = "CONFIG_SIDECAR_PREFIXES",
+        value_delimiter = ','
+    )]
+    pub prefixes: Vec<String>,
+    /// Address to serve HTTP on [default: 127.0.0.1:7379].
+    #[arg(long, env = "CONFIG_SIDECAR_LISTEN")]
+    pub listen: Option<String>,
+    /// TOML configuration file.
+    #[arg(long, env = "CONFIG_SIDECAR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format: plain or json [default: plain].
+    #[arg(long, env = "CONFIG_SIDECAR_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Log level or tracing filter (e.g. info, debug, config_sidecar=trace) [default: info].
+    #[arg(long, env = "CONFIG_SIDECAR_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Time to open a connection to one etcd member [default: 2s].
+    #[arg(long, env = "CONFIG_SIDECAR_DIAL_TIMEOUT")]
+    pub dial_timeout: Option<String>,
+    /// Deadline of one etcd request [default: 5s].
+    #[arg(long, env = "CONFIG_SIDECAR_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
+    /// Silence after which a watch stream is reopened [default: 6s].
+    #[arg(long, env = "CONFIG_SIDECAR_WATCH_DEADLINE")]
+    pub watch_deadline: Option<String>,
+    /// Time in-flight requests get to finish at shutdown [default: 10s].
+    #[arg(long, env = "CONFIG_SIDECAR_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<String>,
+}
+
+/// The TOML file: the same settings, snake_case, durations as strings ("2s", "500ms").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    endpoints: Option<Vec<String>>,
+    prefixes: Option<Vec<String>>,
+    listen: Option<String>,
+    log_format: Option<String>,
+    log_level: Option<String>,
+    dial_timeout: Option<String>,
+    request_timeout: Option<String>,
+    watch_deadline: Option<String>,
+    shutdown_grace: Option<String>,
+    keepalive_interval: Option<String>,
+    keepalive_timeout: Option<String>,
+    backoff_min: Option<String>,
+    backoff_max: Option<String>,
+    endpoint_cooldown: Option<String>,
+    page_size: Option<i64>,
+    http_timeout: Option<String>,
+    cache_bytes: Option<u64>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// How the sidecar talks to etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Member URLs, in the order given.
+    pub endpoints: Vec<String>,
+    /// TCP connect deadline per member.
+    pub dial_timeout: Duration,
+    /// Deadline of one unary call.
+    pub request_timeout: Duration,
+    /// HTTP/2 keep-alive ping interval.
+    pub keepalive_interval: Duration,
+    /// HTTP/2 keep-alive ping timeout.
+    pub keepalive_timeout: Duration,
+}
+
+/// How the sync task behaves.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// What to mirror.
+    pub prefixes: Prefixes,
+    /// Silence after which a watch is reopened.
+    pub watch_deadline: Duration,
+    /// Reconnect backoff floor.
+    pub backoff_min: Duration,
+    /// Reconnect backoff ceiling.
+    pub backoff_max: Duration,
+    /// Rest period of a failed endpoint.
+    pub endpoint_cooldown: Duration,
+    /// Keys per page of a full load.
+    pub page_size: i64,
+}
+
+/// How the HTTP side behaves.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Limit on one request's handling.
+    pub request_timeout: Duration,
+    /// Drain time at shutdown.
+    pub shutdown_grace: Duration,
+    /// Weight bound of the rendered-body cache.
+    pub cache_bytes: u64,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// etcd connection settings.
+    pub etcd: EtcdConfig,
+    /// Mirror settings.
+    pub sync: SyncConfig,
+    /// HTTP settings.
+    pub http: HttpConfig,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter directive.
+    pub log_level: String,
+}
+
+/// A setting that is wrong, named so the operator knows what to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {setting}: {reason}")]
+pub struct ConfigError {
+    /// The flag / env var / file key at fault.
+    pub setting: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn invalid(setting: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting: setting.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Resolves the command line (with its environment variables) and the optional file into a
+    /// validated configuration.
+    pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let pick = |a: Option<String>, b: Option<String>| a.or(b);
+        let duration = |name: &str, a: Option<String>, b: Option<String>, default: Duration| {
+            match pick(a, b) {
+                None => Ok(default),
+                Some(text) => parse_duration(name, &text),
+            }
+        };
+
+        let endpoints = if !cli.endpoints.is_empty() {
+            cli.endpoints
+        } else {
+            file.endpoints
+                .unwrap_or_else(|| vec![DEFAULT_ENDPOINTS.to_string()])
+        };
+        let endpoints: Vec<String> = endpoints
+            .into_iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(invalid("--endpoints", "no etcd endpoint given"));
+        }
+        for e in &endpoints {
+            validate_endpoint(e)?;
+        }
+
+        let prefixes = if !cli.prefixes.is_empty() {
+            cli.prefixes
+        } else {
+            file.prefixes.unwrap_or_default()
+        };
+        let prefixes: Vec<String> = prefixes
+            .into_iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        if prefixes.is_empty() {
+            return Err(invalid(
+                "--prefix",
+                "no prefix to mirror: give --prefix /your/app/ (or CONFIG_SIDECAR_PREFIXES)",
+            ));
+        }
+        for p in &prefixes {
+            if !p.starts_with('/') {
+                return Err(invalid("--prefix", format!("{p:?} must start with '/'")));
+            }
+            if p.contains('\0') {
+                return Err(invalid("--prefix", format!("{p:?} contains a NUL byte")));
+            }
+        }
+
+        let listen_text = pick(cli.listen, file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            invalid(
+                "--listen",
+                format!("{listen_text:?} is not an address such as 127.0.0.1:7379"),
+            )
+        })?;
+
+        let log_format = match pick(cli.log_format, file.log_format).as_deref() {
+            None | Some("plain") => LogFormat::Plain,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(invalid(
+                    "--log-format",
+                    format!("{other:?} is not one of: plain, json"),
+                ))
+            }
+        };
+        let log_level = pick(cli.log_level, file.log_level).unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(invalid(
+                "--log-level",
+                format!("{log_level:?} is not a level or tracing filter"),
+            ));
+        }
+
+        let page_size = file.page_size.unwrap_or(DEFAULT_PAGE_SIZE);
+        if page_size < 1 {
+            return Err(invalid("page_size", "must be at least 1"));
+        }
+        let backoff_min = duration("backoff_min", None, file.backoff_min, DEFAULT_BACKOFF_MIN)?;
+        let backoff_max = duration("backoff_max", None, file.backoff_max, DEFAULT_BACKOFF_MAX)?;
+        if backoff_max < backoff_min {
+            return Err(invalid("backoff_max", "must not be below backoff_min"));
+        }
+
+        Ok(Config {
+            etcd: EtcdConfig {
+                endpoints,
+                dial_timeout: duration(
+                    "--dial-timeout",
+                    cli.dial_timeout,
+                    file.dial_timeout,
+                    DEFAULT_DIAL_TIMEOUT,
+                )?,
+                request_timeout: duration(
+                    "--request-timeout",
+                    cli.request_timeout,
+                    file.request_timeout,
+                    DEFAULT_REQUEST_TIMEOUT,
+                )?,
+                keepalive_interval: duration(
+                    "keepalive_interval",
+                    None,
+                    file.keepalive_interval,
+                    DEFAULT_KEEPALIVE_INTERVAL,
+                )?,
+                keepalive_timeout: duration(
+                    "keepalive_timeout",
+                    None,
+                    file.keepalive_timeout,
+                    DEFAULT_KEEPALIVE_TIMEOUT,
+                )?,
+            },
+            sync: SyncConfig {
+                prefixes: Prefixes::new(prefixes),
+                watch_deadline: duration(
+                    "--watch-deadline",
+                    cli.watch_deadline,
+                    file.watch_deadline,
+                    DEFAULT_WATCH_DEADLINE,
+                )?,
+                backoff_min,
+                backoff_max,
+                endpoint_cooldown: duration(
+                    "endpoint_cooldown",
+                    None,
+                    file.endpoint_cooldown,
+                    DEFAULT_ENDPOINT_COOLDOWN,
+                )?,
+                page_size,
+            },
+            http: HttpConfig {
+                listen,
+                request_timeout: duration(
+                    "http_timeout",
+                    None,
+                    file.http_timeout,
+                    DEFAULT_HTTP_TIMEOUT,
+                )?,
+                shutdown_grace: duration(
+                    "--shutdown-grace",
+                    cli.shutdown_grace,
+                    file.shutdown_grace,
+                    DEFAULT_SHUTDOWN_GRACE,
+                )?,
+                cache_bytes: file.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES),
+            },
+            log_format,
+            log_level,
+        })
+    }
+
+    /// A configuration for `endpoints` and `prefixes` with every other setting at its default;
+    /// what tests and embedders start from.
+    pub fn for_endpoints(endpoints: &[String], prefixes: &[&str]) -> Result<Config, ConfigError> {
+        Config::from_cli(Cli {
+            endpoints: endpoints.to_vec(),
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+            ..Cli::default()
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid("--config", format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text)
+        .map_err(|e| invalid("--config", format!("{}: {}", path.display(), e.message())))
+}
+
+fn parse_duration(setting: &str, text: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
+        invalid(
+            setting,
+            format!("{text:?} is not a duration such as 2s: {e}"),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(invalid(setting, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn validate_endpoint(endpoint: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| invalid("--endpoints", format!("{endpoint:?} {why}"));
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|_| bad("is not a URL such as http://127.0.0.1:2379"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(bad("uses https, which this build does not support yet")),
+        _ => return Err(bad("must start with http://")),
+    }
+    let authority = uri.authority().ok_or_else(|| bad("has no host"))?;
+    if authority.host().is_empty() {
+        return Err(bad("has no host"));
+    }
+    if authority.port_u16().is_none() {
+        return Err(bad("has no port"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("must not have a path or query"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["config-sidecar"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Config::from_cli(cli).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_fill_what_is_not_given() {
+        let c = cli(&["--prefix", "/config/app/"]).unwrap();
+        assert_eq!(c.etcd.endpoints, vec![DEFAULT_ENDPOINTS.to_string()]);
+        assert_eq!(c.http.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.sync.watch_deadline, DEFAULT_WATCH_DEADLINE);
+        assert_eq!(c.log_format, LogFormat::Plain);
+    }
+
+    #[test]
+    fn each_bad_setting_is_named() {
+        let err = |args: &[&str]| cli(args).unwrap_err();
+        assert!(err(&[]).contains("--prefix"));
+        assert!(err(&["--prefix", "config/"]).contains("must start with '/'"));
+        assert!(err(&["--prefix", "/c/", "--endpoints", "127.0.0.1:2379"]).contains("--endpoints"));
+        assert!(err(&["--prefix", "/c/", "--endpoints", "http://h"]).contains("no port"));
+        assert!(err(&["--prefix", "/c/", "--listen", "nowhere"]).contains("--listen"));
+        assert!(err(&["--prefix", "/c/", "--log-format", "xml"]).contains("--log-format"));
+        assert!(err(&["--prefix", "/c/", "--watch-deadline", "soon"]).contains("--watch-deadline"));
+        assert!(err(&["--prefix", "/c/", "--config", "/nonexistent/x.toml"]).contains("--config"));
+        assert!(err(&["--bogus"]).contains("--bogus"));
+    }
+
+    #[test]
+    fn file_fills_in_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "endpoints = [\"http://127.0.0.1:1\"]\nprefixes = [\"/f/\"]\nlisten = \"127.0.0.1:9\"\nwatch_deadline = \"3s\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = cli(&["--config", p, "--listen", "127.0.0.1:10"]).unwrap();
+        assert_eq!(c.etcd.endpoints, vec!["http://127.0.0.1:1".to_string()]);
+        assert_eq!(c.sync.prefixes.as_slice(), &["/f/".to_string()]);
+        assert_eq!(c.http.listen.port(), 10);
+        assert_eq!(c.sync.watch_deadline, Duration::from_secs(3));
+
+        std::fs::write(&path, "prefixes = [\"/f/\"]\nunknown_key = 1\n").unwrap();
+        let e = cli(&["--config", p]).unwrap_err();
+        assert!(e.contains("--config") && e.contains("unknown_key"), "{e}");
+    }
+}

@@ -1,0 +1,183 @@
+//! Connections to etcd: one client per member, each member's health, and the choice of member.
+//!
+//! etcd-client's own balancer over several endpoints fails calls while one member is down, and it
+//! neither reconnects a watch nor fails over; so the sidecar keeps a client per endpoint, records
+//! each endpoint's failures, and moves to the next healthy endpoint when the one in use fails. A
+//! failed endpoint rests for a cooldown before it is chosen again, unless every endpoint failed.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use etcd_client::{Client, ConnectOptions};
+use serde::Serialize;
+
+use crate::config::EtcdConfig;
+
+/// Largest gRPC message the sidecar accepts from etcd. etcd-client's default of 4 MiB is smaller
+/// than one page of large values or one watch response catching up over many revisions.
+pub const MAX_DECODE_BYTES: usize = 256 * 1024 * 1024;
+
+/// One etcd member as the sidecar sees it.
+struct Member {
+    /// The URL as configured.
+    url: String,
+    /// The client; created lazily on first use (connecting is lazy as well).
+    client: Option<Client>,
+    /// Consecutive failures since the last success.
+    failures: u32,
+    /// Until when the member rests after a failure.
+    cooldown_until: Option<Instant>,
+    /// The last error, for status.
+    last_error: Option<String>,
+    /// When the last error happened.
+    last_error_at: Option<SystemTime>,
+}
+
+/// Health of one endpoint, as shown in `/v1/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointStatus {
+    /// The URL.
+    pub url: String,
+    /// `healthy` or `failing`.
+    pub health: &'static str,
+    /// Consecutive failures.
+    pub consecutive_failures: u32,
+    /// The last error seen on this endpoint.
+    pub last_error: Option<String>,
+    /// Seconds since the Unix epoch of that error.
+    pub last_error_unix: Option<u64>,
+}
+
+/// The set of endpoints and which one is preferred.
+pub struct EndpointPool {
+    /// Connection settings shared by every client.
+    config: EtcdConfig,
+    /// Members, in configured order.
+    members: Mutex<Vec<Member>>,
+    /// How long a failed endpoint rests.
+    cooldown: Duration,
+}
+
+/// A chosen endpoint: its index in the pool and a client for it.
+pub struct Chosen {
+    /// Index to report success or failure against.
+    pub index: usize,
+    /// URL, for logs and status.
+    pub url: String,
+    /// A client bound to this endpoint only.
+    pub client: Client,
+}
+
+impl EndpointPool {
+    /// A pool over the configured endpoints; nothing connects yet.
+    pub fn new(config: EtcdConfig, cooldown: Duration) -> Self {
+        let members = config
+            .endpoints
+            .iter()
+            .map(|url| Member {
+                url: url.clone(),
+                client: None,
+                failures: 0,
+                cooldown_until: None,
+                last_error: None,
+                last_error_at: None,
+            })
+            .collect();
+        EndpointPool {
+            config,
+            members: Mutex::new(members),
+            cooldown,
+        }
+    }
+
+    /// Picks the endpoint to use next: the first one, starting after `after` (so a failing endpoint
+    /// is left for the next one), that is not resting; if all rest, the one whose rest ends first.
+    pub async fn choose(&self, after: Option<usize>) -> Result<Chosen, etcd_client::Error> {
+        let (index, url, existing) = {
+            let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            let n = members.len();
+            let start = after.map(|a| (a + 1) % n).unwrap_or(0);
+            let now = Instant::now();
+            let order = (0..n).map(|i| (start + i) % n);
+            let index = order
+                .clone()
+                .find(|&i| members[i].cooldown_until.is_none_or(|t| t <= now))
+                .or_else(|| order.min_by_key(|&i| members[i].cooldown_until))
+                .expect("the pool has at least one endpoint");
+            let m = &members[index];
+            (index, m.url.clone(), m.client.clone())
+        };
+        let client = match existing {
+            Some(c) => c,
+            None => {
+                let c = Client::connect([url.as_str()], Some(self.connect_options())).await?;
+                let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+                members[index].client = Some(c.clone());
+                c
+            }
+        };
+        Ok(Chosen { index, url, client })
+    }
+
+    /// Number of endpoints.
+    pub fn len(&self) -> usize {
+        self.config.endpoints.len()
+    }
+
+    /// Whether the pool is empty (never, once configuration is validated).
+    pub fn is_empty(&self) -> bool {
+        self.config.endpoints.is_empty()
+    }
+
+    /// Records that a call on endpoint `index` succeeded.
+    pub fn succeeded(&self, index: usize) {
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let m = &mut members[index];
+        m.failures = 0;
+        m.cooldown_until = None;
+    }
+
+    /// Records that endpoint `index` failed; it rests for the cooldown.
+    pub fn failed(&self, index: usize, error: &str) {
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let m = &mut members[index];
+        m.failures += 1;
+        m.cooldown_until = Some(Instant::now() + self.cooldown);
+        m.last_error = Some(error.to_string());
+        m.last_error_at = Some(SystemTime::now());
+    }
+
+    /// Every endpoint's health.
+    pub fn status(&self) -> Vec<EndpointStatus> {
+        let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        members
+            .iter()
+            .map(|m| EndpointStatus {
+                url: m.url.clone(),
+                health: if m.failures == 0 {
+                    "healthy"
+                } else {
+                    "failing"
+                },
+                consecutive_failures: m.failures,
+                last_error: m.last_error.clone(),
+                last_error_unix: m
+                    .last_error_at
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs()),
+            })
+            .collect()
+    }
+
+    fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions::new()
+            .with_connect_timeout(self.config.dial_timeout)
+            .with_keep_alive(
+                self.config.keepalive_interval,
+                self.config.keepalive_timeout,
+            )
+            .with_keep_alive_while_idle(true)
+            // A member cut off from the majority would otherwise keep a watch open and silent.
+            .with_require_leader(true)
+    }
+}

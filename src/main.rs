@@ -1,0 +1,73 @@
+//! The `config-sidecar` binary: parse and validate all configuration, bind, serve until SIGTERM or
+//! SIGINT, drain, exit 0.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use config_sidecar::config::{Cli, Config};
+
+fn main() -> ExitCode {
+    // clap itself exits with code 2 and a usage message on unknown or malformed flags.
+    let cli = Cli::parse();
+    let config = match Config::from_cli(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("config-sidecar: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    config_sidecar::telemetry::init(config.log_format, &config.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("config-sidecar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.http.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listen = %config.http.listen, error = %e, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            listen = %config.http.listen,
+            endpoints = ?config.etcd.endpoints,
+            prefixes = ?config.sync.prefixes,
+            "config-sidecar starting"
+        );
+        match config_sidecar::serve(config, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "server failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

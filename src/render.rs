@@ -1,0 +1,235 @@
+//! Rendering prefix listings and tree views, and the cache of rendered bodies.
+//!
+//! Rendering a large prefix costs far more than serving it, so bodies are cached in a moka cache
+//! bounded by weight (body bytes). The cache key includes the snapshot revision: a body rendered at
+//! one revision can never be served for another, and bodies of old revisions simply age out.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use moka::sync::Cache;
+use serde_json::{Map, Value};
+
+use crate::store::{Entry, Snapshot};
+
+/// What a cached body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum View {
+    /// `?recurse` listing: a JSON array of entries.
+    List,
+    /// `/v1/tree`: a nested JSON object.
+    Tree,
+}
+
+/// Cache key: the view, the prefix and the revision it was rendered at.
+type CacheKey = (View, Arc<str>, i64);
+
+/// Rendered bodies, bounded by total bytes.
+#[derive(Clone)]
+pub struct RenderCache {
+    /// The bodies.
+    cache: Cache<CacheKey, Bytes>,
+}
+
+impl RenderCache {
+    /// A cache holding at most about `max_bytes` of bodies.
+    pub fn new(max_bytes: u64) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|key: &CacheKey, body: &Bytes| {
+                u32::try_from(body.len() + key.1.len() + 32).unwrap_or(u32::MAX)
+            })
+            .build();
+        RenderCache { cache }
+    }
+
+    /// The body of `view` over `prefix` at the snapshot's revision, rendered at most once per
+    /// revision (concurrent misses for the same key wait for one render).
+    pub fn get(&self, view: View, prefix: &str, snapshot: &Snapshot) -> Bytes {
+        let key: CacheKey = (view, Arc::from(prefix), snapshot.revision);
+        self.cache.get_with(key, || match view {
+            View::List => render_list(snapshot, prefix),
+            View::Tree => render_tree(snapshot, prefix),
+        })
+    }
+}
+
+/// Puts `text` into `obj` under `field`, base64 with a marker field when it is not UTF-8.
+fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => {
+            obj.insert(field.into(), Value::String(text.into()));
+        }
+        Err(_) => {
+            obj.insert(
+                field.into(),
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            );
+            obj.insert(format!("{field}_encoding"), Value::String("base64".into()));
+        }
+    }
+}
+
+fn list_item(entry: &Entry) -> Value {
+    let mut obj = Map::new();
+    put_bytes(&mut obj, "key", &entry.key);
+    put_bytes(&mut obj, "value", &entry.value);
+    obj.insert("create_revision".into(), entry.create_revision.into());
+    obj.insert("mod_revision".into(), entry.mod_revision.into());
+    obj.insert("version".into(), entry.version.into());
+    Value::Object(obj)
+}
+
+/// `[{key, value, create_revision, mod_revision, version}, ...]` for every key starting with
+/// `prefix`, sorted by key. A key or value that is not UTF-8 is base64 and carries
+/// `key_encoding` / `value_encoding: "base64"`.
+pub fn render_list(snapshot: &Snapshot, prefix: &str) -> Bytes {
+    let items: Vec<Value> = snapshot
+        .scan_prefix(prefix.as_bytes())
+        .map(|e| list_item(e))
+        .collect();
+    Bytes::from(serde_json::to_vec(&Value::Array(items)).expect("JSON values serialise"))
+}
+
+/// How a value appears inside a tree: JSON when it parses as JSON, a string when it is UTF-8,
+/// otherwise `{"encoding": "base64", "value": "..."}`.
+fn tree_value(bytes: &[u8]) -> Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.into())),
+        Err(_) => {
+            let mut obj = Map::new();
+            obj.insert("encoding".into(), "base64".into());
+            obj.insert(
+                "value".into(),
+                base64::engine::general_purpose::STANDARD
+                    .encode(bytes)
+                    .into(),
+            );
+            Value::Object(obj)
+        }
+    }
+}
+
+/// One nested object for the subtree under `dir` (which ends with `/`): each `/`-separated segment
+/// of the rest of a key is one level. Empty segments are skipped. A key that is both a value and a
+/// parent of other keys keeps its own value under the member `""`.
+pub fn render_tree(snapshot: &Snapshot, dir: &str) -> Bytes {
+    let mut root = Map::new();
+    for entry in snapshot.scan_prefix(dir.as_bytes()) {
+        let rest = String::from_utf8_lossy(&entry.key[dir.len()..]);
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        let value = tree_value(&entry.value);
+        let Some((leaf, parents)) = segments.split_last() else {
+            // The key is the directory itself (`/config/app/`): its value sits under "".
+            root.insert(String::new(), value);
+            continue;
+        };
+        let mut node = &mut root;
+        for segment in parents {
+            let slot = node
+                .entry(segment.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !slot.is_object() {
+                let own = std::mem::replace(slot, Value::Object(Map::new()));
+                slot.as_object_mut()
+                    .expect("just made an object")
+                    .insert(String::new(), own);
+            }
+            node = slot.as_object_mut().expect("checked above");
+        }
+        match node.get_mut(*leaf) {
+            Some(Value::Object(children)) if !children.is_empty() => {
+                children.insert(String::new(), value);
+            }
+            _ => {
+                node.insert(leaf.to_string(), value);
+            }
+        }
+    }
+    Bytes::from(serde_json::to_vec(&Value::Object(root)).expect("JSON values serialise"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn snapshot(pairs: &[(&str, &[u8])]) -> Arc<Snapshot> {
+        let store = Store::new();
+        let entries = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v))| {
+                Entry::new(
+                    Bytes::copy_from_slice(k.as_bytes()),
+                    Bytes::copy_from_slice(v),
+                    i as i64 + 2,
+                    i as i64 + 2,
+                    1,
+                )
+            })
+            .collect();
+        store.replace(10, entries).unwrap();
+        store.snapshot()
+    }
+
+    #[test]
+    fn tree_nests_segments_and_embeds_json() {
+        let snap = snapshot(&[
+            ("/c/app/db", b"primary"),
+            ("/c/app/db/host", b"h1"),
+            ("/c/app/db/port", b"5432"),
+            ("/c/app/flags", b"{\"beta\":true}"),
+            ("/c/app/raw", b"\xff\x00"),
+            ("/c/other", b"x"),
+        ]);
+        let tree: Value = serde_json::from_slice(&render_tree(&snap, "/c/app/")).unwrap();
+        assert_eq!(
+            tree,
+            serde_json::json!({
+                "db": {"": "primary", "host": "h1", "port": 5432},
+                "flags": {"beta": true},
+                "raw": {"encoding": "base64", "value": "/wA="},
+            })
+        );
+    }
+
+    #[test]
+    fn list_is_sorted_and_marks_binary_values() {
+        let snap = snapshot(&[("/c/b", b"2"), ("/c/a", b"1"), ("/c/z", b"\xfe")]);
+        let list: Value = serde_json::from_slice(&render_list(&snap, "/c/")).unwrap();
+        let keys: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["/c/a", "/c/b", "/c/z"]);
+        assert_eq!(list[2]["value"], "/g==");
+        assert_eq!(list[2]["value_encoding"], "base64");
+        assert!(list[0].get("value_encoding").is_none());
+        assert_eq!(list[0]["mod_revision"], 3);
+    }
+
+    #[test]
+    fn cache_never_serves_another_revision() {
+        let store = Store::new();
+        let cache = RenderCache::new(1 << 20);
+        let e = |v: &str, r| {
+            Entry::new(
+                Bytes::from_static(b"/c/k"),
+                Bytes::from(v.to_string()),
+                2,
+                r,
+                1,
+            )
+        };
+        store.replace(2, vec![e("old", 2)]).unwrap();
+        let first = cache.get(View::List, "/c/", &store.snapshot());
+        store.replace(3, vec![e("new", 3)]).unwrap();
+        let second = cache.get(View::List, "/c/", &store.snapshot());
+        assert_ne!(first, second);
+        assert!(std::str::from_utf8(&second).unwrap().contains("new"));
+    }
+}

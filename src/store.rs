@@ -1,0 +1,412 @@
+//! The in-memory mirror: one immutable [`Snapshot`] per applied etcd revision, swapped atomically.
+//!
+//! Readers load the current snapshot with one atomic pointer read and keep it for the whole request,
+//! so a request never sees half of a transaction and a prefix read is exactly one revision. The map
+//! is persistent (`imbl::OrdMap`): a new revision shares every untouched node with the previous one,
+//! so applying a small change to a large mirror is cheap, and prefix reads are ordered range scans.
+//!
+//! Only the sync task writes; it is the single writer, which the `writer` mutex makes explicit.
+
+use std::ops::Bound;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::HeaderValue;
+use imbl::OrdMap;
+use tokio::sync::watch;
+
+/// One key as etcd last reported it.
+#[derive(Debug)]
+pub struct Entry {
+    /// The etcd key.
+    pub key: Bytes,
+    /// The value, shared with every response that sends it (no copy per request).
+    pub value: Bytes,
+    /// Revision of the key's creation (etcd `create_revision`).
+    pub create_revision: i64,
+    /// Revision of the key's last modification; also its `ETag`.
+    pub mod_revision: i64,
+    /// Number of modifications since creation (etcd `version`).
+    pub version: i64,
+    /// `ETag` header value, prepared when the revision is applied so reads do not format it.
+    pub etag: HeaderValue,
+    /// `Content-Type` of the raw value, chosen once when the revision is applied.
+    pub content_type: HeaderValue,
+}
+
+impl Entry {
+    /// Builds an entry and prepares its header values.
+    pub fn new(
+        key: Bytes,
+        value: Bytes,
+        create_revision: i64,
+        mod_revision: i64,
+        version: i64,
+    ) -> Self {
+        let etag = HeaderValue::try_from(format!("\"{mod_revision}\""))
+            .expect("a quoted integer is a valid header value");
+        let content_type = if std::str::from_utf8(&value).is_ok() {
+            HeaderValue::from_static("text/plain; charset=utf-8")
+        } else {
+            HeaderValue::from_static("application/octet-stream")
+        };
+        Entry {
+            key,
+            value,
+            create_revision,
+            mod_revision,
+            version,
+            etag,
+            content_type,
+        }
+    }
+
+    /// Bytes this entry accounts for in the mirror (key plus value).
+    pub fn size(&self) -> u64 {
+        (self.key.len() + self.value.len()) as u64
+    }
+}
+
+/// A change to one key, as applied to the store. Returned by every write to the store so that later
+/// consumers (change notifications) see exactly what readers see, deletions from resyncs included.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The key now has this entry.
+    Put(Arc<Entry>),
+    /// The key was removed at `revision`.
+    Delete {
+        /// The removed key.
+        key: Bytes,
+        /// The revision the deletion belongs to.
+        revision: i64,
+    },
+}
+
+/// An event from the watch, before it is applied.
+#[derive(Debug)]
+pub enum Event {
+    /// A put of a whole entry.
+    Put(Entry),
+    /// A deletion of `key` at `revision`.
+    Delete {
+        /// The deleted key.
+        key: Bytes,
+        /// The revision of the deletion.
+        revision: i64,
+    },
+}
+
+/// The mirror at one etcd revision. Immutable once published.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The etcd revision this snapshot reflects: every key in the mirrored prefixes is as etcd had
+    /// it at this revision.
+    pub revision: i64,
+    /// Whether a complete load has happened; before it, "absent" means "unknown", not "missing".
+    pub loaded: bool,
+    /// Key → entry, ordered by key bytes.
+    pub entries: OrdMap<Bytes, Arc<Entry>>,
+    /// Sum of key and value bytes, kept incrementally for status and memory budgets.
+    pub bytes: u64,
+    /// `X-Config-Revision` header value, prepared once per revision.
+    pub revision_header: HeaderValue,
+    /// Wall-clock time this snapshot was published.
+    pub published_at: SystemTime,
+}
+
+impl Snapshot {
+    fn empty() -> Self {
+        Snapshot {
+            revision: 0,
+            loaded: false,
+            entries: OrdMap::new(),
+            bytes: 0,
+            revision_header: HeaderValue::from_static("0"),
+            published_at: SystemTime::now(),
+        }
+    }
+
+    /// The entry for `key`, if present.
+    pub fn get(&self, key: &[u8]) -> Option<&Arc<Entry>> {
+        self.entries.get(key)
+    }
+
+    /// Every entry whose key starts with `prefix`, in key order.
+    pub fn scan_prefix<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = &'a Arc<Entry>> + 'a {
+        self.entries
+            .range::<_, [u8]>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+    }
+
+    /// Number of keys mirrored.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the mirror holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn publishable(mut self, revision: i64) -> Self {
+        self.revision = revision;
+        self.revision_header = HeaderValue::from(revision);
+        self.published_at = SystemTime::now();
+        self
+    }
+}
+
+/// Errors the store refuses with; each means the sync task fed it something out of order.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// A full load at a revision older than the one already served: serving it would move time
+    /// backwards.
+    #[error("refusing to load revision {offered}: the mirror already serves revision {current}")]
+    RevisionWentBack {
+        /// Revision offered.
+        offered: i64,
+        /// Revision served.
+        current: i64,
+    },
+}
+
+/// The shared store: the current snapshot plus a notification of each new revision.
+pub struct Store {
+    /// The snapshot readers see.
+    current: ArcSwap<Snapshot>,
+    /// Serialises writers; there is one (the sync task), and this keeps it that way.
+    writer: Mutex<()>,
+    /// The revision of each published snapshot, for waiters (readiness, and later blocking queries).
+    revision_tx: watch::Sender<i64>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Store {
+    /// An empty, not-yet-loaded store.
+    pub fn new() -> Self {
+        let (revision_tx, _) = watch::channel(0);
+        Store {
+            current: ArcSwap::from_pointee(Snapshot::empty()),
+            writer: Mutex::new(()),
+            revision_tx,
+        }
+    }
+
+    /// The current snapshot. Hold it for the whole of one request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The revision currently served.
+    pub fn revision(&self) -> i64 {
+        self.current.load().revision
+    }
+
+    /// Whether a complete load has been published.
+    pub fn is_loaded(&self) -> bool {
+        self.current.load().loaded
+    }
+
+    /// Subscribes to published revisions.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.revision_tx.subscribe()
+    }
+
+    /// Replaces the whole mirror with a complete load taken at `revision` and returns the
+    /// difference from what was served before (keys gone become deletions). The old snapshot keeps
+    /// serving until the new one is swapped in, so readers never see an empty or partial mirror.
+    pub fn replace(&self, revision: i64, entries: Vec<Entry>) -> Result<Vec<Change>, StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        if old.loaded && revision < old.revision {
+            return Err(StoreError::RevisionWentBack {
+                offered: revision,
+                current: old.revision,
+            });
+        }
+        let mut map = OrdMap::new();
+        let mut bytes = 0;
+        let mut changes = Vec::new();
+        for entry in entries {
+            bytes += entry.size();
+            let entry = Arc::new(entry);
+            let unchanged = old
+                .entries
+                .get(&entry.key)
+                .is_some_and(|prev| prev.mod_revision == entry.mod_revision);
+            if !unchanged {
+                changes.push(Change::Put(entry.clone()));
+            }
+            map.insert(entry.key.clone(), entry);
+        }
+        for key in old.entries.keys() {
+            if !map.contains_key(key) {
+                changes.push(Change::Delete {
+                    key: key.clone(),
+                    revision,
+                });
+            }
+        }
+        let next = Snapshot {
+            loaded: true,
+            entries: map,
+            bytes,
+            ..Snapshot::empty()
+        }
+        .publishable(revision.max(old.revision));
+        self.publish(next);
+        Ok(changes)
+    }
+
+    /// Applies the events of one watch response, all of whose revisions are at most `revision`,
+    /// as one new snapshot. Events at or below the revision already served are duplicates from a
+    /// resumed watch and are skipped.
+    pub fn apply(&self, revision: i64, events: Vec<Event>) -> Vec<Change> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        if revision <= old.revision {
+            return Vec::new();
+        }
+        let mut next = (*old).clone();
+        let mut changes = Vec::with_capacity(events.len());
+        for event in events {
+            match event {
+                Event::Put(entry) => {
+                    if entry.mod_revision <= old.revision {
+                        continue;
+                    }
+                    let entry = Arc::new(entry);
+                    next.bytes += entry.size();
+                    if let Some(prev) = next.entries.insert(entry.key.clone(), entry.clone()) {
+                        next.bytes -= prev.size();
+                    }
+                    changes.push(Change::Put(entry));
+                }
+                Event::Delete { key, revision } => {
+                    if revision <= old.revision {
+                        continue;
+                    }
+                    if let Some(prev) = next.entries.remove(&key) {
+                        next.bytes -= prev.size();
+                        changes.push(Change::Delete { key, revision });
+                    }
+                }
+            }
+        }
+        self.publish(next.publishable(revision));
+        changes
+    }
+
+    fn publish(&self, snapshot: Snapshot) {
+        let revision = snapshot.revision;
+        self.current.store(Arc::new(snapshot));
+        self.revision_tx.send_replace(revision);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, value: &str, rev: i64) -> Entry {
+        Entry::new(
+            Bytes::copy_from_slice(key.as_bytes()),
+            Bytes::copy_from_slice(value.as_bytes()),
+            rev,
+            rev,
+            1,
+        )
+    }
+
+    #[test]
+    fn replace_reports_the_difference_and_keeps_revision_monotonic() {
+        let store = Store::new();
+        assert!(!store.is_loaded());
+        store
+            .replace(5, vec![entry("/a/1", "x", 2), entry("/a/2", "y", 3)])
+            .unwrap();
+        assert!(store.is_loaded());
+        let changes = store
+            .replace(9, vec![entry("/a/1", "x", 2), entry("/a/3", "z", 8)])
+            .unwrap();
+        let mut puts = vec![];
+        let mut deletes = vec![];
+        for c in changes {
+            match c {
+                Change::Put(e) => puts.push(e.key.clone()),
+                Change::Delete { key, revision } => {
+                    assert_eq!(revision, 9);
+                    deletes.push(key)
+                }
+            }
+        }
+        assert_eq!(puts, vec![Bytes::from_static(b"/a/3")]);
+        assert_eq!(deletes, vec![Bytes::from_static(b"/a/2")]);
+        let snap = store.snapshot();
+        assert_eq!(snap.revision, 9);
+        assert_eq!(snap.bytes, 4 + 1 + 4 + 1);
+        assert_eq!(
+            store.replace(7, vec![]).unwrap_err(),
+            StoreError::RevisionWentBack {
+                offered: 7,
+                current: 9
+            }
+        );
+    }
+
+    #[test]
+    fn apply_is_one_snapshot_and_skips_replayed_events() {
+        let store = Store::new();
+        store.replace(1, vec![]).unwrap();
+        let before = store.snapshot();
+        store.apply(
+            4,
+            vec![
+                Event::Put(entry("/p/a", "1", 4)),
+                Event::Put(entry("/p/b", "1", 4)),
+            ],
+        );
+        let after = store.snapshot();
+        assert!(before.is_empty(), "an old snapshot is never mutated");
+        assert_eq!(after.len(), 2);
+        assert_eq!(after.revision, 4);
+        assert_eq!(&after.revision_header, "4");
+        // A resumed watch replays revision 4: nothing changes.
+        assert!(store
+            .apply(
+                4,
+                vec![Event::Delete {
+                    key: Bytes::from_static(b"/p/a"),
+                    revision: 4
+                }]
+            )
+            .is_empty());
+        let changes = store.apply(
+            5,
+            vec![Event::Delete {
+                key: Bytes::from_static(b"/p/a"),
+                revision: 5,
+            }],
+        );
+        assert_eq!(changes.len(), 1);
+        let snap = store.snapshot();
+        assert_eq!(
+            snap.scan_prefix(b"/p/")
+                .map(|e| e.key.clone())
+                .collect::<Vec<_>>(),
+            vec![Bytes::from_static(b"/p/b")]
+        );
+        assert_eq!(snap.bytes, 5);
+    }
+}

@@ -1,0 +1,432 @@
+//! The sync task: etcd → store.
+//!
+//! [`WatchTask`] loads every mirrored prefix at one revision (in pages, each at that same revision),
+//! publishes it as one snapshot, then watches from the next revision and applies each watch
+//! response as one new snapshot. It never gives up: on any failure it moves to another endpoint,
+//! waits a jittered exponential backoff, and resumes the watch from the last applied revision + 1.
+//! When that revision has been compacted it loads everything again and publishes the difference,
+//! while the old snapshot keeps serving.
+//!
+//! What it knows about its own progress is published through a `tokio::sync::watch` channel as a
+//! [`SyncStatus`], which the HTTP side reads for `/v1/status` and the mode headers.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use etcd_client::{Client, EventType, GetOptions, WatchOptions, WatchResponse};
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::{sleep, timeout, Instant};
+
+use crate::config::SyncConfig;
+use crate::etcd::{EndpointPool, MAX_DECODE_BYTES};
+use crate::keys::prefix_range_end;
+use crate::store::{Entry, Event, Store};
+
+/// Where the sync task is in its cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncState {
+    /// Nothing loaded yet.
+    Starting,
+    /// A full load is in progress.
+    Loading,
+    /// A watch stream is open and current.
+    Watching,
+    /// The last attempt failed; waiting to retry.
+    Reconnecting,
+}
+
+/// What the sync task publishes about itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncStatus {
+    /// Current phase.
+    pub state: SyncState,
+    /// The endpoint the watch runs on (or was last tried).
+    pub endpoint: Option<String>,
+    /// When the last watch event was applied.
+    #[serde(with = "unix_millis")]
+    pub last_event_at: Option<SystemTime>,
+    /// When the watch stream last said anything (event or progress): its liveness.
+    #[serde(with = "unix_millis")]
+    pub last_heard_at: Option<SystemTime>,
+    /// Number of complete loads (the first one and every compaction resync).
+    pub full_loads: u64,
+    /// Number of times the watch had to be reopened.
+    pub reconnects: u64,
+    /// The last error, for operators.
+    pub last_error: Option<String>,
+}
+
+impl Default for SyncStatus {
+    fn default() -> Self {
+        SyncStatus {
+            state: SyncState::Starting,
+            endpoint: None,
+            last_event_at: None,
+            last_heard_at: None,
+            full_loads: 0,
+            reconnects: 0,
+            last_error: None,
+        }
+    }
+}
+
+mod unix_millis {
+    use serde::Serializer;
+    use std::time::SystemTime;
+
+    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) {
+            Some(d) => s.serialize_u64(d.as_millis() as u64),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// Why a sync session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    #[error("watch stream silent for {0:?}; reopening")]
+    Stuck(Duration),
+    #[error("watch stream closed by the server")]
+    Closed,
+    #[error("watch cancelled by the server: {0}")]
+    Cancelled(String),
+    #[error("revision {wanted} is compacted (compact revision {compact}); reloading")]
+    Compacted { wanted: i64, compact: i64 },
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Jittered exponential backoff: each delay is drawn from the upper half of a doubling window, so
+/// many sidecars that lost the same cluster do not reconnect in step.
+#[derive(Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    window: Duration,
+}
+
+impl Backoff {
+    /// A backoff between `min` and `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            window: min,
+        }
+    }
+
+    /// The next delay; the window doubles up to `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let window = self.window;
+        self.window = (self.window * 2).min(self.max);
+        let half = window / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+
+    /// Back to the smallest window, after a success.
+    pub fn reset(&mut self) {
+        self.window = self.min;
+    }
+}
+
+/// The task that keeps the store equal to etcd.
+pub struct WatchTask {
+    /// Where to connect.
+    pool: Arc<EndpointPool>,
+    /// Where to publish.
+    store: Arc<Store>,
+    /// What to mirror and how patiently.
+    config: SyncConfig,
+    /// Deadline of one unary etcd call.
+    request_timeout: Duration,
+    /// Published progress.
+    status: watch::Sender<SyncStatus>,
+}
+
+impl WatchTask {
+    /// A task over `pool` that writes into `store`.
+    pub fn new(
+        pool: Arc<EndpointPool>,
+        store: Arc<Store>,
+        config: SyncConfig,
+        request_timeout: Duration,
+    ) -> Self {
+        let (status, _) = watch::channel(SyncStatus::default());
+        WatchTask {
+            pool,
+            store,
+            config,
+            request_timeout,
+            status,
+        }
+    }
+
+    /// A receiver of the task's status.
+    pub fn status(&self) -> watch::Receiver<SyncStatus> {
+        self.status.subscribe()
+    }
+
+    /// Runs forever; abort the task to stop it (the store stays as last published).
+    pub async fn run(self) {
+        let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
+        let mut previous: Option<usize> = None;
+        let mut must_load = true;
+        loop {
+            let chosen = match self.pool.choose(previous).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot build an etcd client");
+                    sleep(backoff.next_delay()).await;
+                    continue;
+                }
+            };
+            self.status
+                .send_modify(|s| s.endpoint = Some(chosen.url.clone()));
+            let err = self
+                .session(chosen.client, chosen.index, &mut must_load, &mut backoff)
+                .await;
+            let compacted = matches!(err, SessionError::Compacted { .. });
+            if compacted {
+                // Not the endpoint's fault: reload right away from the same member.
+                tracing::warn!(endpoint = %chosen.url, error = %err, "watch resume point compacted");
+                must_load = true;
+                // Choose the same member again: `choose` starts after the one named.
+                let n = self.pool.len();
+                previous = Some((chosen.index + n - 1) % n);
+            } else {
+                tracing::warn!(endpoint = %chosen.url, error = %err, "etcd sync interrupted");
+                self.pool.failed(chosen.index, &err.to_string());
+                previous = Some(chosen.index);
+            }
+            self.status.send_modify(|s| {
+                s.state = SyncState::Reconnecting;
+                s.reconnects += 1;
+                s.last_error = Some(err.to_string());
+            });
+            if !compacted {
+                sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+
+    /// One connection's worth of work: load if needed, then watch until something fails.
+    async fn session(
+        &self,
+        mut client: Client,
+        index: usize,
+        must_load: &mut bool,
+        backoff: &mut Backoff,
+    ) -> SessionError {
+        if *must_load || !self.store.is_loaded() {
+            self.status.send_modify(|s| s.state = SyncState::Loading);
+            if let Err(e) = self.full_load(&mut client).await {
+                return e;
+            }
+            *must_load = false;
+            self.pool.succeeded(index);
+            backoff.reset();
+        }
+        match self.watch(&mut client, index, backoff).await {
+            Ok(never) => match never {},
+            Err(e) => e,
+        }
+    }
+
+    /// Loads every prefix, page by page, all at the revision of the first page, and publishes the
+    /// result as one snapshot.
+    async fn full_load(&self, client: &mut Client) -> Result<(), SessionError> {
+        let mut kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_DECODE_BYTES);
+        let mut revision = 0i64;
+        let mut entries = Vec::new();
+        for prefix in self.config.prefixes.as_slice() {
+            let end = prefix_range_end(prefix.as_bytes()).unwrap_or_else(|| vec![0]);
+            let mut start = prefix.as_bytes().to_vec();
+            loop {
+                let mut opts = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(self.config.page_size);
+                if revision > 0 {
+                    opts = opts.with_revision(revision);
+                }
+                let mut resp = timeout(self.request_timeout, kv.get(start.clone(), Some(opts)))
+                    .await
+                    .map_err(|_| SessionError::Timeout("range read"))??;
+                if revision == 0 {
+                    revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+                }
+                let more = resp.more();
+                let kvs = resp.take_kvs();
+                let Some(last) = kvs.last() else { break };
+                let mut next_start = last.key().to_vec();
+                next_start.push(0);
+                for kv in kvs {
+                    let (create, modr, version) =
+                        (kv.create_revision(), kv.mod_revision(), kv.version());
+                    let (k, v) = kv.into_key_value();
+                    entries.push(Entry::new(
+                        Bytes::from(k),
+                        Bytes::from(v),
+                        create,
+                        modr,
+                        version,
+                    ));
+                }
+                if !more {
+                    break;
+                }
+                start = next_start;
+            }
+        }
+        let count = entries.len();
+        let changes = self.store.replace(revision, entries)?;
+        tracing::info!(
+            revision,
+            keys = count,
+            changed = changes.len(),
+            "full load published"
+        );
+        self.status.send_modify(|s| s.full_loads += 1);
+        Ok(())
+    }
+
+    /// Watches the covering range from the next revision, applying each response as one snapshot.
+    /// Returns only with the reason it stopped.
+    async fn watch(
+        &self,
+        client: &mut Client,
+        index: usize,
+        backoff: &mut Backoff,
+    ) -> Result<std::convert::Infallible, SessionError> {
+        let from = self.store.revision() + 1;
+        let (key, end) = self.config.prefixes.covering_range();
+        let options = WatchOptions::new()
+            .with_range(end.unwrap_or_else(|| vec![0]))
+            .with_start_revision(from)
+            .with_progress_notify();
+        let mut watch_client = client
+            .watch_client()
+            .max_decoding_message_size(MAX_DECODE_BYTES);
+        let mut stream = timeout(self.request_timeout, watch_client.watch(key, Some(options)))
+            .await
+            .map_err(|_| SessionError::Timeout("opening the watch"))??;
+
+        let deadline = self.config.watch_deadline;
+        let mut ask_progress = tokio::time::interval(deadline / 3);
+        ask_progress.tick().await;
+        let silence = sleep(deadline);
+        let mut silence = pin!(silence);
+        loop {
+            tokio::select! {
+                message = stream.message() => {
+                    let response = message?.ok_or(SessionError::Closed)?;
+                    silence.as_mut().reset(Instant::now() + deadline);
+                    self.handle(response, from, index, backoff)?;
+                }
+                _ = ask_progress.tick() => {
+                    stream.request_progress().await?;
+                }
+                _ = &mut silence => return Err(SessionError::Stuck(deadline)),
+            }
+        }
+    }
+
+    fn handle(
+        &self,
+        response: WatchResponse,
+        from: i64,
+        index: usize,
+        backoff: &mut Backoff,
+    ) -> Result<(), SessionError> {
+        let now = SystemTime::now();
+        if response.canceled() {
+            let compact = response.compact_revision();
+            if compact > 0 {
+                return Err(SessionError::Compacted {
+                    wanted: from,
+                    compact,
+                });
+            }
+            return Err(SessionError::Cancelled(
+                response.cancel_reason().to_string(),
+            ));
+        }
+        if response.created() {
+            tracing::info!(from_revision = from, "watch established");
+            self.pool.succeeded(index);
+            backoff.reset();
+            self.status.send_modify(|s| {
+                s.state = SyncState::Watching;
+                s.last_error = None;
+            });
+        }
+        let events = response.events();
+        if events.is_empty() {
+            // Created, or a progress notification: liveness only. The revision in a progress
+            // notification is not trusted to advance the mirror (etcd #15220: before 3.4.25 it
+            // can run ahead of events not yet delivered).
+            self.status.send_modify(|s| s.last_heard_at = Some(now));
+            return Ok(());
+        }
+        let mut revision = 0;
+        let mut batch = Vec::with_capacity(events.len());
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            // The highest event revision, not the header's, which was seen to go backwards.
+            revision = revision.max(kv.mod_revision());
+            if !self.config.prefixes.contains(kv.key()) {
+                continue;
+            }
+            let key = Bytes::copy_from_slice(kv.key());
+            batch.push(match event.event_type() {
+                EventType::Put => Event::Put(Entry::new(
+                    key,
+                    Bytes::copy_from_slice(kv.value()),
+                    kv.create_revision(),
+                    kv.mod_revision(),
+                    kv.version(),
+                )),
+                EventType::Delete => Event::Delete {
+                    key,
+                    revision: kv.mod_revision(),
+                },
+            });
+        }
+        let changes = self.store.apply(revision, batch);
+        tracing::debug!(revision, changes = changes.len(), "watch batch applied");
+        self.status.send_modify(|s| {
+            s.last_event_at = Some(now);
+            s.last_heard_at = Some(now);
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let windows = [100, 200, 400, 800, 800];
+        for w in windows {
+            let d = b.next_delay();
+            let w = Duration::from_millis(w);
+            assert!(d >= w / 2 && d <= w, "{d:?} outside [{:?}, {w:?}]", w / 2);
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}
