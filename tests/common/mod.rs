@@ -1,0 +1,472 @@
+//! Test harness: real etcd members on free loopback ports in temp dirs (always stopped on drop),
+//! a fault-injecting TCP proxy, the sidecar started in-process on port 0, and waiting helpers.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use config_sidecar::config::Config;
+use config_sidecar::Running;
+use etcd_client::Client;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// The etcd binary: `$ETCD_BIN`, else `etcd` on PATH (Debian's etcd-server).
+fn etcd_bin() -> String {
+    std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into())
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// A temp dir on tmpfs when there is one: etcd fsyncs every commit, and a disk makes tests slow.
+fn temp_dir() -> tempfile::TempDir {
+    let shm = PathBuf::from("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::Builder::new().prefix("cs-etcd").tempdir_in(&shm) {
+            return d;
+        }
+    }
+    tempfile::Builder::new()
+        .prefix("cs-etcd")
+        .tempdir()
+        .expect("temp dir")
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+/// A real etcd cluster on loopback.
+pub struct EtcdCluster {
+    dir: tempfile::TempDir,
+    members: Vec<Member>,
+    initial_cluster: String,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until the cluster commits a write.
+    pub async fn start(n: usize) -> EtcdCluster {
+        let dir = temp_dir();
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            dir,
+            members,
+            initial_cluster,
+        };
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        cluster.wait_writable(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let m = &self.members[i];
+        let data = self.dir.path().join(&m.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
+            .expect("log file");
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new(etcd_bin())
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args([
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "cs-test",
+            ])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} (install Debian's etcd-server): {e}",
+                    etcd_bin()
+                )
+            });
+        self.members[i].child = Some(child);
+    }
+
+    /// Client URLs of every member, in order.
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    /// Client URL of member `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// Client address of member `i`.
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        format!("127.0.0.1:{}", self.members[i].client_port)
+            .parse()
+            .unwrap()
+    }
+
+    /// A client bound to member `i` alone.
+    pub async fn client_for(&self, i: usize) -> Client {
+        Client::connect([self.endpoint(i)], None)
+            .await
+            .expect("etcd client")
+    }
+
+    /// A client on the first member that is running.
+    pub async fn client(&self) -> Client {
+        let i = (0..self.members.len())
+            .find(|&i| self.members[i].child.is_some())
+            .expect("a running member");
+        self.client_for(i).await
+    }
+
+    /// Waits until a linearizable write through some running member succeeds.
+    pub async fn wait_writable(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            for i in 0..self.members.len() {
+                if self.members[i].child.is_none() {
+                    continue;
+                }
+                let mut c = self.client_for(i).await;
+                let ok =
+                    tokio::time::timeout(Duration::from_secs(2), c.put("/__harness", "ok", None))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                if ok {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd cluster not writable within {within:?}; logs in {}",
+                self.dir.path().display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The member id → index of the current leader, asked of member `via`.
+    pub async fn leader_index(&self) -> usize {
+        let mut c = self.client().await;
+        let status = c.status().await.expect("status");
+        let leader = status.leader();
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
+            let mut ci = self.client_for(i).await;
+            if let Ok(s) = ci.status().await {
+                if s.header().map(|h| h.member_id()) == Some(leader) {
+                    return i;
+                }
+            }
+        }
+        panic!("leader not found");
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again on its old data dir.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none(), "member {i} is running");
+        self.spawn(i);
+    }
+
+    fn signal(&self, i: usize, sig: libc::c_int) {
+        let pid = self.members[i].child.as_ref().expect("running").id();
+        // SAFETY: plain kill(2) on a child we own.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig})");
+    }
+
+    /// Freezes member `i` (SIGSTOP): its sockets stay open and silent.
+    pub fn freeze(&self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    /// Thaws member `i` (SIGCONT).
+    pub fn thaw(&self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut child) = m.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// What a [`Proxy`] does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward both ways.
+    Pass,
+    /// Accept and hold connections, forward nothing (a partition).
+    Blackhole,
+    /// Close every connection at once, and new ones on accept.
+    Reset,
+}
+
+/// A fault-injecting TCP proxy in front of one address.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    fault: watch::Sender<Fault>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts forwarding from a free loopback port to `target`.
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let (fault, rx) = watch::channel(Fault::Pass);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(Self::carry(inbound, target, rx.clone()));
+            }
+        });
+        Proxy { addr, fault, task }
+    }
+
+    /// URL to give the sidecar.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Changes what the proxy does, for new and existing connections.
+    pub fn set(&self, fault: Fault) {
+        self.fault.send_replace(fault);
+    }
+
+    async fn carry(mut inbound: TcpStream, target: SocketAddr, mut fault: watch::Receiver<Fault>) {
+        let current = *fault.borrow_and_update();
+        match current {
+            Fault::Reset => {
+                let _ = inbound.set_zero_linger();
+                return;
+            }
+            Fault::Blackhole => {
+                // Hold the connection, say nothing, until the fault changes; then drop it.
+                let _ = fault.changed().await;
+                return;
+            }
+            Fault::Pass => {}
+        }
+        let Ok(mut outbound) = TcpStream::connect(target).await else {
+            let _ = inbound.set_zero_linger();
+            return;
+        };
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+            _ = async { while fault.changed().await.is_ok() && *fault.borrow() == Fault::Pass {} } => {
+                if *fault.borrow() == Fault::Blackhole {
+                    // Silence: keep both sockets open and idle until the fault changes again.
+                    let _ = fault.changed().await;
+                }
+                let _ = inbound.set_zero_linger();
+                let _ = outbound.shutdown().await;
+            }
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A sidecar configuration with fast failure detection, for tests.
+pub fn sidecar_config(endpoints: &[String], prefixes: &[&str]) -> Config {
+    let mut config = Config::for_endpoints(endpoints, prefixes).expect("valid test config");
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.sync.watch_deadline = Duration::from_secs(3);
+    config.sync.backoff_max = Duration::from_millis(500);
+    config.sync.endpoint_cooldown = Duration::from_secs(1);
+    config.etcd.request_timeout = Duration::from_secs(2);
+    config.etcd.dial_timeout = Duration::from_millis(500);
+    config
+}
+
+/// Starts a sidecar in-process and waits until it is ready.
+pub async fn start_sidecar(config: Config) -> Sidecar {
+    let running = Running::start(config).await.expect("sidecar starts");
+    let sidecar = Sidecar {
+        base: format!("http://{}", running.addr),
+        running: Some(running),
+        http: reqwest::Client::builder().build().unwrap(),
+    };
+    let url = sidecar.url("/readyz");
+    let http = sidecar.http.clone();
+    eventually(Duration::from_secs(20), "sidecar ready", || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    sidecar
+}
+
+/// A running in-process sidecar and an HTTP client for it.
+pub struct Sidecar {
+    pub base: String,
+    pub http: reqwest::Client,
+    running: Option<Running>,
+}
+
+impl Sidecar {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.running.as_ref().unwrap().addr
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.expect("request")
+    }
+
+    /// Body text of a 200 answer, or `None` for any other status.
+    pub async fn value(&self, path: &str) -> Option<String> {
+        let r = self.http.get(self.url(path)).send().await.ok()?;
+        if r.status() != 200 {
+            return None;
+        }
+        r.text().await.ok()
+    }
+
+    pub async fn json(&self, path: &str) -> serde_json::Value {
+        let r = self.get(path).await;
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.json().await.expect("JSON body")
+    }
+
+    pub async fn stop(mut self) {
+        self.running
+            .take()
+            .unwrap()
+            .stop()
+            .await
+            .expect("clean stop");
+    }
+}
+
+/// Polls `check` until it holds, failing the test with `what` after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Every key and value under `prefix` as etcd has it now (linearizable read), sorted by key.
+pub async fn etcd_prefix(client: &mut Client, prefix: &str) -> Vec<(String, String)> {
+    let resp = client
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .expect("range");
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str().unwrap().to_string(),
+                kv.value_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Every key and value under `prefix` as the sidecar serves it, sorted by key.
+pub async fn sidecar_prefix(sidecar: &Sidecar, prefix: &str) -> Option<Vec<(String, String)>> {
+    let r = sidecar
+        .http
+        .get(sidecar.url(&format!("/v1/kv{prefix}?recurse")))
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    let list: serde_json::Value = r.json().await.ok()?;
+    Some(
+        list.as_array()?
+            .iter()
+            .map(|e| {
+                (
+                    e["key"].as_str().unwrap().to_string(),
+                    e["value"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect(),
+    )
+}

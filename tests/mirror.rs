@@ -1,0 +1,516 @@
+//! The mirror against a real 3-member etcd cluster: load, watch, transactions, large prefixes,
+//! compaction while cut off, and member failures under the watch.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use etcd_client::{CompactionOptions, Txn, TxnOp};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_load_serves_keys_listings_and_trees() {
+    let cluster = EtcdCluster::start(3).await;
+    let mut etcd = cluster.client().await;
+    etcd.put("/config/app/db/host", "db.local", None)
+        .await
+        .unwrap();
+    etcd.put("/config/app/db/port", "5432", None).await.unwrap();
+    etcd.put("/config/app/features", r#"{"beta":true}"#, None)
+        .await
+        .unwrap();
+    etcd.put("/config/apple", "not mirrored", None)
+        .await
+        .unwrap();
+    let put = etcd.put("/config/app/name", "demo", None).await.unwrap();
+    let rev = put.header().unwrap().revision();
+
+    let sidecar = start_sidecar(sidecar_config(&cluster.endpoints(), &["/config/app/"])).await;
+
+    let r = sidecar.get("/v1/kv/config/app/db/host").await;
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["x-config-mode"], "full");
+    assert!(
+        h["x-config-revision"]
+            .to_str()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+            >= rev
+    );
+    let etag = h["etag"].to_str().unwrap().to_string();
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+    assert_eq!(r.text().await.unwrap(), "db.local");
+
+    // Conditional reads: the same ETag → 304 without a body; another → 200.
+    let r = sidecar
+        .http
+        .get(sidecar.url("/v1/kv/config/app/db/host"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    assert_eq!(r.headers()["etag"].to_str().unwrap(), etag);
+    assert!(r.text().await.unwrap().is_empty());
+    let r = sidecar
+        .http
+        .get(sidecar.url("/v1/kv/config/app/db/host"))
+        .header("if-none-match", "\"1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A change to the key changes its ETag, so the old one no longer matches.
+    etcd.put("/config/app/db/host", "db2.local", None)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "new value", || async {
+        sidecar.value("/v1/kv/config/app/db/host").await.as_deref() == Some("db2.local")
+    })
+    .await;
+    let r = sidecar
+        .http
+        .get(sidecar.url("/v1/kv/config/app/db/host"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_ne!(r.headers()["etag"].to_str().unwrap(), etag);
+
+    let list = sidecar.json("/v1/kv/config/app/?recurse").await;
+    let keys: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "/config/app/db/host",
+            "/config/app/db/port",
+            "/config/app/features",
+            "/config/app/name"
+        ]
+    );
+    assert!(list[0]["mod_revision"].as_i64().unwrap() > 0);
+    assert_eq!(list[0]["version"], 2);
+
+    let tree = sidecar.json("/v1/tree/config/app").await;
+    assert_eq!(
+        tree,
+        serde_json::json!({
+            "db": {"host": "db2.local", "port": 5432},
+            "features": {"beta": true},
+            "name": "demo"
+        })
+    );
+
+    // Outside the mirror: 404 naming what is mirrored; inside but absent: 404 key_not_found.
+    let r = sidecar.get("/v1/kv/config/apple").await;
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "outside_mirror");
+    assert_eq!(
+        body["mirrored_prefixes"],
+        serde_json::json!(["/config/app/"])
+    );
+    let r = sidecar.get("/v1/kv/config/app/nope").await;
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "key_not_found");
+
+    let status = sidecar.json("/v1/status").await;
+    assert_eq!(status["mode"], "full");
+    assert_eq!(status["keys"], 4);
+    assert_eq!(status["endpoints"].as_array().unwrap().len(), 3);
+    assert_eq!(status["sync"]["state"], "watching");
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_and_deletes_are_visible_within_100ms() {
+    let cluster = EtcdCluster::start(3).await;
+    let mut etcd = cluster.client().await;
+    let sidecar = start_sidecar(sidecar_config(&cluster.endpoints(), &["/live/"])).await;
+    for i in 0..10 {
+        let key = format!("/live/k{i}");
+        let value = format!("v{i}");
+        etcd.put(key.as_str(), value.as_str(), None).await.unwrap();
+        let path = format!("/v1/kv{key}");
+        eventually(Duration::from_millis(100), "put visible", || async {
+            sidecar.value(&path).await.as_deref() == Some(value.as_str())
+        })
+        .await;
+        etcd.delete(key.as_str(), None).await.unwrap();
+        eventually(Duration::from_millis(100), "delete visible", || async {
+            sidecar.get(&path).await.status() == 404
+        })
+        .await;
+    }
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_is_never_seen_half_applied() {
+    let cluster = EtcdCluster::start(3).await;
+    let mut etcd = cluster.client().await;
+    let keys = ["/tx/a", "/tx/b", "/tx/c", "/tx/d"];
+    let put_all = |i: usize| {
+        Txn::new().and_then(
+            keys.iter()
+                .map(|k| TxnOp::put(*k, i.to_string(), None))
+                .collect::<Vec<_>>(),
+        )
+    };
+    etcd.txn(put_all(0)).await.unwrap();
+    let sidecar = Arc::new(start_sidecar(sidecar_config(&cluster.endpoints(), &["/tx/"])).await);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for reader in 0..2 {
+        let (sidecar, done) = (sidecar.clone(), done.clone());
+        readers.push(tokio::spawn(async move {
+            let mut seen = BTreeSet::new();
+            let mut last_revision = 0i64;
+            while !done.load(Ordering::Relaxed) {
+                let path = if reader == 0 {
+                    "/v1/kv/tx/?recurse"
+                } else {
+                    "/v1/tree/tx"
+                };
+                let r = sidecar.get(path).await;
+                assert_eq!(r.status(), 200);
+                let revision: i64 = r.headers()["x-config-revision"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(
+                    revision >= last_revision,
+                    "revision went back: {last_revision} → {revision}"
+                );
+                last_revision = revision;
+                let body: serde_json::Value = r.json().await.unwrap();
+                let values: Vec<String> = if reader == 0 {
+                    let list = body.as_array().unwrap();
+                    let mods: BTreeSet<i64> = list
+                        .iter()
+                        .map(|e| e["mod_revision"].as_i64().unwrap())
+                        .collect();
+                    assert_eq!(mods.len(), 1, "one txn, one mod_revision: {body}");
+                    assert!(*mods.iter().next().unwrap() <= revision);
+                    list.iter()
+                        .map(|e| e["value"].as_str().unwrap().to_string())
+                        .collect()
+                } else {
+                    ["a", "b", "c", "d"]
+                        .iter()
+                        .map(|k| body[k].to_string())
+                        .collect()
+                };
+                assert_eq!(values.len(), 4, "{body}");
+                assert!(
+                    values.iter().all(|v| *v == values[0]),
+                    "half-applied txn seen: {values:?}"
+                );
+                seen.insert(values[0].clone());
+            }
+            seen.len()
+        }));
+    }
+    for i in 1..=300 {
+        etcd.txn(put_all(i)).await.unwrap();
+    }
+    eventually(Duration::from_secs(5), "last txn visible", || async {
+        sidecar.value("/v1/kv/tx/d").await.as_deref() == Some("300")
+    })
+    .await;
+    done.store(true, Ordering::Relaxed);
+    for r in readers {
+        let distinct = r.await.unwrap();
+        assert!(
+            distinct > 5,
+            "readers saw only {distinct} states: the test did not exercise much"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_larger_than_4_mib_loads_in_pages() {
+    let cluster = EtcdCluster::start(3).await;
+    let mut etcd = cluster.client().await;
+    let value = "x".repeat(1024);
+    let n = 20_000;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|i| TxnOp::put(format!("/big/k{i:05}"), value.clone(), None))
+            .collect();
+        etcd.txn(Txn::new().and_then(ops)).await.unwrap();
+    }
+    let sidecar = start_sidecar(sidecar_config(&cluster.endpoints(), &["/big/"])).await;
+    let status = sidecar.json("/v1/status").await;
+    assert_eq!(status["keys"], n);
+    assert!(
+        status["bytes"].as_u64().unwrap() > n as u64 * 1024,
+        "{status}"
+    );
+    assert_eq!(
+        sidecar.value("/v1/kv/big/k19999").await.unwrap().len(),
+        1024
+    );
+    let list = sidecar.json("/v1/kv/big/?recurse").await;
+    assert_eq!(list.as_array().unwrap().len(), n);
+    // A change after the load still arrives through the watch.
+    etcd.put("/big/k00000", "changed", None).await.unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "watch after a paged load",
+        || async { sidecar.value("/v1/kv/big/k00000").await.as_deref() == Some("changed") },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_while_cut_off_converges_to_etcd_exactly() {
+    let cluster = EtcdCluster::start(3).await;
+    let mut etcd = cluster.client().await;
+    for i in 0..20 {
+        etcd.put(format!("/cmp/k{i:02}"), "v0", None).await.unwrap();
+    }
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        proxies.push(Proxy::start(cluster.addr(i)).await);
+    }
+    let urls: Vec<String> = proxies.iter().map(|p| p.url()).collect();
+    let sidecar = start_sidecar(sidecar_config(&urls, &["/cmp/"])).await;
+    assert_eq!(sidecar_prefix(&sidecar, "/cmp/").await.unwrap().len(), 20);
+
+    for p in &proxies {
+        p.set(Fault::Blackhole);
+    }
+    // While cut off: delete half, change some, add some, then compact to head.
+    for i in 0..10 {
+        etcd.delete(format!("/cmp/k{i:02}"), None).await.unwrap();
+    }
+    for i in 10..15 {
+        etcd.put(format!("/cmp/k{i:02}"), "v1", None).await.unwrap();
+    }
+    let last = etcd.put("/cmp/new", "fresh", None).await.unwrap();
+    let head = last.header().unwrap().revision();
+    etcd.compact(head, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    // The mirror keeps serving what it had while cut off; it never empties.
+    assert_eq!(sidecar_prefix(&sidecar, "/cmp/").await.unwrap().len(), 20);
+
+    for p in &proxies {
+        p.set(Fault::Pass);
+    }
+    let expected = etcd_prefix(&mut etcd, "/cmp/").await;
+    assert_eq!(expected.len(), 11);
+    eventually(
+        Duration::from_secs(15),
+        "mirror equals etcd after compaction",
+        || async { sidecar_prefix(&sidecar, "/cmp/").await.as_ref() == Some(&expected) },
+    )
+    .await;
+    assert_eq!(sidecar.get("/v1/kv/cmp/k00").await.status(), 404);
+    let status = sidecar.json("/v1/status").await;
+    assert!(
+        status["sync"]["full_loads"].as_u64().unwrap() >= 2,
+        "{status}"
+    );
+    // And the watch is live again afterwards.
+    etcd.put("/cmp/after", "1", None).await.unwrap();
+    eventually(Duration::from_secs(5), "watch after resync", || async {
+        sidecar.value("/v1/kv/cmp/after").await.as_deref() == Some("1")
+    })
+    .await;
+}
+
+/// Index of the member the sidecar's watch runs on, from `/v1/status`.
+async fn watched_member(sidecar: &Sidecar, cluster: &EtcdCluster) -> usize {
+    let status = sidecar.json("/v1/status").await;
+    let endpoint = status["sync"]["endpoint"].as_str().unwrap().to_string();
+    cluster
+        .endpoints()
+        .iter()
+        .position(|e| *e == endpoint)
+        .expect("watched endpoint is a member")
+}
+
+/// Reads a key in a loop until stopped; every read must succeed.
+fn reader(sidecar: Arc<Sidecar>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut reads = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let r = sidecar.get("/v1/kv/fo/stable").await;
+            assert_eq!(r.status(), 200, "a read failed during a member fault");
+            reads += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        reads
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_and_restarting_the_watched_member_does_not_disturb_reads() {
+    let mut cluster = EtcdCluster::start(3).await;
+    cluster
+        .client()
+        .await
+        .put("/fo/stable", "1", None)
+        .await
+        .unwrap();
+    let sidecar = Arc::new(start_sidecar(sidecar_config(&cluster.endpoints(), &["/fo/"])).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = reader(sidecar.clone(), stop.clone());
+
+    let victim = watched_member(&sidecar, &cluster).await;
+    cluster.kill(victim);
+    cluster.wait_writable(Duration::from_secs(10)).await;
+    let other = (victim + 1) % 3;
+    let mut etcd = cluster.client_for(other).await;
+    etcd.put("/fo/after-kill", "yes", None).await.unwrap();
+    let t = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "change after killing the watched member",
+        || async { sidecar.value("/v1/kv/fo/after-kill").await.as_deref() == Some("yes") },
+    )
+    .await;
+    eprintln!("watch moved off a killed member in {:?}", t.elapsed());
+    assert_ne!(watched_member(&sidecar, &cluster).await, victim);
+
+    cluster.restart(victim);
+    cluster.wait_writable(Duration::from_secs(10)).await;
+    etcd.put("/fo/after-restart", "yes", None).await.unwrap();
+    eventually(Duration::from_secs(10), "change after restart", || async {
+        sidecar.value("/v1/kv/fo/after-restart").await.as_deref() == Some("yes")
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(reads.await.unwrap() > 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_watched_member_is_detected_and_left() {
+    let cluster = EtcdCluster::start(3).await;
+    cluster
+        .client()
+        .await
+        .put("/fo/stable", "1", None)
+        .await
+        .unwrap();
+    let sidecar = Arc::new(start_sidecar(sidecar_config(&cluster.endpoints(), &["/fo/"])).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = reader(sidecar.clone(), stop.clone());
+
+    let victim = watched_member(&sidecar, &cluster).await;
+    cluster.freeze(victim);
+    let other = (victim + 1) % 3;
+    cluster.wait_writable(Duration::from_secs(15)).await;
+    let mut etcd = cluster.client_for(other).await;
+    etcd.put("/fo/after-freeze", "yes", None).await.unwrap();
+    let t = Instant::now();
+    eventually(
+        Duration::from_secs(15),
+        "change after freezing the watched member",
+        || async { sidecar.value("/v1/kv/fo/after-freeze").await.as_deref() == Some("yes") },
+    )
+    .await;
+    eprintln!("watch moved off a frozen member in {:?}", t.elapsed());
+    cluster.thaw(victim);
+    stop.store(true, Ordering::Relaxed);
+    assert!(reads.await.unwrap() > 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_with_one_endpoint_dead() {
+    let mut cluster = EtcdCluster::start(3).await;
+    cluster
+        .client()
+        .await
+        .put("/fo/stable", "1", None)
+        .await
+        .unwrap();
+    cluster.kill(0);
+    cluster.wait_writable(Duration::from_secs(10)).await;
+    // The dead member is first in the list: the sidecar must move past it on its own.
+    let sidecar = start_sidecar(sidecar_config(&cluster.endpoints(), &["/fo/"])).await;
+    assert_eq!(
+        sidecar.value("/v1/kv/fo/stable").await.as_deref(),
+        Some("1")
+    );
+    cluster
+        .client_for(1)
+        .await
+        .put("/fo/k", "2", None)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "watch on a live member", || async {
+        sidecar.value("/v1/kv/fo/k").await.as_deref() == Some("2")
+    })
+    .await;
+    let status = sidecar.json("/v1/status").await;
+    assert_eq!(status["endpoints"][0]["health"], "failing", "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_is_not_missing_before_the_first_load() {
+    // Nothing listens on this endpoint: the sidecar serves HTTP but has no data yet.
+    let dead = format!("http://127.0.0.1:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    });
+    let config = sidecar_config(&[dead], &["/cfg/"]);
+    let running = config_sidecar::Running::start(config).await.unwrap();
+    let base = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{base}/v1/kv/cfg/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"],
+        "not_ready"
+    );
+    assert_eq!(
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let status: serde_json::Value = http
+        .get(format!("{base}/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["mode"], "starting");
+    assert_eq!(status["ready"], false);
+    running.stop().await.unwrap();
+}
