@@ -1,0 +1,156 @@
+//! The binary: bad configuration exits 2 with one message naming the setting; SIGTERM drains and
+//! exits 0.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_config-sidecar");
+
+/// Runs the binary with `args` and a clean CONFIG_SIDECAR_* environment plus `env`.
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CONFIG_SIDECAR_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run the binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_toml = dir.path().join("bad.toml");
+    std::fs::write(&bad_toml, "prefixes = [\"/a/\"]\nlisten = 7\n").unwrap();
+    let bad_toml = bad_toml.to_str().unwrap();
+    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        (&[], &[], "--prefix"),
+        (&["--bogus-flag"], &[], "--bogus-flag"),
+        (&["--prefix", "config/app"], &[], "must start with '/'"),
+        (
+            &["--prefix", "/a/", "--endpoints", "etcd:2379"],
+            &[],
+            "--endpoints",
+        ),
+        (
+            &["--prefix", "/a/", "--endpoints", "http://127.0.0.1"],
+            &[],
+            "no port",
+        ),
+        (
+            &["--prefix", "/a/", "--listen", "localhost"],
+            &[],
+            "--listen",
+        ),
+        (
+            &["--prefix", "/a/", "--log-format", "yaml"],
+            &[],
+            "--log-format",
+        ),
+        (
+            &["--prefix", "/a/", "--config", "/does/not/exist.toml"],
+            &[],
+            "--config",
+        ),
+        (&["--config", bad_toml], &[], "--config"),
+        (
+            &[],
+            &[
+                ("CONFIG_SIDECAR_PREFIXES", "/a/"),
+                ("CONFIG_SIDECAR_ENDPOINTS", "nope"),
+            ],
+            "--endpoints",
+        ),
+        (
+            &[],
+            &[("CONFIG_SIDECAR_PREFIXES", "relative/")],
+            "must start with '/'",
+        ),
+    ];
+    for (args, env, needle) in cases {
+        let (code, stderr) = run(args, env);
+        assert_eq!(code, 2, "{args:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?} {env:?}: expected {needle:?} in {stderr:?}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_binary_with_exit_0() {
+    let cluster = EtcdCluster::start(1).await;
+    cluster
+        .client()
+        .await
+        .put("/bin/k", "v", None)
+        .await
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .args(["--listen", &listen, "--log-format", "json"])
+        .env("CONFIG_SIDECAR_ENDPOINTS", cluster.endpoint(0))
+        .env("CONFIG_SIDECAR_PREFIXES", "/bin/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://{listen}/v1/kv/bin/k");
+    eventually(Duration::from_secs(20), "binary serves the key", || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            match http.get(url).send().await {
+                Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t == "v"),
+                _ => false,
+            }
+        }
+    })
+    .await;
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    // JSON logs: every line is one JSON object.
+    for line in stderr.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
+    assert!(stderr.contains("SIGTERM"), "{stderr}");
+}

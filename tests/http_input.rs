@@ -1,0 +1,154 @@
+//! Bad input over a real socket: each gets a JSON error with the right 4xx, and the sidecar keeps
+//! serving.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends raw request bytes and returns (status, body) of the answer.
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("the server answers and closes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn get(addr: std::net::SocketAddr, target: &str) -> (u16, serde_json::Value) {
+    let req = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let (status, body) = raw(addr, req.as_bytes()).await;
+    let json = serde_json::from_str(&body)
+        .unwrap_or_else(|_| panic!("{target}: body is not JSON: {body:?}"));
+    (status, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_json_4xx_and_serving_goes_on() {
+    let cluster = EtcdCluster::start(1).await;
+    cluster
+        .client()
+        .await
+        .put("/cfg/ok", "fine", None)
+        .await
+        .unwrap();
+    let sidecar = start_sidecar(sidecar_config(&cluster.endpoints(), &["/cfg/"])).await;
+    let addr = sidecar.addr();
+
+    let cases: &[(&str, u16, &str)] = &[
+        ("/v1/kv/cfg/%zz", 400, "bad_key"),
+        ("/v1/kv/cfg/%4", 400, "bad_key"),
+        ("/v1/kv/cfg/%ff%fe", 400, "bad_key"),
+        ("/v1/kv/cfg/../etc/passwd", 400, "bad_key"),
+        ("/v1/kv/cfg/%2e%2e/x", 400, "bad_key"),
+        ("/v1/kv/cfg/./x", 400, "bad_key"),
+        ("/v1/kv/cfg//x", 400, "bad_key"),
+        ("/v1/kv/cfg%2F%2Fx", 400, "bad_key"),
+        ("/v1/kv/cfg/a%00b", 400, "bad_key"),
+        ("/v1/kv/", 400, "bad_key"),
+        ("/v1/kv", 400, "bad_key"),
+        ("/v1/tree/cfg/%2e%2e", 400, "bad_key"),
+        ("/v1/kv/cfg/ok?recurse=maybe", 400, "bad_query"),
+        ("/v1/kv/other/x", 404, "outside_mirror"),
+        ("/v1/kv/cfg%2F..%2Fother", 400, "bad_key"),
+        ("/v1/nothing", 404, "unknown_route"),
+        ("/", 404, "unknown_route"),
+    ];
+    for (target, status, code) in cases {
+        let (got, body) = get(addr, target).await;
+        assert_eq!(
+            (got, body["error"].as_str().unwrap()),
+            (*status, *code),
+            "{target}: {body}"
+        );
+    }
+
+    let long = format!("/v1/kv/cfg/{}", "a".repeat(10_000));
+    let (status, body) = get(addr, &long).await;
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (414, "uri_too_long")
+    );
+
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let req = format!(
+            "{method} /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let (status, body) = raw(addr, req.as_bytes()).await;
+        assert_eq!(status, 405, "{method}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"], "method_not_allowed");
+    }
+
+    // A raw non-UTF-8 byte in the request line is refused by the HTTP parser itself.
+    let (status, _) = raw(
+        addr,
+        b"GET /v1/kv/cfg/\xff HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400);
+    // Garbage instead of HTTP.
+    let (status, _) = raw(addr, b"\x16\x03\x01 hello\r\n\r\n").await;
+    assert_eq!(status, 400);
+
+    // Still serving.
+    assert_eq!(
+        sidecar.value("/v1/kv/cfg/ok").await.as_deref(),
+        Some("fine")
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percent_encoded_keys_are_decoded_once() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut etcd = cluster.client().await;
+    etcd.put("/cfg/with space", "1", None).await.unwrap();
+    etcd.put("/cfg/%41", "literal percent", None).await.unwrap();
+    etcd.put("/cfg/A", "letter", None).await.unwrap();
+    etcd.put("/cfg/bin", vec![0xffu8, 0x00, 0x01], None)
+        .await
+        .unwrap();
+    let sidecar = start_sidecar(sidecar_config(&cluster.endpoints(), &["/cfg/"])).await;
+    assert_eq!(
+        sidecar.value("/v1/kv/cfg/with%20space").await.as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        sidecar.value("/v1/kv/cfg/%2541").await.as_deref(),
+        Some("literal percent")
+    );
+    assert_eq!(
+        sidecar.value("/v1/kv/cfg/%41").await.as_deref(),
+        Some("letter")
+    );
+    let r = sidecar.get("/v1/kv/cfg/bin").await;
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &[0xff, 0x00, 0x01]);
+    let list = sidecar.json("/v1/kv/cfg/?recurse").await;
+    let bin = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "/cfg/bin")
+        .unwrap();
+    assert_eq!(bin["value_encoding"], "base64");
+    assert_eq!(bin["value"], "/wAB");
+    sidecar.stop().await;
+}
