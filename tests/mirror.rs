@@ -514,3 +514,53 @@ async fn unknown_is_not_missing_before_the_first_load() {
     assert_eq!(status["ready"], false);
     running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_watch_is_reopened_by_its_deadline_alone() {
+    let cluster = EtcdCluster::start(3).await;
+    let mut etcd = cluster.client().await;
+    etcd.put("/quiet/k", "0", None).await.unwrap();
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        proxies.push(Proxy::start(cluster.addr(i)).await);
+    }
+    let urls: Vec<String> = proxies.iter().map(|p| p.url()).collect();
+    let mut config = sidecar_config(&urls, &["/quiet/"]);
+    // Keep-alive effectively off: only the sidecar's own deadline can notice the silence.
+    config.etcd.keepalive_interval = Duration::from_secs(3600);
+    config.etcd.keepalive_timeout = Duration::from_secs(3600);
+    config.sync.watch_deadline = Duration::from_secs(1);
+    let sidecar = start_sidecar(config).await;
+    // Ready means loaded; wait until the watch stream itself is established.
+    eventually(Duration::from_secs(5), "watch established", || async {
+        sidecar.json("/v1/status").await["sync"]["state"] == "watching"
+    })
+    .await;
+
+    let status = sidecar.json("/v1/status").await;
+    let watched = status["sync"]["endpoint"].as_str().unwrap().to_string();
+    let proxy = proxies
+        .iter()
+        .find(|p| p.url() == watched)
+        .expect("watched proxy");
+    proxy.set(Fault::Blackhole);
+    etcd.put("/quiet/k", "1", None).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "change after the watched link went silent",
+        || async { sidecar.value("/v1/kv/quiet/k").await.as_deref() == Some("1") },
+    )
+    .await;
+    let status = sidecar.json("/v1/status").await;
+    assert_ne!(status["sync"]["endpoint"].as_str().unwrap(), watched);
+    let failing = status["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["url"] == watched.as_str())
+        .unwrap();
+    assert!(
+        failing["last_error"].as_str().unwrap().contains("silent"),
+        "{failing}"
+    );
+}
