@@ -22,6 +22,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::etcd::EndpointPool;
 use crate::keys::{decode_key_path, Prefixes};
@@ -59,6 +60,23 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The state for `config`, reading `store` and reporting `pool` and `sync`.
+    pub fn new(
+        config: &Config,
+        store: Arc<Store>,
+        pool: Arc<EndpointPool>,
+        sync: watch::Receiver<SyncStatus>,
+    ) -> Self {
+        AppState {
+            store,
+            prefixes: config.sync.prefixes.clone(),
+            cache: RenderCache::new(config.http.cache_bytes),
+            sync,
+            pool,
+            started: Instant::now(),
+        }
+    }
+
     fn mode(&self, snapshot: &Snapshot) -> Mode {
         if snapshot.loaded {
             Mode::Full
@@ -318,4 +336,121 @@ async fn status(State(state): State<AppState>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
     });
     with_mirror_headers(Json(body).into_response(), &state, &snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::WatchTask;
+    use axum::body::to_bytes;
+    use bytes::Bytes;
+    use tower::ServiceExt;
+
+    /// The app over a store filled directly: this tests the HTTP layer only (sync is tested
+    /// against real etcd in tests/).
+    fn app_with(entries: &[(&str, &str)], loaded: bool) -> Router {
+        let config = Config::for_endpoints(&["http://127.0.0.1:1".into()], &["/c/"]).unwrap();
+        let store = Arc::new(Store::new());
+        if loaded {
+            let entries = entries
+                .iter()
+                .map(|(k, v)| {
+                    Entry::new(
+                        Bytes::from(k.to_string()),
+                        Bytes::from(v.to_string()),
+                        2,
+                        3,
+                        1,
+                    )
+                })
+                .collect();
+            store.replace(7, entries).unwrap();
+        }
+        let pool = Arc::new(EndpointPool::new(
+            config.etcd.clone(),
+            Duration::from_secs(1),
+        ));
+        let task = WatchTask::new(
+            pool.clone(),
+            store.clone(),
+            config.sync.clone(),
+            Duration::from_secs(1),
+        );
+        app(
+            AppState::new(&config, store, pool, task.status()),
+            Duration::from_secs(5),
+        )
+    }
+
+    async fn call(
+        app: Router,
+        uri: &str,
+        if_none_match: Option<&str>,
+    ) -> (StatusCode, HeaderMap, Bytes) {
+        let mut req = Request::builder().uri(uri);
+        if let Some(tag) = if_none_match {
+            req = req.header(header::IF_NONE_MATCH, tag);
+        }
+        let resp = app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        (
+            parts.status,
+            parts.headers,
+            to_bytes(body, usize::MAX).await.unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn key_read_has_prepared_headers_and_honours_if_none_match() {
+        let app = app_with(&[("/c/a", "hello")], true);
+        let (status, headers, body) = call(app.clone(), "/v1/kv/c/a", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "hello");
+        assert_eq!(headers[header::ETAG], "\"3\"");
+        assert_eq!(headers[REVISION_HEADER], "7");
+        assert_eq!(headers[MODE_HEADER], "full");
+        for tag in ["\"3\"", "W/\"3\"", "\"9\", \"3\"", "*"] {
+            let (status, headers, body) = call(app.clone(), "/v1/kv/c/a", Some(tag)).await;
+            assert_eq!(status, StatusCode::NOT_MODIFIED, "{tag}");
+            assert!(body.is_empty());
+            assert_eq!(headers[REVISION_HEADER], "7");
+        }
+        let (status, _, _) = call(app, "/v1/kv/c/a", Some("\"2\"")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn before_the_first_load_keys_are_unknown_not_missing() {
+        let app = app_with(&[], false);
+        let (status, headers, body) = call(app.clone(), "/v1/kv/c/a", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "not_ready");
+        let (status, _, _) = call(app.clone(), "/readyz", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let (status, _, _) = call(app, "/healthz", None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn listing_and_tree_share_the_revision_etag() {
+        let app = app_with(&[("/c/x/y", "1"), ("/c/x/z", "\"s\"")], true);
+        let (status, headers, body) = call(app.clone(), "/v1/tree/c/x", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(body, r#"{"y":1,"z":"s"}"#);
+        let tag = headers[header::ETAG].to_str().unwrap().to_string();
+        assert_eq!(tag, "W/\"7\"");
+        let (status, _, _) = call(app.clone(), "/v1/kv/c/x/?recurse", Some(&tag)).await;
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
+        let (status, _, body) = call(app, "/v1/kv/c/x/?recurse=false", None).await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "recurse=false reads the key itself"
+        );
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "key_not_found");
+    }
 }

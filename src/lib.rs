@@ -32,7 +32,6 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -40,7 +39,6 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::etcd::EndpointPool;
-use crate::render::RenderCache;
 use crate::store::Store;
 use crate::sync::WatchTask;
 
@@ -62,14 +60,7 @@ pub async fn serve(
         config.sync.clone(),
         config.etcd.request_timeout,
     );
-    let state = http::AppState {
-        store,
-        prefixes: config.sync.prefixes.clone(),
-        cache: RenderCache::new(config.http.cache_bytes),
-        sync: task.status(),
-        pool,
-        started: Instant::now(),
-    };
+    let state = http::AppState::new(&config, store, pool, task.status());
     let sync = tokio::spawn(task.run());
     let app = http::app(state, config.http.request_timeout);
     let result = server::run(listener, app, shutdown, config.http.shutdown_grace).await;

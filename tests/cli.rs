@@ -29,13 +29,16 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     )
 }
 
+/// One case: arguments, environment, and the text the error must contain.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn bad_configuration_exits_2_naming_the_setting() {
     let dir = tempfile::tempdir().unwrap();
     let bad_toml = dir.path().join("bad.toml");
     std::fs::write(&bad_toml, "prefixes = [\"/a/\"]\nlisten = 7\n").unwrap();
     let bad_toml = bad_toml.to_str().unwrap();
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         (&[], &[], "--prefix"),
         (&["--bogus-flag"], &[], "--bogus-flag"),
         (&["--prefix", "config/app"], &[], "must start with '/'"),

@@ -1,0 +1,105 @@
+//! Micro-benchmarks of the read path at 1k, 10k and 100k keys: one key through the whole router
+//! (lookup + response build), a prefix listing and a tree render (uncached), and applying a watch
+//! batch. `cargo bench --bench read_path`; under `cargo test` each runs once as a smoke test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use config_sidecar::config::Config;
+use config_sidecar::etcd::EndpointPool;
+use config_sidecar::http::{app, AppState};
+use config_sidecar::render::{render_list, render_tree};
+use config_sidecar::store::{Entry, Event, Store};
+use config_sidecar::sync::WatchTask;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use http::Request;
+use tower::ServiceExt;
+
+const SIZES: [usize; 3] = [1_000, 10_000, 100_000];
+
+/// `n` keys spread over 100 apps: `/bench/app{i%100}/key{i}`, 256-byte values.
+fn filled_store(n: usize) -> Arc<Store> {
+    let store = Arc::new(Store::new());
+    let value = Bytes::from(vec![b'v'; 256]);
+    let entries = (0..n)
+        .map(|i| {
+            let key = format!("/bench/app{:02}/key{i:06}", i % 100);
+            Entry::new(Bytes::from(key), value.clone(), 2, 2 + i as i64, 1)
+        })
+        .collect();
+    store.replace(n as i64 + 2, entries).unwrap();
+    store
+}
+
+fn router(store: Arc<Store>) -> axum::Router {
+    let config = Config::for_endpoints(&["http://127.0.0.1:1".into()], &["/bench/"]).unwrap();
+    let pool = Arc::new(EndpointPool::new(
+        config.etcd.clone(),
+        Duration::from_secs(1),
+    ));
+    let task = WatchTask::new(
+        pool.clone(),
+        store.clone(),
+        config.sync.clone(),
+        Duration::from_secs(1),
+    );
+    app(
+        AppState::new(&config, store, pool, task.status()),
+        Duration::from_secs(5),
+    )
+}
+
+fn read_path(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for n in SIZES {
+        let store = filled_store(n);
+        let app = router(store.clone());
+        let key = format!("/v1/kv/bench/app07/key{:06}", 7 + 100 * (n / 200));
+        c.bench_with_input(BenchmarkId::new("get_key", n), &key, |b, key| {
+            b.to_async(&runtime).iter(|| {
+                let req = Request::builder()
+                    .uri(key.as_str())
+                    .body(Body::empty())
+                    .unwrap();
+                let app = app.clone();
+                async move {
+                    let resp = app.oneshot(req).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp
+                }
+            })
+        });
+        let snapshot = store.snapshot();
+        c.bench_with_input(
+            BenchmarkId::new("render_list_1pct", n),
+            &snapshot,
+            |b, s| b.iter(|| render_list(s, "/bench/app42/")),
+        );
+        c.bench_with_input(
+            BenchmarkId::new("render_tree_1pct", n),
+            &snapshot,
+            |b, s| b.iter(|| render_tree(s, "/bench/app42/")),
+        );
+        let mut revision = n as i64 + 2;
+        c.bench_function(&format!("apply_batch_of_10/{n}"), |b| {
+            b.iter(|| {
+                revision += 1;
+                let events = (0..10)
+                    .map(|i| {
+                        let key = Bytes::from(format!("/bench/app{i:02}/key{i:06}"));
+                        Event::Put(Entry::new(key, Bytes::from_static(b"new"), 2, revision, 2))
+                    })
+                    .collect();
+                store.apply(revision, events)
+            })
+        });
+    }
+}
+
+criterion_group!(benches, read_path);
+criterion_main!(benches);
