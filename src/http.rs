@@ -28,7 +28,7 @@ use crate::etcd::EndpointPool;
 use crate::keys::{decode_key_path, Prefixes};
 use crate::mode::Mode;
 use crate::render::{RenderCache, View};
-use crate::store::{Entry, Snapshot, Store};
+use crate::store::{Snapshot, Store};
 use crate::sync::SyncStatus;
 
 /// Longest request URI accepted (path and query); etcd keys are at most 1.5 MiB but no sensible
@@ -257,16 +257,20 @@ async fn kv_get(
             Body::from(state.cache.get(View::List, &key, &snapshot))
         })
     } else {
-        let entry: &Arc<Entry> = snapshot.get(key.as_bytes()).ok_or(ApiError::KeyNotFound {
-            key: key.clone(),
-            revision: snapshot.revision,
-        })?;
-        not_modified_or(
-            &headers,
-            entry.etag.clone(),
-            entry.content_type.clone(),
-            || Body::from(entry.value.clone()),
-        )
+        match snapshot.get(key.as_bytes()) {
+            Some(entry) => not_modified_or(
+                &headers,
+                entry.etag.clone(),
+                entry.content_type.clone(),
+                || Body::from(entry.value.clone()),
+            ),
+            // Missing at a known revision: the headers say which one.
+            None => ApiError::KeyNotFound {
+                key,
+                revision: snapshot.revision,
+            }
+            .into_response(),
+        }
     };
     Ok(with_mirror_headers(response, &state, &snapshot))
 }
@@ -341,6 +345,7 @@ async fn status(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Entry;
     use crate::sync::WatchTask;
     use axum::body::to_bytes;
     use bytes::Bytes;
@@ -452,5 +457,11 @@ mod tests {
         );
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"], "key_not_found");
+        let (_, headers, _) = call(app_with(&[], true), "/v1/kv/c/none", None).await;
+        assert_eq!(
+            headers[REVISION_HEADER], "7",
+            "a miss says at which revision"
+        );
+        assert_eq!(headers[MODE_HEADER], "full");
     }
 }
