@@ -1,24 +1,39 @@
-//! The sidecar's serving mode, as every response reports it in `X-Config-Mode`.
+//! The serving mode and the state machine that moves between modes.
 //!
-//! The degradation ladder (`full` → `read-only` → `cache-only`, driven by health probes with
-//! hysteresis) builds on this type; until probes exist the mode follows the mirror alone:
-//! `starting` before the first complete load, `full` after it.
+//! Health probes and the sync task produce [`Signal`]s; [`ModeMachine`] is pure (state + signal →
+//! state, with the time passed in), so its hysteresis is tested without etcd or real time.
+//! [`ModeHandle`] publishes the result: atomics for the per-request hot path (mode, staleness) and
+//! a mutex for the transition history shown in `/v1/status`.
+//!
+//! Rules:
+//! - `starting` until the mirror is loaded: from etcd (→ `full` once the watch runs) or from the
+//!   disk snapshot (→ `cache-only` until probes say more).
+//! - Degrade after `degrade_after` consecutive probe rounds worse than the current mode, to the
+//!   best level seen in that streak.
+//! - Recover after `recover_after` consecutive rounds better than the current mode, to the worst
+//!   level seen in that streak; recovering to `full` also needs the watch running again (a
+//!   completed resync), so `full` never means "quorum is back but the mirror is behind".
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 use serde::Serialize;
 
 /// What the sidecar can currently promise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Nothing loaded yet: reads of keys answer 503 `not_ready`.
-    Starting,
-    /// etcd has quorum: reads current, writes possible.
-    Full,
-    /// Members answer but there is no quorum: reads served, writes refused.
-    ReadOnly,
+    Starting = 0,
     /// No member answers: reads from memory or the disk snapshot.
-    CacheOnly,
+    CacheOnly = 1,
+    /// Members answer but there is no quorum: reads served, writes refused.
+    ReadOnly = 2,
+    /// etcd has quorum: reads current, writes possible.
+    Full = 3,
 }
 
 impl Mode {
@@ -35,5 +50,451 @@ impl Mode {
     /// The `X-Config-Mode` header value.
     pub fn header(self) -> HeaderValue {
         HeaderValue::from_static(self.as_str())
+    }
+
+    fn from_u8(v: u8) -> Mode {
+        match v {
+            1 => Mode::CacheOnly,
+            2 => Mode::ReadOnly,
+            3 => Mode::Full,
+            _ => Mode::Starting,
+        }
+    }
+}
+
+/// Whether every member answers, when there is quorum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Every member answered the last probe round.
+    Healthy,
+    /// Quorum, but some member did not answer.
+    Degraded,
+    /// No quorum.
+    Unhealthy,
+}
+
+/// What one probe round (or a watch error) says about the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    /// A linearizable read succeeded; `all_members` when every member answered too.
+    Quorum {
+        /// Every member answered.
+        all_members: bool,
+    },
+    /// Some member answered, but no linearizable read succeeded.
+    NoQuorum,
+    /// No member answered.
+    Unreachable,
+}
+
+impl Observation {
+    fn level(self) -> Mode {
+        match self {
+            Observation::Quorum { .. } => Mode::Full,
+            Observation::NoQuorum => Mode::ReadOnly,
+            Observation::Unreachable => Mode::CacheOnly,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Observation::Quorum { all_members: true } => "quorum, every member answers",
+            Observation::Quorum { all_members: false } => "quorum, some member does not answer",
+            Observation::NoQuorum => "members answer but no linearizable read succeeds (no quorum or leader)",
+            Observation::Unreachable => "no etcd member answers",
+        }
+    }
+}
+
+/// An input to the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// The mirror was loaded from etcd (a complete, linearizable load).
+    LoadedFromEtcd,
+    /// The mirror was loaded from the disk snapshot.
+    LoadedFromSnapshot,
+    /// The watch is running at the current revision (first time, or after an outage).
+    WatchRunning,
+    /// The watch stopped.
+    WatchLost,
+    /// One probe round's verdict.
+    Probe(Observation),
+}
+
+/// One mode change.
+#[derive(Debug, Clone, Serialize)]
+pub struct Transition {
+    /// Mode before.
+    pub from: Mode,
+    /// Mode after.
+    pub to: Mode,
+    /// Why, in words.
+    pub reason: String,
+    /// When, in Unix milliseconds.
+    pub at_unix_ms: u64,
+}
+
+/// Hysteresis settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Hysteresis {
+    /// Consecutive worse rounds before degrading.
+    pub degrade_after: u32,
+    /// Consecutive better rounds before recovering.
+    pub recover_after: u32,
+}
+
+/// The pure state machine.
+#[derive(Debug, Clone)]
+pub struct ModeMachine {
+    /// Current mode.
+    mode: Mode,
+    /// Current health.
+    health: Health,
+    /// Hysteresis.
+    hysteresis: Hysteresis,
+    /// Levels of the current streak of rounds worse than `mode`.
+    worse: Vec<Mode>,
+    /// Consecutive rounds with quorum.
+    quorum_streak: u32,
+    /// Consecutive rounds in which some member answered.
+    reach_streak: u32,
+    /// Whether the watch is running; `full` needs it.
+    watching: bool,
+    /// Whether the mirror has been loaded at all.
+    loaded: bool,
+}
+
+impl ModeMachine {
+    /// A machine in `starting`.
+    pub fn new(hysteresis: Hysteresis) -> Self {
+        ModeMachine {
+            mode: Mode::Starting,
+            health: Health::Unhealthy,
+            hysteresis,
+            worse: Vec::new(),
+            quorum_streak: 0,
+            reach_streak: 0,
+            watching: false,
+            loaded: false,
+        }
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The current health.
+    pub fn health(&self) -> Health {
+        self.health
+    }
+
+    /// Feeds one signal; returns the transition it caused, if any.
+    pub fn on(&mut self, signal: Signal, now: SystemTime) -> Option<Transition> {
+        let (target, reason) = match signal {
+            Signal::LoadedFromEtcd | Signal::WatchRunning if self.mode == Mode::Starting => {
+                if signal == Signal::LoadedFromEtcd {
+                    self.loaded = true;
+                } else {
+                    self.watching = true;
+                }
+                if !(self.loaded && self.watching) {
+                    return None;
+                }
+                // A complete linearizable load is itself proof of quorum.
+                (Mode::Full, "first complete load from etcd, watch running".to_string())
+            }
+            Signal::LoadedFromEtcd => {
+                self.loaded = true;
+                return None;
+            }
+            Signal::LoadedFromSnapshot => {
+                self.loaded = true;
+                if self.mode != Mode::Starting {
+                    return None;
+                }
+                (Mode::CacheOnly, "serving the disk snapshot until etcd answers".to_string())
+            }
+            Signal::WatchRunning => {
+                self.watching = true;
+                self.recovery()?
+            }
+            Signal::WatchLost => {
+                self.watching = false;
+                return None;
+            }
+            Signal::Probe(observation) => {
+                self.health = match observation {
+                    Observation::Quorum { all_members: true } => Health::Healthy,
+                    Observation::Quorum { all_members: false } => Health::Degraded,
+                    _ => Health::Unhealthy,
+                };
+                let level = observation.level();
+                self.quorum_streak = if level == Mode::Full { self.quorum_streak + 1 } else { 0 };
+                self.reach_streak = if level >= Mode::ReadOnly { self.reach_streak + 1 } else { 0 };
+                if self.mode == Mode::Starting {
+                    return None;
+                }
+                if level < self.mode {
+                    self.worse.push(level);
+                    if (self.worse.len() as u32) < self.hysteresis.degrade_after {
+                        return None;
+                    }
+                    let target = *self.worse.iter().max().expect("streak is not empty");
+                    let reason = format!(
+                        "{} consecutive probe rounds: {}",
+                        self.worse.len(),
+                        observation.describe()
+                    );
+                    (target, reason)
+                } else {
+                    self.worse.clear();
+                    self.recovery()?
+                }
+            }
+        };
+        if target == self.mode {
+            return None;
+        }
+        let from = self.mode;
+        self.mode = target;
+        self.worse.clear();
+        Some(Transition {
+            from,
+            to: target,
+            reason,
+            at_unix_ms: unix_ms(now),
+        })
+    }
+
+    /// The mode the current good streaks allow, when it is above the current one.
+    fn recovery(&self) -> Option<(Mode, String)> {
+        let enough = self.hysteresis.recover_after;
+        let target = if self.quorum_streak >= enough && self.watching {
+            (
+                Mode::Full,
+                format!(
+                    "{} consecutive probe rounds with quorum, watch resynced",
+                    self.quorum_streak
+                ),
+            )
+        } else if self.reach_streak >= enough {
+            (
+                Mode::ReadOnly,
+                format!(
+                    "{} consecutive probe rounds with a member answering{}",
+                    self.reach_streak,
+                    if self.quorum_streak >= enough {
+                        " (quorum, waiting for the watch to resync)"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        } else {
+            return None;
+        };
+        (target.0 > self.mode).then_some(target)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// How many transitions `/v1/status` lists.
+pub const TRANSITION_HISTORY: usize = 20;
+
+/// The published mode: read per request, written by the mode task.
+pub struct ModeHandle {
+    /// The current mode, as `Mode as u8`.
+    mode: AtomicU8,
+    /// Unix ms of the last time the sidecar confirmed, with quorum, that it holds the latest data;
+    /// 0 when never.
+    confirmed_at_ms: AtomicU64,
+    /// The last transitions, newest last, and how many there were in all.
+    history: Mutex<(VecDeque<Transition>, u64)>,
+    /// Current health.
+    health: Mutex<Health>,
+}
+
+impl Default for ModeHandle {
+    fn default() -> Self {
+        ModeHandle {
+            mode: AtomicU8::new(Mode::Starting as u8),
+            confirmed_at_ms: AtomicU64::new(0),
+            history: Mutex::new((VecDeque::new(), 0)),
+            health: Mutex::new(Health::Unhealthy),
+        }
+    }
+}
+
+impl ModeHandle {
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        Mode::from_u8(self.mode.load(Ordering::Acquire))
+    }
+
+    /// Publishes a transition.
+    pub fn publish(&self, transition: &Transition) {
+        self.mode.store(transition.to as u8, Ordering::Release);
+        let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        h.0.push_back(transition.clone());
+        if h.0.len() > TRANSITION_HISTORY {
+            h.0.pop_front();
+        }
+        h.1 += 1;
+    }
+
+    /// Publishes the health of the last probe round.
+    pub fn set_health(&self, health: Health) {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
+    }
+
+    /// The health of the last probe round.
+    pub fn health(&self) -> Health {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that at `at` the mirror was confirmed to hold the latest data.
+    pub fn confirm(&self, at: SystemTime) {
+        self.confirmed_at_ms.fetch_max(unix_ms(at), Ordering::AcqRel);
+    }
+
+    /// Time since the last confirmation (`None`: never confirmed).
+    pub fn staleness(&self, now: SystemTime) -> Option<Duration> {
+        match self.confirmed_at_ms.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(Duration::from_millis(unix_ms(now).saturating_sub(at))),
+        }
+    }
+
+    /// The last transitions (oldest first) and the total count.
+    pub fn history(&self) -> (Vec<Transition>, u64) {
+        let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        (h.0.iter().cloned().collect(), h.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: Hysteresis = Hysteresis {
+        degrade_after: 3,
+        recover_after: 2,
+    };
+    const QUORUM: Signal = Signal::Probe(Observation::Quorum { all_members: true });
+    const NO_QUORUM: Signal = Signal::Probe(Observation::NoQuorum);
+    const GONE: Signal = Signal::Probe(Observation::Unreachable);
+
+    fn full() -> ModeMachine {
+        let mut m = ModeMachine::new(H);
+        let now = SystemTime::now();
+        assert!(m.on(Signal::LoadedFromEtcd, now).is_none());
+        let t = m.on(Signal::WatchRunning, now).unwrap();
+        assert_eq!((t.from, t.to), (Mode::Starting, Mode::Full));
+        m
+    }
+
+    fn feed(m: &mut ModeMachine, signals: &[Signal]) -> Vec<(Mode, Mode)> {
+        signals
+            .iter()
+            .filter_map(|s| m.on(*s, SystemTime::now()))
+            .map(|t| (t.from, t.to))
+            .collect()
+    }
+
+    #[test]
+    fn degrades_only_after_three_bad_rounds_in_a_row() {
+        let mut m = full();
+        assert!(feed(&mut m, &[NO_QUORUM, NO_QUORUM, QUORUM, NO_QUORUM, NO_QUORUM]).is_empty());
+        assert_eq!(feed(&mut m, &[NO_QUORUM]), vec![(Mode::Full, Mode::ReadOnly)]);
+        assert_eq!(m.health(), Health::Unhealthy);
+        assert_eq!(feed(&mut m, &[GONE, GONE, GONE]), vec![(Mode::ReadOnly, Mode::CacheOnly)]);
+    }
+
+    #[test]
+    fn a_mixed_bad_streak_degrades_to_the_best_level_seen() {
+        let mut m = full();
+        assert_eq!(feed(&mut m, &[GONE, NO_QUORUM, GONE]), vec![(Mode::Full, Mode::ReadOnly)]);
+    }
+
+    #[test]
+    fn full_needs_two_good_rounds_and_a_resync() {
+        let mut m = full();
+        feed(&mut m, &[Signal::WatchLost, GONE, GONE, GONE]);
+        assert_eq!(m.mode(), Mode::CacheOnly);
+        // Quorum is back, but the watch is not: read-only at most.
+        assert_eq!(feed(&mut m, &[QUORUM]), vec![]);
+        assert_eq!(feed(&mut m, &[QUORUM]), vec![(Mode::CacheOnly, Mode::ReadOnly)]);
+        assert_eq!(feed(&mut m, &[QUORUM, QUORUM]), vec![]);
+        assert_eq!(feed(&mut m, &[Signal::WatchRunning]), vec![(Mode::ReadOnly, Mode::Full)]);
+    }
+
+    #[test]
+    fn a_streak_is_judged_against_the_mode_it_ends_in() {
+        let mut m = full();
+        feed(&mut m, &[Signal::WatchLost, GONE, GONE, GONE]);
+        assert_eq!(feed(&mut m, &[NO_QUORUM, NO_QUORUM]), vec![(Mode::CacheOnly, Mode::ReadOnly)]);
+        feed(&mut m, &[Signal::WatchRunning]);
+        assert_eq!(feed(&mut m, &[QUORUM, QUORUM]), vec![(Mode::ReadOnly, Mode::Full)]);
+    }
+
+    #[test]
+    fn a_resync_alone_does_not_recover() {
+        let mut m = full();
+        feed(&mut m, &[Signal::WatchLost, NO_QUORUM, NO_QUORUM, NO_QUORUM]);
+        assert_eq!(m.mode(), Mode::ReadOnly);
+        assert_eq!(feed(&mut m, &[Signal::WatchRunning]), vec![]);
+        assert_eq!(feed(&mut m, &[QUORUM]), vec![]);
+        assert_eq!(feed(&mut m, &[QUORUM]), vec![(Mode::ReadOnly, Mode::Full)]);
+    }
+
+    #[test]
+    fn quorum_with_a_member_down_is_full_and_degraded() {
+        let mut m = full();
+        let partial = Signal::Probe(Observation::Quorum { all_members: false });
+        assert!(feed(&mut m, &[partial, partial, partial, partial]).is_empty());
+        assert_eq!(m.mode(), Mode::Full);
+        assert_eq!(m.health(), Health::Degraded);
+    }
+
+    #[test]
+    fn a_snapshot_start_is_cache_only_until_etcd_is_back() {
+        let mut m = ModeMachine::new(H);
+        let t = m.on(Signal::LoadedFromSnapshot, SystemTime::now()).unwrap();
+        assert_eq!((t.from, t.to), (Mode::Starting, Mode::CacheOnly));
+        assert_eq!(feed(&mut m, &[GONE, GONE, GONE, GONE]), vec![]);
+        feed(&mut m, &[QUORUM, QUORUM]);
+        assert_eq!(m.mode(), Mode::ReadOnly);
+        assert_eq!(feed(&mut m, &[Signal::WatchRunning]), vec![(Mode::ReadOnly, Mode::Full)]);
+    }
+
+    #[test]
+    fn handle_keeps_the_last_twenty_and_the_total() {
+        let h = ModeHandle::default();
+        for i in 0..25u64 {
+            h.publish(&Transition {
+                from: Mode::Full,
+                to: if i % 2 == 0 { Mode::ReadOnly } else { Mode::Full },
+                reason: format!("{i}"),
+                at_unix_ms: i,
+            });
+        }
+        let (list, total) = h.history();
+        assert_eq!(total, 25);
+        assert_eq!(list.len(), TRANSITION_HISTORY);
+        assert_eq!(list[0].reason, "5");
+        assert_eq!(h.mode(), Mode::ReadOnly);
+        assert_eq!(h.staleness(SystemTime::now()), None);
+        let now = SystemTime::now();
+        h.confirm(now - Duration::from_millis(1500));
+        let s = h.staleness(now).unwrap();
+        assert!(s >= Duration::from_millis(1499) && s <= Duration::from_millis(1501));
     }
 }
