@@ -10,9 +10,10 @@ use bytes::Bytes;
 use config_sidecar::config::Config;
 use config_sidecar::etcd::EndpointPool;
 use config_sidecar::http::{app, AppState};
+use config_sidecar::mode::ModeHandle;
 use config_sidecar::render::{render_list, render_tree};
 use config_sidecar::store::{Entry, Event, Store};
-use config_sidecar::sync::WatchTask;
+use config_sidecar::sync::SyncStatus;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::Request;
 use tower::ServiceExt;
@@ -39,16 +40,10 @@ fn router(store: Arc<Store>) -> axum::Router {
         config.etcd.clone(),
         Duration::from_secs(1),
     ));
-    let task = WatchTask::new(
-        pool.clone(),
-        store.clone(),
-        config.sync.clone(),
-        Duration::from_secs(1),
-    );
-    app(
-        AppState::new(&config, store, pool, task.status()),
-        Duration::from_secs(5),
-    )
+    let (_, sync) = tokio::sync::watch::channel(SyncStatus::default());
+    let mode = Arc::new(ModeHandle::default());
+    let state = AppState::new(&config, store, pool, sync, mode, Default::default());
+    app(state, Duration::from_secs(5))
 }
 
 fn read_path(c: &mut Criterion) {

@@ -42,6 +42,14 @@ pub const DEFAULT_PAGE_SIZE: i64 = 1000;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default limit on one HTTP request's handling time.
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time between health probe rounds.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Default timeout of each probe check.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+/// Default consecutive bad probe rounds before the mode degrades.
+pub const DEFAULT_DEGRADE_AFTER: u32 = 3;
+/// Default consecutive good probe rounds before the mode recovers.
+pub const DEFAULT_RECOVER_AFTER: u32 = 2;
 /// Default weight bound of the rendered-body cache, in bytes.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -88,6 +96,24 @@ pub struct Cli {
     /// Time in-flight requests get to finish at shutdown [default: 10s].
     #[arg(long, env = "CONFIG_SIDECAR_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<String>,
+    /// File the mirror is saved to and served from after a restart while etcd is unreachable.
+    #[arg(long, env = "CONFIG_SIDECAR_SNAPSHOT")]
+    pub snapshot: Option<PathBuf>,
+    /// Accept writes (PUT / DELETE) inside the mirrored prefixes and forward them to etcd.
+    #[arg(long, env = "CONFIG_SIDECAR_ALLOW_WRITES", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_writes: Option<bool>,
+    /// File holding the bearer token that writes must present.
+    #[arg(long, env = "CONFIG_SIDECAR_WRITE_TOKEN_FILE")]
+    pub write_token_file: Option<PathBuf>,
+    /// URL that mode transitions are POSTed to as JSON (http only).
+    #[arg(long, env = "CONFIG_SIDECAR_WEBHOOK")]
+    pub webhook: Option<String>,
+    /// Time between health probe rounds [default: 1s].
+    #[arg(long, env = "CONFIG_SIDECAR_PROBE_INTERVAL")]
+    pub probe_interval: Option<String>,
+    /// With a snapshot, report ready only once etcd has been reached (default: ready on the snapshot).
+    #[arg(long, env = "CONFIG_SIDECAR_READY_REQUIRES_ETCD", num_args = 0..=1, default_missing_value = "true")]
+    pub ready_requires_etcd: Option<bool>,
 }
 
 /// The TOML file: the same settings, snake_case, durations as strings ("2s", "500ms").
@@ -111,6 +137,15 @@ pub struct FileConfig {
     page_size: Option<i64>,
     http_timeout: Option<String>,
     cache_bytes: Option<u64>,
+    snapshot: Option<PathBuf>,
+    allow_writes: Option<bool>,
+    write_token_file: Option<PathBuf>,
+    webhook: Option<String>,
+    probe_interval: Option<String>,
+    probe_timeout: Option<String>,
+    degrade_after: Option<u32>,
+    recover_after: Option<u32>,
+    ready_requires_etcd: Option<bool>,
 }
 
 /// Log output format.
@@ -167,9 +202,57 @@ pub struct HttpConfig {
     pub cache_bytes: u64,
 }
 
+/// The degradation ladder: probes, hysteresis, the webhook.
+#[derive(Debug, Clone)]
+pub struct ModeConfig {
+    /// Time between probe rounds.
+    pub probe_interval: Duration,
+    /// Timeout of each probe check.
+    pub probe_timeout: Duration,
+    /// Consecutive bad rounds before degrading.
+    pub degrade_after: u32,
+    /// Consecutive good rounds before recovering.
+    pub recover_after: u32,
+    /// Where transitions are posted.
+    pub webhook: Option<String>,
+}
+
+/// Writes through the sidecar.
+#[derive(Clone, Default)]
+pub struct WriteConfig {
+    /// Whether writes are accepted at all.
+    pub allowed: bool,
+    /// The bearer token writes must present, read from the token file; never printed.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for WriteConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteConfig")
+            .field("allowed", &self.allowed)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The disk snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotConfig {
+    /// Where it lives.
+    pub path: PathBuf,
+    /// Whether readiness waits for etcd even when the snapshot loaded.
+    pub ready_requires_etcd: bool,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Health probes and mode hysteresis.
+    pub mode: ModeConfig,
+    /// Writes.
+    pub writes: WriteConfig,
+    /// The disk snapshot, if any.
+    pub snapshot: Option<SnapshotConfig>,
     /// etcd connection settings.
     pub etcd: EtcdConfig,
     /// Mirror settings.
@@ -294,7 +377,96 @@ impl Config {
             return Err(invalid("backoff_max", "must not be below backoff_min"));
         }
 
+        let webhook = pick(cli.webhook, file.webhook);
+        if let Some(url) = &webhook {
+            let ok = url
+                .parse::<http::Uri>()
+                .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some());
+            if !ok {
+                return Err(invalid(
+                    "--webhook",
+                    format!("{url:?} is not an http:// URL"),
+                ));
+            }
+        }
+        let degrade_after = file.degrade_after.unwrap_or(DEFAULT_DEGRADE_AFTER);
+        let recover_after = file.recover_after.unwrap_or(DEFAULT_RECOVER_AFTER);
+        if degrade_after == 0 || recover_after == 0 {
+            return Err(invalid(
+                "degrade_after / recover_after",
+                "must be at least 1",
+            ));
+        }
+        let allowed = cli.allow_writes.or(file.allow_writes).unwrap_or(false);
+        let token = match cli.write_token_file.or(file.write_token_file) {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    invalid(
+                        "--write-token-file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let token = text.trim().to_string();
+                if token.is_empty() {
+                    return Err(invalid(
+                        "--write-token-file",
+                        format!("{} is empty", path.display()),
+                    ));
+                }
+                Some(token)
+            }
+        };
+        let ready_requires_etcd = cli
+            .ready_requires_etcd
+            .or(file.ready_requires_etcd)
+            .unwrap_or(false);
+        let snapshot = match cli.snapshot.or(file.snapshot) {
+            None => None,
+            Some(path) => {
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                if !dir.is_dir() {
+                    return Err(invalid(
+                        "--snapshot",
+                        format!("directory {} does not exist", dir.display()),
+                    ));
+                }
+                if path.is_dir() {
+                    return Err(invalid(
+                        "--snapshot",
+                        format!("{} is a directory", path.display()),
+                    ));
+                }
+                Some(SnapshotConfig {
+                    path,
+                    ready_requires_etcd,
+                })
+            }
+        };
+
         Ok(Config {
+            mode: ModeConfig {
+                probe_interval: duration(
+                    "--probe-interval",
+                    cli.probe_interval,
+                    file.probe_interval,
+                    DEFAULT_PROBE_INTERVAL,
+                )?,
+                probe_timeout: duration(
+                    "probe_timeout",
+                    None,
+                    file.probe_timeout,
+                    DEFAULT_PROBE_TIMEOUT,
+                )?,
+                degrade_after,
+                recover_after,
+                webhook,
+            },
+            writes: WriteConfig { allowed, token },
+            snapshot,
             etcd: EtcdConfig {
                 endpoints,
                 dial_timeout: duration(

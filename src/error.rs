@@ -6,6 +6,7 @@ use http::{header, HeaderValue, StatusCode};
 use serde_json::{json, Value};
 
 use crate::keys::KeyError;
+use crate::mode::Mode;
 
 /// Anything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,51 @@ pub enum ApiError {
     /// The handler did not finish in time.
     #[error("the request timed out")]
     Timeout,
+    /// The mirror is staler than the request's `max_stale` allows.
+    #[error("the mirror was last confirmed current {stale_ms} ms ago, more than max_stale allows ({max_ms} ms)")]
+    TooStale {
+        /// Staleness now (`u64::MAX` when never confirmed).
+        stale_ms: u64,
+        /// What the request allows.
+        max_ms: u64,
+        /// The current mode.
+        mode: Mode,
+    },
+    /// A `?consistent` read needs a quorum read and none succeeded.
+    #[error("a consistent read needs etcd quorum: {0}")]
+    NoQuorum(String),
+    /// Writes are off (`--allow-writes` not given).
+    #[error("writes are disabled on this sidecar (start it with --allow-writes)")]
+    WritesDisabled,
+    /// The write token is missing or wrong.
+    #[error("a valid bearer token is required for writes")]
+    Unauthorized,
+    /// The mode does not allow writes; nothing was sent to etcd.
+    #[error("writes are refused in {} mode: etcd has no quorum; nothing was written", .mode.as_str())]
+    WritesRefused {
+        /// The current mode.
+        mode: Mode,
+        /// Seconds after which a retry may succeed.
+        retry_after: u64,
+    },
+    /// The compare-and-swap revision did not match.
+    #[error("the key's mod_revision is {current}, not {expected}; nothing was written")]
+    PreconditionFailed {
+        /// The key.
+        key: String,
+        /// What the request expected.
+        expected: i64,
+        /// What etcd has (0: the key does not exist).
+        current: i64,
+    },
+    /// etcd did not complete the write.
+    #[error("the write did not complete: {message}")]
+    WriteFailed {
+        /// `not_applied` when etcd refused it, `unknown` when the answer was lost.
+        outcome: &'static str,
+        /// What etcd or the connection said.
+        message: String,
+    },
     /// A handler panicked; the panic was caught and the server keeps serving.
     #[error("internal error")]
     Internal,
@@ -58,7 +104,15 @@ pub enum ApiError {
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::NotReady | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady
+            | ApiError::Timeout
+            | ApiError::TooStale { .. }
+            | ApiError::NoQuorum(_)
+            | ApiError::WritesRefused { .. }
+            | ApiError::WriteFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::WritesDisabled => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::OutsideMirror { .. }
             | ApiError::KeyNotFound { .. }
             | ApiError::UnknownRoute(_) => StatusCode::NOT_FOUND,
@@ -83,6 +137,13 @@ impl ApiError {
             ApiError::UriTooLong(_) => "uri_too_long",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Timeout => "timeout",
+            ApiError::TooStale { .. } => "too_stale",
+            ApiError::NoQuorum(_) => "no_quorum",
+            ApiError::WritesDisabled => "writes_disabled",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::WritesRefused { .. } => "writes_refused",
+            ApiError::PreconditionFailed { .. } => "precondition_failed",
+            ApiError::WriteFailed { .. } => "write_failed",
             ApiError::Internal => "internal",
         }
     }
@@ -98,6 +159,31 @@ impl ApiError {
                 body["key"] = json!(key);
                 body["revision"] = json!(revision);
             }
+            ApiError::TooStale {
+                stale_ms,
+                max_ms,
+                mode,
+            } => {
+                body["stale_ms"] = json!(stale_ms);
+                body["max_stale_ms"] = json!(max_ms);
+                body["mode"] = json!(mode);
+            }
+            ApiError::WritesRefused { mode, retry_after } => {
+                body["mode"] = json!(mode);
+                body["retry_after"] = json!(retry_after);
+            }
+            ApiError::PreconditionFailed {
+                key,
+                expected,
+                current,
+            } => {
+                body["key"] = json!(key);
+                body["expected_mod_revision"] = json!(expected);
+                body["mod_revision"] = json!(current);
+            }
+            ApiError::WriteFailed { outcome, .. } => {
+                body["outcome"] = json!(outcome);
+            }
             _ => {}
         }
         body
@@ -111,10 +197,20 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if matches!(self, ApiError::NotReady) {
+        let retry_after = match &self {
+            ApiError::NotReady | ApiError::NoQuorum(_) => Some(1),
+            ApiError::WritesRefused { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(self, ApiError::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -21,8 +21,11 @@ pub const MAX_DECODE_BYTES: usize = 256 * 1024 * 1024;
 struct Member {
     /// The URL as configured.
     url: String,
-    /// The client; created lazily on first use (connecting is lazy as well).
+    /// The client for the watch, loads and writes: requires a leader. Created lazily.
     client: Option<Client>,
+    /// The client for health probes: does not require a leader, because with `require_leader`
+    /// even a serializable read fails once quorum is lost, and reachability is what it must tell.
+    probe_client: Option<Client>,
     /// Consecutive failures since the last success.
     failures: u32,
     /// Until when the member rests after a failure.
@@ -77,6 +80,7 @@ impl EndpointPool {
             .map(|url| Member {
                 url: url.clone(),
                 client: None,
+                probe_client: None,
                 failures: 0,
                 cooldown_until: None,
                 last_error: None,
@@ -117,6 +121,30 @@ impl EndpointPool {
             }
         };
         Ok(Chosen { index, url, client })
+    }
+
+    /// The probe client of endpoint `index` (no leader required).
+    pub async fn probe_client(&self, index: usize) -> Result<Client, etcd_client::Error> {
+        let (url, existing) = {
+            let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                members[index].url.clone(),
+                members[index].probe_client.clone(),
+            )
+        };
+        if let Some(c) = existing {
+            return Ok(c);
+        }
+        let options = self.connect_options().with_require_leader(false);
+        let c = Client::connect([url.as_str()], Some(options)).await?;
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        members[index].probe_client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// URL of endpoint `index`.
+    pub fn url(&self, index: usize) -> String {
+        self.config.endpoints[index].clone()
     }
 
     /// Number of endpoints.

@@ -2,7 +2,8 @@
 //!
 //! [`app`] builds the whole service (routes plus one `ServiceBuilder` chain of middleware), so tests
 //! can drive it with `oneshot` and the server runs the very same thing. Every read is answered
-//! from the snapshot current when the request started; nothing here talks to etcd.
+//! from the snapshot current when the request started; only `?consistent` reads (one quorum read
+//! to know what "current" is) and writes talk to etcd.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -13,6 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use etcd_client::GetOptions;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use serde_json::json;
 use tokio::sync::watch;
@@ -22,14 +24,16 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::config::Config;
+use crate::config::{Config, WriteConfig};
 use crate::error::ApiError;
 use crate::etcd::EndpointPool;
 use crate::keys::{decode_key_path, Prefixes};
-use crate::mode::Mode;
+use crate::mode::{Mode, ModeHandle};
+use crate::probe::ProbeResults;
 use crate::render::{RenderCache, View};
 use crate::store::{Snapshot, Store};
-use crate::sync::SyncStatus;
+use crate::sync::{SyncState, SyncStatus};
+use crate::write::{self, WriteOp};
 
 /// Longest request URI accepted (path and query); etcd keys are at most 1.5 MiB but no sensible
 /// config key comes near this.
@@ -41,6 +45,8 @@ pub const MAX_BODY_BYTES: usize = 1536 * 1024;
 pub const REVISION_HEADER: &str = "x-config-revision";
 /// Header: the mode the sidecar was in when it answered.
 pub const MODE_HEADER: &str = "x-config-mode";
+/// Header: milliseconds since the mirror was last confirmed current.
+pub const STALE_HEADER: &str = "x-config-stale-ms";
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -53,36 +59,63 @@ pub struct AppState {
     pub cache: RenderCache,
     /// The sync task's own report.
     pub sync: watch::Receiver<SyncStatus>,
-    /// Endpoint health, for status.
+    /// Endpoint health, for status; clients for consistent reads and writes.
     pub pool: Arc<EndpointPool>,
+    /// The serving mode and staleness.
+    pub mode: Arc<ModeHandle>,
+    /// The last probe round, for status.
+    pub probes: ProbeResults,
+    /// Whether and how writes are accepted.
+    pub writes: WriteConfig,
+    /// Whether readiness waits for etcd when the mirror came from the disk snapshot.
+    pub ready_requires_etcd: bool,
+    /// Deadline of one etcd call made for a request.
+    pub etcd_timeout: Duration,
+    /// Seconds a refused write should wait before retrying: about one recovery.
+    pub retry_after: u64,
     /// Process start, for uptime.
     pub started: Instant,
 }
 
 impl AppState {
-    /// The state for `config`, reading `store` and reporting `pool` and `sync`.
+    /// The state for `config`, reading `store` and reporting the other parts.
     pub fn new(
         config: &Config,
         store: Arc<Store>,
         pool: Arc<EndpointPool>,
         sync: watch::Receiver<SyncStatus>,
+        mode: Arc<ModeHandle>,
+        probes: ProbeResults,
     ) -> Self {
+        let recovery = config.mode.probe_interval * config.mode.recover_after;
         AppState {
             store,
             prefixes: config.sync.prefixes.clone(),
             cache: RenderCache::new(config.http.cache_bytes),
             sync,
             pool,
+            mode,
+            probes,
+            writes: config.writes.clone(),
+            ready_requires_etcd: config
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| s.ready_requires_etcd),
+            etcd_timeout: config.etcd.request_timeout,
+            retry_after: recovery.as_secs().max(1),
             started: Instant::now(),
         }
     }
 
-    fn mode(&self, snapshot: &Snapshot) -> Mode {
-        if snapshot.loaded {
-            Mode::Full
-        } else {
-            Mode::Starting
+    fn ready(&self, snapshot: &Snapshot) -> bool {
+        if !snapshot.loaded {
+            return false;
         }
+        if !self.ready_requires_etcd {
+            return true;
+        }
+        let sync = self.sync.borrow();
+        sync.full_loads > 0 || sync.state == SyncState::Watching
     }
 }
 
@@ -106,13 +139,13 @@ pub fn app(state: AppState, request_timeout: Duration) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             request_timeout,
         ))
-        // Applies to every extractor that reads a body (writes, later); reads take none.
+        // Applies to every extractor that reads a body; writes read theirs with the same bound.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
 
     Router::new()
         .route("/v1/kv", get(kv_get))
         .route("/v1/kv/", get(kv_get))
-        .route("/v1/kv/{*key}", get(kv_get))
+        .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
         .route("/v1/tree", get(tree_get))
         .route("/v1/tree/", get(tree_get))
         .route("/v1/tree/{*prefix}", get(tree_get))
@@ -144,15 +177,31 @@ async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(method.to_string())
 }
 
-/// Query flags the read routes understand.
+/// Query parameters the routes understand; others are ignored.
 #[derive(Debug, Default)]
-struct ReadQuery {
-    /// `?recurse`: list the prefix instead of reading one key.
+struct Query {
+    /// `?recurse`: the path is a prefix.
     recurse: bool,
+    /// `?max_stale=<duration>`: refuse with 503 when the mirror is staler.
+    max_stale: Option<Duration>,
+    /// `?consistent`: at least as new as a quorum read made for this request.
+    consistent: bool,
+    /// `?cas=<mod_revision>`: compare-and-swap for writes (like `If-Match`).
+    cas: Option<i64>,
 }
 
-fn parse_query(uri: &Uri) -> Result<ReadQuery, ApiError> {
-    let mut q = ReadQuery::default();
+fn flag(name: &str, value: &str) -> Result<bool, ApiError> {
+    match value {
+        "" | "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        other => Err(ApiError::BadQuery(format!(
+            "{name}={other:?}: expected true or false"
+        ))),
+    }
+}
+
+fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
+    let mut q = Query::default();
     for pair in uri
         .query()
         .unwrap_or("")
@@ -160,33 +209,38 @@ fn parse_query(uri: &Uri) -> Result<ReadQuery, ApiError> {
         .filter(|p| !p.is_empty())
     {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if name == "recurse" {
-            q.recurse = match value {
-                "" | "true" | "1" => true,
-                "false" | "0" => false,
-                other => {
-                    return Err(ApiError::BadQuery(format!(
-                        "recurse={other:?}: expected true or false"
-                    )))
-                }
-            };
+        match name {
+            "recurse" => q.recurse = flag(name, value)?,
+            "consistent" => q.consistent = flag(name, value)?,
+            "max_stale" => {
+                let d = humantime::parse_duration(value).map_err(|_| {
+                    ApiError::BadQuery(format!(
+                        "max_stale={value:?}: expected a duration such as 5s or 500ms"
+                    ))
+                })?;
+                q.max_stale = Some(d);
+            }
+            "cas" => q.cas = Some(parse_revision("cas", value)?),
+            _ => {}
         }
     }
     Ok(q)
+}
+
+/// A mod_revision given by a client: 0 (the key must not exist) or a positive revision.
+fn parse_revision(what: &str, text: &str) -> Result<i64, ApiError> {
+    match text.trim().trim_matches('"').parse::<i64>() {
+        Ok(r) if r >= 0 => Ok(r),
+        _ => Err(ApiError::BadQuery(format!(
+            "{what}={text:?}: expected a mod_revision (0 for \"must not exist\")"
+        ))),
+    }
 }
 
 /// The key named by the path after `route` (`/v1/kv` or `/v1/tree`), decoded once.
 fn key_from_path(uri: &Uri, route: &str) -> Result<String, ApiError> {
     let raw = uri.path().strip_prefix(route).unwrap_or("");
     Ok(decode_key_path(raw)?)
-}
-
-fn loaded_snapshot(state: &AppState) -> Result<Arc<Snapshot>, ApiError> {
-    let snapshot = state.store.snapshot();
-    if !snapshot.loaded {
-        return Err(ApiError::NotReady);
-    }
-    Ok(snapshot)
 }
 
 fn ensure_mirrored(state: &AppState, key: &str) -> Result<(), ApiError> {
@@ -197,6 +251,104 @@ fn ensure_mirrored(state: &AppState, key: &str) -> Result<(), ApiError> {
             key: key.to_string(),
             prefixes: state.prefixes.as_slice().to_vec(),
         })
+    }
+}
+
+/// The snapshot to answer from, after the request's freshness conditions hold.
+async fn readable_snapshot(
+    state: &AppState,
+    query: &Query,
+    key: &str,
+) -> Result<Arc<Snapshot>, ApiError> {
+    let snapshot = state.store.snapshot();
+    if !snapshot.loaded {
+        return Err(ApiError::NotReady);
+    }
+    if let Some(max) = query.max_stale {
+        let stale = state.mode.staleness(SystemTime::now());
+        if stale.is_none_or(|s| s > max) {
+            return Err(ApiError::TooStale {
+                stale_ms: stale.map_or(u64::MAX, |s| s.as_millis() as u64),
+                max_ms: max.as_millis() as u64,
+                mode: state.mode.mode(),
+            });
+        }
+    }
+    if query.consistent {
+        return consistent_snapshot(state, key, query.recurse).await;
+    }
+    Ok(snapshot)
+}
+
+/// Reads, with quorum, the keys and mod_revisions under `key` (or the one key), then waits until
+/// the mirror holds exactly those: the answer, served from memory, is then at least as new as a
+/// quorum read made for this request. This works on every etcd version, unlike waiting for a
+/// watch progress notification, which etcd before 3.4.25 / 3.5.8 can send ahead of the events it
+/// covers (etcd #15220).
+async fn consistent_snapshot(
+    state: &AppState,
+    key: &str,
+    prefix: bool,
+) -> Result<Arc<Snapshot>, ApiError> {
+    let chosen = state
+        .pool
+        .choose(None)
+        .await
+        .map_err(|e| ApiError::NoQuorum(e.to_string()))?;
+    let mut client = chosen.client;
+    let mut options = GetOptions::new().with_keys_only();
+    if prefix {
+        options = options.with_prefix();
+    }
+    let response = tokio::time::timeout(state.etcd_timeout, client.get(key, Some(options)))
+        .await
+        .map_err(|_| ApiError::NoQuorum("the quorum read timed out".into()))?
+        .map_err(|e| ApiError::NoQuorum(e.to_string()))?;
+    let quorum_revision = response.header().map_or(i64::MAX, |h| h.revision());
+    let wanted: Vec<(Vec<u8>, i64)> = response
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key().to_vec(), kv.mod_revision()))
+        .collect();
+    let matches = |snapshot: &Snapshot| -> bool {
+        let held: Vec<(&[u8], i64)> = if prefix {
+            snapshot
+                .scan_prefix(key.as_bytes())
+                .map(|e| (&e.key[..], e.mod_revision))
+                .collect()
+        } else {
+            snapshot
+                .get(key.as_bytes())
+                .map(|e| (&e.key[..], e.mod_revision))
+                .into_iter()
+                .collect()
+        };
+        held.len() == wanted.len()
+            && held
+                .iter()
+                .zip(&wanted)
+                .all(|(h, w)| h.0 == &w.0[..] && h.1 == w.1)
+    };
+    let mut revisions = state.store.subscribe();
+    let deadline = tokio::time::Instant::now() + state.etcd_timeout;
+    loop {
+        let snapshot = state.store.snapshot();
+        // The keys asked for are exactly as the quorum read saw them.
+        if matches(&snapshot) {
+            return Ok(snapshot);
+        }
+        // Everything up to the quorum read's revision applied: at least as new, whatever changed.
+        if snapshot.revision >= quorum_revision {
+            return Ok(snapshot);
+        }
+        match tokio::time::timeout_at(deadline, revisions.changed()).await {
+            Ok(Ok(())) => {}
+            _ => {
+                return Err(ApiError::NoQuorum(
+                    "the mirror did not reach the quorum read in time".into(),
+                ))
+            }
+        }
     }
 }
 
@@ -215,10 +367,16 @@ fn etag_matches(headers: &HeaderMap, etag: &HeaderValue) -> bool {
         })
 }
 
+/// Adds what every mirror response says: revision, mode and staleness.
 fn with_mirror_headers(mut response: Response, state: &AppState, snapshot: &Snapshot) -> Response {
+    let stale = state.mode.staleness(SystemTime::now());
     let headers = response.headers_mut();
     headers.insert(REVISION_HEADER, snapshot.revision_header.clone());
-    headers.insert(MODE_HEADER, state.mode(snapshot).header());
+    headers.insert(MODE_HEADER, state.mode.mode().header());
+    if let Some(stale) = stale {
+        headers.insert(STALE_HEADER, HeaderValue::from(stale.as_millis() as u64));
+        headers.insert(header::AGE, HeaderValue::from(stale.as_secs()));
+    }
     response
 }
 
@@ -249,7 +407,7 @@ async fn kv_get(
     let query = parse_query(&uri)?;
     let key = key_from_path(&uri, "/v1/kv")?;
     ensure_mirrored(&state, &key)?;
-    let snapshot = loaded_snapshot(&state)?;
+    let snapshot = readable_snapshot(&state, &query, &key).await?;
     let response = if query.recurse {
         // A listing changes whenever anything in the mirror changes, so its tag is the revision.
         let etag = list_etag(&snapshot);
@@ -280,13 +438,14 @@ async fn tree_get(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    parse_query(&uri)?;
+    let mut query = parse_query(&uri)?;
     let mut dir = key_from_path(&uri, "/v1/tree")?;
     if !dir.ends_with('/') {
         dir.push('/');
     }
     ensure_mirrored(&state, &dir)?;
-    let snapshot = loaded_snapshot(&state)?;
+    query.recurse = true;
+    let snapshot = readable_snapshot(&state, &query, &dir).await?;
     let response = not_modified_or(&headers, list_etag(&snapshot), json_type(), || {
         Body::from(state.cache.get(View::Tree, &dir, &snapshot))
     });
@@ -302,13 +461,141 @@ fn json_type() -> HeaderValue {
     HeaderValue::from_static("application/json")
 }
 
+/// Compares two byte strings in time that depends only on their lengths, so a wrong token
+/// reveals nothing about the right one through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Checks that writes are on, the token (if any) is right, the key is mirrored and the mode
+/// allows writes; returns the key and the compare-and-swap revision, if asked for.
+fn admit_write(
+    state: &AppState,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(String, Query, Option<i64>), ApiError> {
+    if !state.writes.allowed {
+        return Err(ApiError::WritesDisabled);
+    }
+    if let Some(token) = &state.writes.token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    let query = parse_query(uri)?;
+    let key = key_from_path(uri, "/v1/kv")?;
+    ensure_mirrored(state, &key)?;
+    let if_match = match headers.get(header::IF_MATCH) {
+        None => None,
+        Some(v) => Some(parse_revision(
+            "If-Match",
+            v.to_str()
+                .map_err(|_| ApiError::BadQuery("If-Match is not text".into()))?,
+        )?),
+    };
+    let cas = if_match.or(query.cas);
+    let mode = state.mode.mode();
+    if mode != Mode::Full {
+        return Err(ApiError::WritesRefused {
+            mode,
+            retry_after: state.retry_after,
+        });
+    }
+    Ok((key, query, cas))
+}
+
+/// Forwards a write, then waits until the mirror has applied it, so that a read from this sidecar
+/// that starts after the write returned sees it.
+async fn forward_write(
+    state: &AppState,
+    op: WriteOp,
+    cas: Option<i64>,
+) -> Result<Response, ApiError> {
+    let chosen = state
+        .pool
+        .choose(None)
+        .await
+        .map_err(|e| ApiError::WriteFailed {
+            outcome: "not_applied",
+            message: e.to_string(),
+        })?;
+    let mut client = chosen.client;
+    let result = write::apply(&mut client, op, cas, state.etcd_timeout).await?;
+    let mut revisions = state.store.subscribe();
+    let visible = tokio::time::timeout(
+        state.etcd_timeout,
+        revisions.wait_for(|r| *r >= result.revision),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    let snapshot = state.store.snapshot();
+    let body = json!({
+        "revision": result.revision,
+        "deleted": result.deleted,
+        "mirrored": visible,
+    });
+    Ok(with_mirror_headers(
+        Json(body).into_response(),
+        state,
+        &snapshot,
+    ))
+}
+
+async fn kv_put(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (key, _, cas) = admit_write(&state, &uri, &headers)?;
+    let value = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge)?;
+    forward_write(
+        &state,
+        WriteOp::Put {
+            key,
+            value: value.to_vec(),
+        },
+        cas,
+    )
+    .await
+}
+
+async fn kv_delete(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (key, query, cas) = admit_write(&state, &uri, &headers)?;
+    if query.recurse && cas.is_some() {
+        return Err(ApiError::BadQuery(
+            "compare-and-swap applies to one key, not with recurse".into(),
+        ));
+    }
+    forward_write(
+        &state,
+        WriteOp::Delete {
+            key,
+            prefix: query.recurse,
+        },
+        cas,
+    )
+    .await
+}
+
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "alive" }))
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let snapshot = state.store.snapshot();
-    if snapshot.loaded {
+    if state.ready(&snapshot) {
         with_mirror_headers(
             Json(json!({ "status": "ready", "revision": snapshot.revision })).into_response(),
             &state,
@@ -322,15 +609,28 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn status(State(state): State<AppState>) -> Response {
     let snapshot = state.store.snapshot();
     let sync = state.sync.borrow().clone();
+    let (transitions, transitions_total) = state.mode.history();
+    let probes = state
+        .probes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let body = json!({
-        "mode": state.mode(&snapshot),
-        "ready": snapshot.loaded,
+        "mode": state.mode.mode(),
+        "health": state.mode.health(),
+        "ready": state.ready(&snapshot),
         "revision": snapshot.revision,
+        "cluster_id": snapshot.cluster_id,
+        "stale_ms": state.mode.staleness(SystemTime::now()).map(|s| s.as_millis() as u64),
         "keys": snapshot.len(),
         "bytes": snapshot.bytes,
         "prefixes": state.prefixes.as_slice(),
         "endpoints": state.pool.status(),
+        "probes": probes,
         "sync": sync,
+        "transitions": transitions,
+        "transitions_total": transitions_total,
+        "writes_allowed": state.writes.allowed,
         "last_applied_unix_ms": snapshot
             .published_at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -345,8 +645,8 @@ async fn status(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mode::Transition;
     use crate::store::Entry;
-    use crate::sync::WatchTask;
     use axum::body::to_bytes;
     use bytes::Bytes;
     use tower::ServiceExt;
@@ -375,16 +675,18 @@ mod tests {
             config.etcd.clone(),
             Duration::from_secs(1),
         ));
-        let task = WatchTask::new(
-            pool.clone(),
-            store.clone(),
-            config.sync.clone(),
-            Duration::from_secs(1),
-        );
-        app(
-            AppState::new(&config, store, pool, task.status()),
-            Duration::from_secs(5),
-        )
+        let mode = Arc::new(ModeHandle::default());
+        if loaded {
+            mode.publish(&Transition {
+                from: Mode::Starting,
+                to: Mode::Full,
+                reason: "test".into(),
+                at_unix_ms: 0,
+            });
+        }
+        let (_, sync) = watch::channel(SyncStatus::default());
+        let state = AppState::new(&config, store, pool, sync, mode, Default::default());
+        app(state, Duration::from_secs(5))
     }
 
     async fn call(

@@ -10,7 +10,12 @@
 //!   compaction resyncs.
 //! - [`store`]: immutable [`store::Snapshot`] per revision, swapped atomically.
 //! - [`render`]: prefix listings and tree views, cached by revision in a weight-bounded moka cache.
-//! - [`mode`]: the serving mode reported with every response.
+//! - [`mode`]: the serving mode (`full` / `read-only` / `cache-only`), its pure state machine with
+//!   hysteresis, and the handle every response reads it from.
+//! - [`probe`]: periodic health probes of every member (status, serializable, linearizable).
+//! - [`persist`]: the disk snapshot (atomic write, checksum) and its debounced writer.
+//! - [`write`]: writes through to etcd as one transaction each (compare-and-swap included).
+//! - [`webhook`]: posts mode transitions to an operator's URL without ever blocking.
 //! - [`error`]: the one mapping from errors to JSON HTTP responses.
 //! - [`http`]: routes, handlers and the middleware chain ([`http::app`]).
 //! - [`server`]: accept loop and graceful drain ([`server::run`]).
@@ -22,49 +27,124 @@ pub mod etcd;
 pub mod http;
 pub mod keys;
 pub mod mode;
+pub mod persist;
+pub mod probe;
 pub mod render;
 pub mod server;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod webhook;
+pub mod write;
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::time::{Duration, SystemTime};
+
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::etcd::EndpointPool;
+use crate::mode::{Hysteresis, ModeHandle, ModeTask, Signal};
+use crate::persist::SnapshotWriter;
+use crate::probe::ProbeTask;
 use crate::store::Store;
 use crate::sync::WatchTask;
+use crate::webhook::WebhookTask;
 
-/// Runs the sidecar on `listener` until `shutdown` completes: starts the sync task, serves HTTP,
-/// drains, then stops the sync task.
+/// Runs the sidecar on `listener` until `shutdown` completes: loads the disk snapshot if there is
+/// one, starts the sync, probe and mode tasks, serves HTTP, drains, then stops the tasks and
+/// writes the snapshot a last time.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let store = Arc::new(Store::new());
+    let mode = Arc::new(ModeHandle::default());
+    let (signals, signals_rx) = mpsc::channel(256);
+    let mut tasks = Vec::new();
+
+    let webhook = config.mode.webhook.clone().map(|url| {
+        let (task, sender) = WebhookTask::new(url, config.sync.backoff_min);
+        tasks.push(tokio::spawn(task.run()));
+        sender
+    });
+    let hysteresis = Hysteresis {
+        degrade_after: config.mode.degrade_after,
+        recover_after: config.mode.recover_after,
+    };
+    tasks.push(tokio::spawn(
+        ModeTask::new(hysteresis, mode.clone(), signals_rx, webhook).run(),
+    ));
+
+    let prefixes = config.sync.prefixes.as_slice().to_vec();
+    let writer = config.snapshot.as_ref().map(|snap| {
+        let mut on_disk = 0;
+        match persist::load(&snap.path, &prefixes) {
+            Ok(Some(file)) => {
+                let (revision, keys) = (file.revision, file.entries.len());
+                match store.replace_from(file.cluster_id, file.revision, file.entries) {
+                    Ok(_) => {
+                        on_disk = revision;
+                        mode.confirm(
+                            SystemTime::UNIX_EPOCH + Duration::from_millis(file.confirmed_at_unix_ms),
+                        );
+                        let _ = signals.try_send(Signal::LoadedFromSnapshot);
+                        tracing::info!(path = %snap.path.display(), revision, keys, "serving the disk snapshot until etcd answers");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "snapshot not loaded"),
+                }
+            }
+            Ok(None) => tracing::info!(path = %snap.path.display(), "no snapshot yet"),
+            Err(e) => tracing::warn!(path = %snap.path.display(), error = %e, "snapshot ignored"),
+        }
+        SnapshotWriter::new(store.clone(), snap.path.clone(), prefixes.clone(), mode.clone(), on_disk)
+    });
+
     let pool = Arc::new(EndpointPool::new(
         config.etcd.clone(),
         config.sync.endpoint_cooldown,
     ));
-    let task = WatchTask::new(
+    let sync = WatchTask::new(
         pool.clone(),
         store.clone(),
         config.sync.clone(),
         config.etcd.request_timeout,
+        mode.clone(),
+        signals.clone(),
     );
-    let state = http::AppState::new(&config, store, pool, task.status());
-    let sync = tokio::spawn(task.run());
+    let probes = ProbeTask::new(
+        pool.clone(),
+        config.mode.probe_interval,
+        config.mode.probe_timeout,
+        signals,
+    );
+    let state = http::AppState::new(&config, store, pool, sync.status(), mode, probes.results());
+    tasks.push(tokio::spawn(sync.run()));
+    tasks.push(tokio::spawn(probes.run()));
+    let (stop_writer, writer_stopped) = oneshot::channel::<()>();
+    let writer = writer.map(|w| {
+        tokio::spawn(w.run(async {
+            let _ = writer_stopped.await;
+        }))
+    });
+
     let app = http::app(state, config.http.request_timeout);
     let result = server::run(listener, app, shutdown, config.http.shutdown_grace).await;
-    sync.abort();
+    for task in &tasks {
+        task.abort();
+    }
+    // The last write at shutdown: the mirror as it was when serving stopped.
+    let _ = stop_writer.send(());
+    if let Some(writer) = writer {
+        let _ = writer.await;
+    }
     result
 }
 

@@ -101,7 +101,9 @@ impl Observation {
         match self {
             Observation::Quorum { all_members: true } => "quorum, every member answers",
             Observation::Quorum { all_members: false } => "quorum, some member does not answer",
-            Observation::NoQuorum => "members answer but no linearizable read succeeds (no quorum or leader)",
+            Observation::NoQuorum => {
+                "members answer but no linearizable read succeeds (no quorum or leader)"
+            }
             Observation::Unreachable => "no etcd member answers",
         }
     }
@@ -203,7 +205,10 @@ impl ModeMachine {
                     return None;
                 }
                 // A complete linearizable load is itself proof of quorum.
-                (Mode::Full, "first complete load from etcd, watch running".to_string())
+                (
+                    Mode::Full,
+                    "first complete load from etcd, watch running".to_string(),
+                )
             }
             Signal::LoadedFromEtcd => {
                 self.loaded = true;
@@ -214,7 +219,10 @@ impl ModeMachine {
                 if self.mode != Mode::Starting {
                     return None;
                 }
-                (Mode::CacheOnly, "serving the disk snapshot until etcd answers".to_string())
+                (
+                    Mode::CacheOnly,
+                    "serving the disk snapshot until etcd answers".to_string(),
+                )
             }
             Signal::WatchRunning => {
                 self.watching = true;
@@ -231,8 +239,16 @@ impl ModeMachine {
                     _ => Health::Unhealthy,
                 };
                 let level = observation.level();
-                self.quorum_streak = if level == Mode::Full { self.quorum_streak + 1 } else { 0 };
-                self.reach_streak = if level >= Mode::ReadOnly { self.reach_streak + 1 } else { 0 };
+                self.quorum_streak = if level == Mode::Full {
+                    self.quorum_streak + 1
+                } else {
+                    0
+                };
+                self.reach_streak = if level >= Mode::ReadOnly {
+                    self.reach_streak + 1
+                } else {
+                    0
+                };
                 if self.mode == Mode::Starting {
                     return None;
                 }
@@ -362,7 +378,8 @@ impl ModeHandle {
 
     /// Records that at `at` the mirror was confirmed to hold the latest data.
     pub fn confirm(&self, at: SystemTime) {
-        self.confirmed_at_ms.fetch_max(unix_ms(at), Ordering::AcqRel);
+        self.confirmed_at_ms
+            .fetch_max(unix_ms(at), Ordering::AcqRel);
     }
 
     /// Time since the last confirmation (`None`: never confirmed).
@@ -377,6 +394,62 @@ impl ModeHandle {
     pub fn history(&self) -> (Vec<Transition>, u64) {
         let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
         (h.0.iter().cloned().collect(), h.1)
+    }
+}
+
+/// Drives the machine: feeds it every signal, publishes each transition to the handle, logs it,
+/// and hands it to the webhook without ever waiting for it.
+pub struct ModeTask {
+    /// The machine.
+    machine: ModeMachine,
+    /// Where readers look.
+    handle: std::sync::Arc<ModeHandle>,
+    /// Signals from probes, sync and the snapshot loader.
+    signals: tokio::sync::mpsc::Receiver<Signal>,
+    /// Transitions for the webhook, if one is configured.
+    webhook: Option<tokio::sync::mpsc::Sender<Transition>>,
+}
+
+impl ModeTask {
+    /// A task publishing into `handle`.
+    pub fn new(
+        hysteresis: Hysteresis,
+        handle: std::sync::Arc<ModeHandle>,
+        signals: tokio::sync::mpsc::Receiver<Signal>,
+        webhook: Option<tokio::sync::mpsc::Sender<Transition>>,
+    ) -> Self {
+        ModeTask {
+            machine: ModeMachine::new(hysteresis),
+            handle,
+            signals,
+            webhook,
+        }
+    }
+
+    /// Runs until every signal sender is gone.
+    pub async fn run(mut self) {
+        while let Some(signal) = self.signals.recv().await {
+            let transition = self.machine.on(signal, SystemTime::now());
+            if matches!(signal, Signal::Probe(_)) {
+                self.handle.set_health(self.machine.health());
+            }
+            let Some(transition) = transition else {
+                continue;
+            };
+            if transition.to < transition.from {
+                tracing::warn!(from = transition.from.as_str(), to = transition.to.as_str(), reason = %transition.reason, "mode degraded");
+            } else {
+                tracing::info!(from = transition.from.as_str(), to = transition.to.as_str(), reason = %transition.reason, "mode changed");
+            }
+            self.handle.publish(&transition);
+            if let Some(webhook) = &self.webhook {
+                if webhook.try_send(transition).is_err() {
+                    tracing::warn!(
+                        "webhook queue full or closed; a mode transition was not posted"
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -412,16 +485,29 @@ mod tests {
     #[test]
     fn degrades_only_after_three_bad_rounds_in_a_row() {
         let mut m = full();
-        assert!(feed(&mut m, &[NO_QUORUM, NO_QUORUM, QUORUM, NO_QUORUM, NO_QUORUM]).is_empty());
-        assert_eq!(feed(&mut m, &[NO_QUORUM]), vec![(Mode::Full, Mode::ReadOnly)]);
+        assert!(feed(
+            &mut m,
+            &[NO_QUORUM, NO_QUORUM, QUORUM, NO_QUORUM, NO_QUORUM]
+        )
+        .is_empty());
+        assert_eq!(
+            feed(&mut m, &[NO_QUORUM]),
+            vec![(Mode::Full, Mode::ReadOnly)]
+        );
         assert_eq!(m.health(), Health::Unhealthy);
-        assert_eq!(feed(&mut m, &[GONE, GONE, GONE]), vec![(Mode::ReadOnly, Mode::CacheOnly)]);
+        assert_eq!(
+            feed(&mut m, &[GONE, GONE, GONE]),
+            vec![(Mode::ReadOnly, Mode::CacheOnly)]
+        );
     }
 
     #[test]
     fn a_mixed_bad_streak_degrades_to_the_best_level_seen() {
         let mut m = full();
-        assert_eq!(feed(&mut m, &[GONE, NO_QUORUM, GONE]), vec![(Mode::Full, Mode::ReadOnly)]);
+        assert_eq!(
+            feed(&mut m, &[GONE, NO_QUORUM, GONE]),
+            vec![(Mode::Full, Mode::ReadOnly)]
+        );
     }
 
     #[test]
@@ -431,24 +517,39 @@ mod tests {
         assert_eq!(m.mode(), Mode::CacheOnly);
         // Quorum is back, but the watch is not: read-only at most.
         assert_eq!(feed(&mut m, &[QUORUM]), vec![]);
-        assert_eq!(feed(&mut m, &[QUORUM]), vec![(Mode::CacheOnly, Mode::ReadOnly)]);
+        assert_eq!(
+            feed(&mut m, &[QUORUM]),
+            vec![(Mode::CacheOnly, Mode::ReadOnly)]
+        );
         assert_eq!(feed(&mut m, &[QUORUM, QUORUM]), vec![]);
-        assert_eq!(feed(&mut m, &[Signal::WatchRunning]), vec![(Mode::ReadOnly, Mode::Full)]);
+        assert_eq!(
+            feed(&mut m, &[Signal::WatchRunning]),
+            vec![(Mode::ReadOnly, Mode::Full)]
+        );
     }
 
     #[test]
     fn a_streak_is_judged_against_the_mode_it_ends_in() {
         let mut m = full();
         feed(&mut m, &[Signal::WatchLost, GONE, GONE, GONE]);
-        assert_eq!(feed(&mut m, &[NO_QUORUM, NO_QUORUM]), vec![(Mode::CacheOnly, Mode::ReadOnly)]);
+        assert_eq!(
+            feed(&mut m, &[NO_QUORUM, NO_QUORUM]),
+            vec![(Mode::CacheOnly, Mode::ReadOnly)]
+        );
         feed(&mut m, &[Signal::WatchRunning]);
-        assert_eq!(feed(&mut m, &[QUORUM, QUORUM]), vec![(Mode::ReadOnly, Mode::Full)]);
+        assert_eq!(
+            feed(&mut m, &[QUORUM, QUORUM]),
+            vec![(Mode::ReadOnly, Mode::Full)]
+        );
     }
 
     #[test]
     fn a_resync_alone_does_not_recover() {
         let mut m = full();
-        feed(&mut m, &[Signal::WatchLost, NO_QUORUM, NO_QUORUM, NO_QUORUM]);
+        feed(
+            &mut m,
+            &[Signal::WatchLost, NO_QUORUM, NO_QUORUM, NO_QUORUM],
+        );
         assert_eq!(m.mode(), Mode::ReadOnly);
         assert_eq!(feed(&mut m, &[Signal::WatchRunning]), vec![]);
         assert_eq!(feed(&mut m, &[QUORUM]), vec![]);
@@ -472,7 +573,10 @@ mod tests {
         assert_eq!(feed(&mut m, &[GONE, GONE, GONE, GONE]), vec![]);
         feed(&mut m, &[QUORUM, QUORUM]);
         assert_eq!(m.mode(), Mode::ReadOnly);
-        assert_eq!(feed(&mut m, &[Signal::WatchRunning]), vec![(Mode::ReadOnly, Mode::Full)]);
+        assert_eq!(
+            feed(&mut m, &[Signal::WatchRunning]),
+            vec![(Mode::ReadOnly, Mode::Full)]
+        );
     }
 
     #[test]
@@ -481,7 +585,11 @@ mod tests {
         for i in 0..25u64 {
             h.publish(&Transition {
                 from: Mode::Full,
-                to: if i % 2 == 0 { Mode::ReadOnly } else { Mode::Full },
+                to: if i % 2 == 0 {
+                    Mode::ReadOnly
+                } else {
+                    Mode::Full
+                },
                 reason: format!("{i}"),
                 at_unix_ms: i,
             });

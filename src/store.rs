@@ -106,6 +106,9 @@ pub struct Snapshot {
     pub revision: i64,
     /// Whether a complete load has happened; before it, "absent" means "unknown", not "missing".
     pub loaded: bool,
+    /// The etcd cluster the data came from (0: unknown); a snapshot from another cluster is
+    /// replaced wholesale.
+    pub cluster_id: u64,
     /// Key → entry, ordered by key bytes.
     pub entries: OrdMap<Bytes, Arc<Entry>>,
     /// Sum of key and value bytes, kept incrementally for status and memory budgets.
@@ -121,6 +124,7 @@ impl Snapshot {
         Snapshot {
             revision: 0,
             loaded: false,
+            cluster_id: 0,
             entries: OrdMap::new(),
             bytes: 0,
             revision_header: HeaderValue::from_static("0"),
@@ -227,9 +231,27 @@ impl Store {
     /// difference from what was served before (keys gone become deletions). The old snapshot keeps
     /// serving until the new one is swapped in, so readers never see an empty or partial mirror.
     pub fn replace(&self, revision: i64, entries: Vec<Entry>) -> Result<Vec<Change>, StoreError> {
+        self.replace_from(self.cluster_id(), revision, entries)
+    }
+
+    /// The cluster the mirror's data came from (0: unknown).
+    pub fn cluster_id(&self) -> u64 {
+        self.current.load().cluster_id
+    }
+
+    /// [`Store::replace`] with data from cluster `cluster_id`. Data from another cluster than the
+    /// one served replaces it wholesale even at a lower revision: revisions of two clusters are
+    /// unrelated.
+    pub fn replace_from(
+        &self,
+        cluster_id: u64,
+        revision: i64,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<Change>, StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
-        if old.loaded && revision < old.revision {
+        let same_cluster = old.cluster_id == 0 || cluster_id == 0 || old.cluster_id == cluster_id;
+        if old.loaded && same_cluster && revision < old.revision {
             return Err(StoreError::RevisionWentBack {
                 offered: revision,
                 current: old.revision,
@@ -258,13 +280,23 @@ impl Store {
                 });
             }
         }
+        let revision = if same_cluster {
+            revision.max(old.revision)
+        } else {
+            revision
+        };
         let next = Snapshot {
             loaded: true,
+            cluster_id: if cluster_id != 0 {
+                cluster_id
+            } else {
+                old.cluster_id
+            },
             entries: map,
             bytes,
             ..Snapshot::empty()
         }
-        .publishable(revision.max(old.revision));
+        .publishable(revision);
         self.publish(next);
         Ok(changes)
     }

@@ -24,6 +24,7 @@ use tokio::time::{sleep, timeout, Instant};
 use crate::config::SyncConfig;
 use crate::etcd::{EndpointPool, MAX_DECODE_BYTES};
 use crate::keys::prefix_range_end;
+use crate::mode::{ModeHandle, Signal};
 use crate::store::{Entry, Event, Store};
 
 /// Where the sync task is in its cycle.
@@ -39,6 +40,9 @@ pub enum SyncState {
     /// The last attempt failed; waiting to retry.
     Reconnecting,
 }
+
+/// Longest time between progress requests on an idle watch.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// What the sync task publishes about itself.
 #[derive(Debug, Clone, Serialize)]
@@ -151,6 +155,10 @@ pub struct WatchTask {
     request_timeout: Duration,
     /// Published progress.
     status: watch::Sender<SyncStatus>,
+    /// Where freshness is confirmed: every message on a live watch (which requires a leader).
+    mode: Arc<ModeHandle>,
+    /// Tells the mode machine about loads and the watch starting and stopping.
+    signals: tokio::sync::mpsc::Sender<Signal>,
 }
 
 impl WatchTask {
@@ -160,6 +168,8 @@ impl WatchTask {
         store: Arc<Store>,
         config: SyncConfig,
         request_timeout: Duration,
+        mode: Arc<ModeHandle>,
+        signals: tokio::sync::mpsc::Sender<Signal>,
     ) -> Self {
         let (status, _) = watch::channel(SyncStatus::default());
         WatchTask {
@@ -168,7 +178,14 @@ impl WatchTask {
             config,
             request_timeout,
             status,
+            mode,
+            signals,
         }
+    }
+
+    async fn signal(&self, signal: Signal) {
+        // The mode task lives as long as the sidecar; if it is gone we are shutting down.
+        let _ = self.signals.send(signal).await;
     }
 
     /// A receiver of the task's status.
@@ -180,7 +197,10 @@ impl WatchTask {
     pub async fn run(self) {
         let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
         let mut previous: Option<usize> = None;
-        let mut must_load = true;
+        // A mirror restored from the disk snapshot resumes its watch without a reload, once etcd
+        // has shown it is the same cluster.
+        let mut must_load = !self.store.is_loaded();
+        let mut cluster_checked = must_load;
         loop {
             let chosen = match self.pool.choose(previous).await {
                 Ok(c) => c,
@@ -193,8 +213,14 @@ impl WatchTask {
             self.status
                 .send_modify(|s| s.endpoint = Some(chosen.url.clone()));
             let err = self
-                .session(chosen.client, chosen.index, &mut must_load, &mut backoff)
+                .session(
+                    chosen.client,
+                    chosen.index,
+                    (&mut must_load, &mut cluster_checked),
+                    &mut backoff,
+                )
                 .await;
+            self.signal(Signal::WatchLost).await;
             let compacted = matches!(err, SessionError::Compacted { .. });
             if compacted {
                 // Not the endpoint's fault: reload right away from the same member.
@@ -224,14 +250,47 @@ impl WatchTask {
         &self,
         mut client: Client,
         index: usize,
-        must_load: &mut bool,
+        (must_load, cluster_checked): (&mut bool, &mut bool),
         backoff: &mut Backoff,
     ) -> SessionError {
+        if !*cluster_checked {
+            let probe = GetOptions::new().with_count_only();
+            let response = match timeout(self.request_timeout, client.get("/", Some(probe))).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return e.into(),
+                Err(_) => return SessionError::Timeout("cluster check"),
+            };
+            let cluster = response
+                .header()
+                .map(|h| h.cluster_id())
+                .unwrap_or_default();
+            let current = response.header().map(|h| h.revision()).unwrap_or_default();
+            if cluster != self.store.cluster_id() {
+                tracing::warn!(
+                    snapshot_cluster = self.store.cluster_id(),
+                    etcd_cluster = cluster,
+                    "the snapshot is from another etcd cluster; replacing it wholesale"
+                );
+                *must_load = true;
+            } else if current < self.store.revision() {
+                tracing::warn!(
+                    snapshot_revision = self.store.revision(),
+                    etcd_revision = current,
+                    "etcd is behind the snapshot (restored from an older backup?); keeping the snapshot's data until etcd catches up"
+                );
+                return SessionError::Cancelled("etcd revision is behind the mirror".into());
+            }
+            *cluster_checked = true;
+        }
         if *must_load || !self.store.is_loaded() {
             self.status.send_modify(|s| s.state = SyncState::Loading);
+            let started = SystemTime::now();
             if let Err(e) = self.full_load(&mut client).await {
                 return e;
             }
+            // The load began with a linearizable read: the mirror was current as of then.
+            self.mode.confirm(started);
+            self.signal(Signal::LoadedFromEtcd).await;
             *must_load = false;
             self.pool.succeeded(index);
             backoff.reset();
@@ -249,6 +308,7 @@ impl WatchTask {
             .kv_client()
             .max_decoding_message_size(MAX_DECODE_BYTES);
         let mut revision = 0i64;
+        let mut cluster = 0u64;
         let mut entries = Vec::new();
         for prefix in self.config.prefixes.as_slice() {
             let end = prefix_range_end(prefix.as_bytes()).unwrap_or_else(|| vec![0]);
@@ -265,6 +325,7 @@ impl WatchTask {
                     .map_err(|_| SessionError::Timeout("range read"))??;
                 if revision == 0 {
                     revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+                    cluster = resp.header().map(|h| h.cluster_id()).unwrap_or_default();
                 }
                 let more = resp.more();
                 let kvs = resp.take_kvs();
@@ -290,7 +351,7 @@ impl WatchTask {
             }
         }
         let count = entries.len();
-        let changes = self.store.replace(revision, entries)?;
+        let changes = self.store.replace_from(cluster, revision, entries)?;
         tracing::info!(
             revision,
             keys = count,
@@ -323,7 +384,8 @@ impl WatchTask {
             .map_err(|_| SessionError::Timeout("opening the watch"))??;
 
         let deadline = self.config.watch_deadline;
-        let mut ask_progress = tokio::time::interval(deadline / 3);
+        // Asking often keeps the staleness of a quiet mirror near zero; answers are tiny.
+        let mut ask_progress = tokio::time::interval((deadline / 3).min(PROGRESS_EVERY));
         ask_progress.tick().await;
         let silence = sleep(deadline);
         let mut silence = pin!(silence);
@@ -332,7 +394,10 @@ impl WatchTask {
                 message = stream.message() => {
                     let response = message?.ok_or(SessionError::Closed)?;
                     silence.as_mut().reset(Instant::now() + deadline);
-                    self.handle(response, from, index, backoff)?;
+                    let created = self.handle(response, from, index, backoff)?;
+                    if created {
+                        self.signal(Signal::WatchRunning).await;
+                    }
                 }
                 _ = ask_progress.tick() => {
                     stream.request_progress().await?;
@@ -342,13 +407,14 @@ impl WatchTask {
         }
     }
 
+    /// Applies one response; returns whether it was the watch's creation.
     fn handle(
         &self,
         response: WatchResponse,
         from: i64,
         index: usize,
         backoff: &mut Backoff,
-    ) -> Result<(), SessionError> {
+    ) -> Result<bool, SessionError> {
         let now = SystemTime::now();
         if response.canceled() {
             let compact = response.compact_revision();
@@ -371,13 +437,20 @@ impl WatchTask {
                 s.last_error = None;
             });
         }
+        let created = response.created();
+        if !created {
+            // An event or a progress answer on a stream that requires a leader: the mirror is as
+            // current as that member. (The creation itself may precede a backlog, so it does not
+            // count.)
+            self.mode.confirm(now);
+        }
         let events = response.events();
         if events.is_empty() {
             // Created, or a progress notification: liveness only. The revision in a progress
             // notification is not trusted to advance the mirror (etcd #15220: before 3.4.25 it
             // can run ahead of events not yet delivered).
             self.status.send_modify(|s| s.last_heard_at = Some(now));
-            return Ok(());
+            return Ok(created);
         }
         let mut revision = 0;
         let mut batch = Vec::with_capacity(events.len());
@@ -409,7 +482,7 @@ impl WatchTask {
             s.last_event_at = Some(now);
             s.last_heard_at = Some(now);
         });
-        Ok(())
+        Ok(created)
     }
 }
 

@@ -86,15 +86,30 @@ async fn bad_input_gets_a_json_4xx_and_serving_goes_on() {
         (414, "uri_too_long")
     );
 
-    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+    for (method, status, code) in [
+        ("POST", 405, "method_not_allowed"),
+        ("PATCH", 405, "method_not_allowed"),
+        ("TRACE", 405, "method_not_allowed"),
+        // Writes exist, but this sidecar was not started with --allow-writes.
+        ("PUT", 403, "writes_disabled"),
+        ("DELETE", 403, "writes_disabled"),
+    ] {
         let req = format!(
             "{method} /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
-        let (status, body) = raw(addr, req.as_bytes()).await;
-        assert_eq!(status, 405, "{method}");
+        let (got, body) = raw(addr, req.as_bytes()).await;
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(body["error"], "method_not_allowed");
+        assert_eq!(
+            (got, body["error"].as_str().unwrap()),
+            (status, code),
+            "{method}"
+        );
     }
+    let (status, body) = get(addr, "/v1/kv/cfg/ok?max_stale=soon").await;
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (400, "bad_query")
+    );
 
     // A raw non-UTF-8 byte in the request line is refused by the HTTP parser itself.
     let (status, _) = raw(

@@ -1,0 +1,211 @@
+//! Health probes: every interval, each etcd member is asked three things at once, each with a
+//! short timeout: its status (leader, raft term and index, version), a serializable read
+//! (reachability) and a linearizable read (quorum). The round's verdict goes to the mode machine
+//! as an [`Observation`]; each member's answer is kept for `/v1/status`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use etcd_client::GetOptions;
+use futures_util::future::join_all;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, MissedTickBehavior};
+
+use crate::etcd::EndpointPool;
+use crate::mode::{unix_ms, Observation, Signal};
+
+/// Key the reads ask for; its value is irrelevant (count only), the answer's success is the point.
+const PROBE_KEY: &str = "/__config_sidecar_probe";
+
+/// What one member answered in the last round.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct MemberProbe {
+    /// The endpoint.
+    pub url: String,
+    /// Status or serializable read answered.
+    pub reachable: bool,
+    /// Linearizable read answered (the member is in a quorum with a leader).
+    pub quorum: bool,
+    /// Leader's member id as this member sees it (0: none).
+    pub leader: u64,
+    /// This member's id.
+    pub member_id: u64,
+    /// Raft term.
+    pub raft_term: u64,
+    /// Raft index.
+    pub raft_index: u64,
+    /// etcd version.
+    pub version: String,
+    /// Time the slowest of the three checks took, in milliseconds.
+    pub latency_ms: f64,
+    /// The first error, if any check failed.
+    pub error: Option<String>,
+    /// When the round ran (Unix ms).
+    pub at_unix_ms: u64,
+}
+
+/// The probe results shared with the HTTP side.
+pub type ProbeResults = Arc<Mutex<Vec<MemberProbe>>>;
+
+/// The periodic prober.
+pub struct ProbeTask {
+    /// Members.
+    pool: Arc<EndpointPool>,
+    /// Time between rounds.
+    interval: Duration,
+    /// Timeout of each check.
+    timeout: Duration,
+    /// Where verdicts go.
+    signals: mpsc::Sender<Signal>,
+    /// Last answers per member.
+    results: ProbeResults,
+}
+
+impl ProbeTask {
+    /// A prober over `pool`.
+    pub fn new(
+        pool: Arc<EndpointPool>,
+        interval: Duration,
+        timeout: Duration,
+        signals: mpsc::Sender<Signal>,
+    ) -> Self {
+        let results = (0..pool.len())
+            .map(|i| MemberProbe {
+                url: pool.url(i),
+                ..MemberProbe::default()
+            })
+            .collect();
+        ProbeTask {
+            pool,
+            interval,
+            timeout,
+            signals,
+            results: Arc::new(Mutex::new(results)),
+        }
+    }
+
+    /// The shared results.
+    pub fn results(&self) -> ProbeResults {
+        self.results.clone()
+    }
+
+    /// Probes forever.
+    pub async fn run(self) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let round = join_all((0..self.pool.len()).map(|i| self.probe(i))).await;
+            let observation = verdict(&round);
+            *self.results.lock().unwrap_or_else(|e| e.into_inner()) = round;
+            if self.signals.send(Signal::Probe(observation)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn probe(&self, index: usize) -> MemberProbe {
+        let started = Instant::now();
+        let mut answer = MemberProbe {
+            url: self.pool.url(index),
+            at_unix_ms: unix_ms(SystemTime::now()),
+            ..MemberProbe::default()
+        };
+        let client = match self.pool.probe_client(index).await {
+            Ok(c) => c,
+            Err(e) => {
+                answer.error = Some(e.to_string());
+                return answer;
+            }
+        };
+        let (mut c1, mut c2, mut c3) = (client.clone(), client.clone(), client);
+        let limit = self.timeout;
+        let (status, serializable, linearizable) = tokio::join!(
+            timeout(limit, c1.status()),
+            timeout(
+                limit,
+                c2.get(
+                    PROBE_KEY,
+                    Some(GetOptions::new().with_serializable().with_count_only())
+                )
+            ),
+            timeout(
+                limit,
+                c3.get(PROBE_KEY, Some(GetOptions::new().with_count_only()))
+            ),
+        );
+        let mut note = |e: String| {
+            if answer.error.is_none() {
+                answer.error = Some(e);
+            }
+        };
+        match status {
+            Ok(Ok(s)) => {
+                answer.reachable = true;
+                answer.leader = s.leader();
+                answer.raft_term = s.raft_term();
+                answer.raft_index = s.raft_index();
+                answer.version = s.version().to_string();
+                answer.member_id = s.header().map(|h| h.member_id()).unwrap_or_default();
+            }
+            Ok(Err(e)) => note(format!("status: {e}")),
+            Err(_) => note("status: timed out".into()),
+        }
+        match serializable {
+            Ok(Ok(_)) => answer.reachable = true,
+            Ok(Err(e)) => note(format!("serializable read: {e}")),
+            Err(_) => note("serializable read: timed out".into()),
+        }
+        match linearizable {
+            Ok(Ok(_)) => answer.quorum = true,
+            Ok(Err(e)) => note(format!("linearizable read: {e}")),
+            Err(_) => note("linearizable read: timed out".into()),
+        }
+        answer.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        answer
+    }
+}
+
+/// One round's verdict: quorum if any member served a linearizable read.
+pub fn verdict(round: &[MemberProbe]) -> Observation {
+    if round.iter().any(|m| m.quorum) {
+        Observation::Quorum {
+            all_members: round.iter().all(|m| m.quorum),
+        }
+    } else if round.iter().any(|m| m.reachable) {
+        Observation::NoQuorum
+    } else {
+        Observation::Unreachable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(reachable: bool, quorum: bool) -> MemberProbe {
+        MemberProbe {
+            reachable,
+            quorum,
+            ..MemberProbe::default()
+        }
+    }
+
+    #[test]
+    fn verdict_reads_the_round() {
+        assert_eq!(
+            verdict(&[member(true, true), member(true, true)]),
+            Observation::Quorum { all_members: true }
+        );
+        assert_eq!(
+            verdict(&[member(true, true), member(false, false)]),
+            Observation::Quorum { all_members: false }
+        );
+        assert_eq!(
+            verdict(&[member(true, false), member(false, false)]),
+            Observation::NoQuorum
+        );
+        assert_eq!(verdict(&[member(false, false)]), Observation::Unreachable);
+    }
+}

@@ -1,0 +1,118 @@
+//! Writes through the sidecar to etcd: a plain put or delete, or a compare-and-swap as one etcd
+//! transaction, so that a write is either wholly applied or not at all. Errors say whether etcd
+//! refused the write (`not_applied`) or the answer was lost (`unknown`).
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse};
+use tokio::time::timeout;
+
+use crate::error::ApiError;
+
+/// What to write.
+#[derive(Debug)]
+pub enum WriteOp {
+    /// Set `key` to `value`.
+    Put {
+        /// Key.
+        key: String,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Remove `key`, or every key starting with it when `prefix`.
+    Delete {
+        /// Key or prefix.
+        key: String,
+        /// Whether `key` is a prefix.
+        prefix: bool,
+    },
+}
+
+/// What etcd did.
+#[derive(Debug)]
+pub struct WriteResult {
+    /// The revision of the write (the cluster's revision after it).
+    pub revision: i64,
+    /// Keys deleted, for deletes.
+    pub deleted: i64,
+}
+
+fn failed(error: etcd_client::Error) -> ApiError {
+    let message = error.to_string();
+    // etcd refused it outright (no leader, permission, too large...) unless it says the request
+    // timed out or the connection broke, in which case it may have been applied.
+    let unknown = matches!(
+        error,
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)
+    ) || message.contains("timed out")
+        || message.contains("transport")
+        || message.contains("connection");
+    ApiError::WriteFailed {
+        outcome: if unknown { "unknown" } else { "not_applied" },
+        message,
+    }
+}
+
+/// Applies `op` on `client`; with `expected_mod_revision`, only if the key's mod_revision is that
+/// (0: the key must not exist), else `PreconditionFailed`.
+pub async fn apply(
+    client: &mut Client,
+    op: WriteOp,
+    expected_mod_revision: Option<i64>,
+    deadline: Duration,
+) -> Result<WriteResult, ApiError> {
+    let key = match &op {
+        WriteOp::Put { key, .. } | WriteOp::Delete { key, .. } => key.clone(),
+    };
+    let then = match op {
+        WriteOp::Put { key, value } => TxnOp::put(key, value, None),
+        WriteOp::Delete { key, prefix } => {
+            TxnOp::delete(key, prefix.then(|| DeleteOptions::new().with_prefix()))
+        }
+    };
+    let txn = match expected_mod_revision {
+        None => Txn::new().and_then(vec![then]),
+        Some(expected) => Txn::new()
+            .when(vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected,
+            )])
+            .and_then(vec![then])
+            .or_else(vec![TxnOp::get(key.clone(), None)]),
+    };
+    let response = match timeout(deadline, client.txn(txn)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(failed(e)),
+        Err(_) => {
+            return Err(ApiError::WriteFailed {
+                outcome: "unknown",
+                message: format!("etcd did not answer within {deadline:?}"),
+            })
+        }
+    };
+    let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+    let ops = response.op_responses();
+    if !response.succeeded() {
+        let current = ops
+            .iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Get(g) => Some(g.kvs().first().map_or(0, |kv| kv.mod_revision())),
+                _ => None,
+            })
+            .unwrap_or_default();
+        return Err(ApiError::PreconditionFailed {
+            key,
+            expected: expected_mod_revision.unwrap_or_default(),
+            current,
+        });
+    }
+    let deleted = ops
+        .iter()
+        .map(|op| match op {
+            TxnOpResponse::Delete(d) => d.deleted(),
+            _ => 0,
+        })
+        .sum();
+    Ok(WriteResult { revision, deleted })
+}
