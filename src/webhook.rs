@@ -79,3 +79,81 @@ impl WebhookTask {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mode::Mode;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use axum::{Json, Router};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    fn transition(i: u64) -> Transition {
+        Transition {
+            from: Mode::Full,
+            to: Mode::ReadOnly,
+            reason: format!("t{i}"),
+            at_unix_ms: i,
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_a_failing_webhook_and_keeps_order() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let (c, g) = (calls.clone(), got.clone());
+        let app = Router::new().route(
+            "/",
+            post(move |Json(t): Json<serde_json::Value>| {
+                let (c, g) = (c.clone(), g.clone());
+                async move {
+                    // The first two attempts fail: the sender must retry, not skip.
+                    if c.fetch_add(1, Ordering::SeqCst) < 2 {
+                        return StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    g.lock()
+                        .unwrap()
+                        .push(t["reason"].as_str().unwrap().to_string());
+                    StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let (task, tx) = WebhookTask::new(url, Duration::from_millis(5));
+        let running = tokio::spawn(task.run());
+        for i in 0..3 {
+            tx.try_send(transition(i)).unwrap();
+        }
+        drop(tx);
+        running.await.unwrap();
+        assert_eq!(*got.lock().unwrap(), ["t0", "t1", "t2"]);
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn a_dead_webhook_never_blocks_the_sender() {
+        // Nothing listens here; the queue still accepts without waiting until it is full.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (task, tx) =
+            WebhookTask::new(format!("http://127.0.0.1:{port}/"), Duration::from_secs(60));
+        let running = tokio::spawn(task.run());
+        let accepted = (0..WEBHOOK_QUEUE as u64 * 2)
+            .filter(|i| tx.try_send(transition(*i)).is_ok())
+            .count();
+        assert!(accepted >= WEBHOOK_QUEUE, "accepted {accepted}");
+        assert!(
+            accepted <= WEBHOOK_QUEUE + 1,
+            "bounded: accepted {accepted}"
+        );
+        running.abort();
+    }
+}

@@ -1,0 +1,171 @@
+//! The disk snapshot through the real binary: a corrupt, truncated or foreign snapshot is ignored
+//! with a log line and never served in part; a good one is served at once, with readiness waiting
+//! for etcd only when asked to.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::eventually;
+use config_sidecar::persist;
+use config_sidecar::store::{Entry, Store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_config-sidecar");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A good snapshot of `/snap/` with one key.
+fn good_snapshot(prefixes: &[&str]) -> Vec<u8> {
+    let store = Store::new();
+    let entry = Entry::new(
+        Bytes::from_static(b"/snap/k"),
+        Bytes::from_static(b"from disk"),
+        5,
+        9,
+        2,
+    );
+    store.replace_from(42, 10, vec![entry]).unwrap();
+    let prefixes: Vec<String> = prefixes.iter().map(|p| p.to_string()).collect();
+    persist::encode(&store.snapshot(), &prefixes, 1)
+}
+
+/// Starts the binary on a free port against an etcd endpoint where nothing listens.
+fn start(snapshot: &Path, extra: &[&str]) -> (Child, String) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let child = Command::new(BIN)
+        .args([
+            "--listen",
+            &listen,
+            "--endpoints",
+            &dead,
+            "--prefix",
+            "/snap/",
+        ])
+        .arg("--snapshot")
+        .arg(snapshot)
+        .args(extra)
+        .env_remove("CONFIG_SIDECAR_PREFIXES")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, format!("http://{listen}"))
+}
+
+/// SIGTERMs the child and returns its stderr.
+fn stop(mut child: Child) -> String {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+async fn status_of(http: &reqwest::Client, url: String) -> Option<u16> {
+    http.get(url).send().await.ok().map(|r| r.status().as_u16())
+}
+
+async fn wait_status(http: &reqwest::Client, url: String, want: u16, what: &str) {
+    eventually(Duration::from_secs(10), what, || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { status_of(&http, url).await == Some(want) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_snapshots_are_ignored_with_a_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = good_snapshot(&["/snap/"]);
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x10;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("garbage", b"not a snapshot at all".to_vec(), "bad magic"),
+        ("truncated", good[..good.len() - 7].to_vec(), "checksum"),
+        ("bit-flipped", flipped, "checksum"),
+        ("foreign", good_snapshot(&["/other/"]), "mirrors"),
+    ];
+    let http = reqwest::Client::new();
+    for (name, bytes, reason) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let (child, base) = start(&path, &[]);
+        wait_status(&http, format!("{base}/healthz"), 200, "binary answers").await;
+        // Nothing was loaded: unknown, not missing, and not ready.
+        assert_eq!(
+            status_of(&http, format!("{base}/v1/kv/snap/k")).await,
+            Some(503),
+            "{name}"
+        );
+        assert_eq!(
+            status_of(&http, format!("{base}/readyz")).await,
+            Some(503),
+            "{name}"
+        );
+        let stderr = stop(child);
+        assert!(
+            stderr.contains("snapshot ignored") && stderr.contains(reason),
+            "{name}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_snapshot_is_served_at_once_and_readiness_can_wait_for_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mirror.snap");
+    std::fs::write(&path, good_snapshot(&["/snap/"])).unwrap();
+    let http = reqwest::Client::new();
+
+    let (child, base) = start(&path, &[]);
+    wait_status(
+        &http,
+        format!("{base}/readyz"),
+        200,
+        "ready on the snapshot",
+    )
+    .await;
+    let r = http
+        .get(format!("{base}/v1/kv/snap/k"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-config-mode"], "cache-only");
+    assert_eq!(r.headers()["x-config-revision"], "10");
+    assert_eq!(r.headers()["etag"], "\"9\"");
+    assert!(
+        r.headers()["x-config-stale-ms"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 1000
+    );
+    assert_eq!(r.text().await.unwrap(), "from disk");
+    stop(child);
+
+    let (child, base) = start(&path, &["--ready-requires-etcd"]);
+    wait_status(
+        &http,
+        format!("{base}/v1/kv/snap/k"),
+        200,
+        "serving the snapshot",
+    )
+    .await;
+    assert_eq!(status_of(&http, format!("{base}/readyz")).await, Some(503));
+    stop(child);
+}
