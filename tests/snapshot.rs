@@ -65,7 +65,7 @@ fn start(snapshot: &Path, extra: &[&str]) -> (Child, String) {
 }
 
 /// SIGTERMs the child and returns its stderr.
-fn stop(mut child: Child) -> String {
+fn stop(child: Child) -> String {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
