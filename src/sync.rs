@@ -24,7 +24,7 @@ use tokio::time::{sleep, timeout, Instant};
 use crate::config::SyncConfig;
 use crate::etcd::{EndpointPool, MAX_DECODE_BYTES};
 use crate::keys::prefix_range_end;
-use crate::mode::{ModeHandle, Signal};
+use crate::mode::{ModeHandle, Observation, Signal};
 use crate::store::{Entry, Event, Store};
 
 /// Where the sync task is in its cycle.
@@ -221,6 +221,10 @@ impl WatchTask {
                 )
                 .await;
             self.signal(Signal::WatchLost).await;
+            if err.to_string().contains("no leader") {
+                // The member says there is no leader: evidence for the mode machine, like a probe.
+                self.signal(Signal::Probe(Observation::NoQuorum)).await;
+            }
             let compacted = matches!(err, SessionError::Compacted { .. });
             if compacted {
                 // Not the endpoint's fault: reload right away from the same member.

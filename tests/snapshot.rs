@@ -169,3 +169,48 @@ async fn a_good_snapshot_is_served_at_once_and_readiness_can_wait_for_etcd() {
     assert_eq!(status_of(&http, format!("{base}/readyz")).await, Some(503));
     stop(child);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_from_another_cluster_is_replaced_wholesale() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mirror.snap");
+    let first = common::EtcdCluster::start(1).await;
+    let mut etcd = first.client().await;
+    for i in 0..30 {
+        etcd.put(format!("/snap/old{i}"), "a", None).await.unwrap();
+    }
+    let mut config = common::sidecar_config(&first.endpoints(), &["/snap/"]);
+    config.snapshot = Some(config_sidecar::config::SnapshotConfig {
+        path: path.clone(),
+        ready_requires_etcd: false,
+    });
+    let sidecar = common::start_sidecar(config.clone()).await;
+    let old_revision: i64 = sidecar.get("/v1/kv/snap/old0").await.headers()["x-config-revision"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    sidecar.stop().await;
+    drop(first);
+
+    // A new cluster, with a lower revision and other keys.
+    let second = common::EtcdCluster::start(1).await;
+    let mut etcd = second.client().await;
+    etcd.put("/snap/new", "b", None).await.unwrap();
+    config.etcd.endpoints = second.endpoints();
+    let sidecar = common::start_sidecar(config).await;
+    let expected = common::etcd_prefix(&mut etcd, "/snap/").await;
+    eventually(
+        Duration::from_secs(10),
+        "mirror equals the new cluster",
+        || async { common::sidecar_prefix(&sidecar, "/snap/").await.as_ref() == Some(&expected) },
+    )
+    .await;
+    let status = sidecar.json("/v1/status").await;
+    assert!(
+        status["revision"].as_i64().unwrap() < old_revision,
+        "{status}"
+    );
+    assert_eq!(status["sync"]["full_loads"], 1);
+    sidecar.stop().await;
+}
