@@ -117,7 +117,8 @@ impl EtcdCluster {
                 "--initial-cluster-token",
                 "cs-test",
             ])
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            // etcd's defaults: shorter timeouts cause spurious elections when the test machine is busy.
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .args(["--logger", "zap", "--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -243,6 +244,18 @@ impl EtcdCluster {
 
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The test failed: show what etcd said, since the temp dir goes away with us.
+            for m in &self.members {
+                let log = self.dir.path().join(format!("{}.log", m.name));
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                eprintln!("--- etcd {} (last lines) ---", m.name);
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
         for m in &mut self.members {
             if let Some(mut child) = m.child.take() {
                 let _ = child.kill();
