@@ -11,16 +11,17 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
+use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use bytes::Bytes;
 use etcd_client::GetOptions;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use serde_json::json;
 use tokio::sync::watch;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
@@ -29,6 +30,7 @@ use crate::error::ApiError;
 use crate::etcd::EndpointPool;
 use crate::keys::{decode_key_path, Prefixes};
 use crate::mode::{Mode, ModeHandle};
+use crate::notify::{event_stream, wait_for_change, Scope, DEFAULT_WAIT, HEARTBEAT, MAX_WAIT};
 use crate::probe::ProbeResults;
 use crate::render::{RenderCache, View};
 use crate::store::{Snapshot, Store};
@@ -45,6 +47,8 @@ pub const MAX_BODY_BYTES: usize = 1536 * 1024;
 pub const REVISION_HEADER: &str = "x-config-revision";
 /// Header: the mode the sidecar was in when it answered.
 pub const MODE_HEADER: &str = "x-config-mode";
+/// Header: the index to pass to the next blocking query (`?index=`).
+pub const INDEX_HEADER: &str = "x-config-index";
 /// Header: milliseconds since the mirror was last confirmed current.
 pub const STALE_HEADER: &str = "x-config-stale-ms";
 
@@ -135,10 +139,9 @@ pub fn app(state: AppState, request_timeout: Duration) -> Router {
                 ),
         )
         .layer(middleware::from_fn(reject_overlong_uri))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            request_timeout,
-        ))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            deadline(req, next, request_timeout)
+        }))
         // Applies to every extractor that reads a body; writes read theirs with the same bound.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
 
@@ -149,6 +152,9 @@ pub fn app(state: AppState, request_timeout: Duration) -> Router {
         .route("/v1/tree", get(tree_get))
         .route("/v1/tree/", get(tree_get))
         .route("/v1/tree/{*prefix}", get(tree_get))
+        .route("/v1/watch", get(watch))
+        .route("/v1/watch/", get(watch))
+        .route("/v1/watch/{*prefix}", get(watch))
         .route("/v1/status", get(status))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -167,6 +173,26 @@ async fn reject_overlong_uri(request: Request, next: Next) -> Response {
         return ApiError::UriTooLong(MAX_URI_BYTES).into_response();
     }
     next.run(request).await
+}
+
+/// Whether a request is meant to stay open: a blocking query or a change stream.
+fn is_long_lived(uri: &Uri) -> bool {
+    uri.path().starts_with("/v1/watch")
+        || uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.starts_with("index=")))
+}
+
+/// Bounds every request's handling time, except blocking queries (bounded by their own `wait`)
+/// and streams (open until the client leaves).
+async fn deadline(request: Request, next: Next, limit: Duration) -> Response {
+    if is_long_lived(request.uri()) {
+        return next.run(request).await;
+    }
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
 }
 
 async fn unknown_route(uri: Uri) -> ApiError {
@@ -188,6 +214,12 @@ struct Query {
     consistent: bool,
     /// `?cas=<mod_revision>`: compare-and-swap for writes (like `If-Match`).
     cas: Option<i64>,
+    /// `?index=<revision>`: a blocking query: answer once the key or prefix changes after it.
+    index: Option<i64>,
+    /// `?wait=<duration>`: how long a blocking query may wait (capped at `MAX_WAIT`).
+    wait: Option<Duration>,
+    /// `?since=<revision>`: where a change stream resumes (like `Last-Event-ID`).
+    since: Option<i64>,
 }
 
 fn flag(name: &str, value: &str) -> Result<bool, ApiError> {
@@ -221,6 +253,16 @@ fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
                 q.max_stale = Some(d);
             }
             "cas" => q.cas = Some(parse_revision("cas", value)?),
+            "index" => q.index = Some(parse_revision("index", value)?),
+            "since" => q.since = Some(parse_revision("since", value)?),
+            "wait" => {
+                let d = humantime::parse_duration(value).map_err(|_| {
+                    ApiError::BadQuery(format!(
+                        "wait={value:?}: expected a duration such as 30s or 5m"
+                    ))
+                })?;
+                q.wait = Some(d.min(MAX_WAIT));
+            }
             _ => {}
         }
     }
@@ -260,9 +302,18 @@ async fn readable_snapshot(
     query: &Query,
     key: &str,
 ) -> Result<Arc<Snapshot>, ApiError> {
-    let snapshot = state.store.snapshot();
+    let mut snapshot = state.store.snapshot();
     if !snapshot.loaded {
         return Err(ApiError::NotReady);
+    }
+    if let Some(index) = query.index {
+        let scope = if query.recurse {
+            Scope::Prefix(Bytes::copy_from_slice(key.as_bytes()))
+        } else {
+            Scope::Key(Bytes::copy_from_slice(key.as_bytes()))
+        };
+        let wait = query.wait.unwrap_or(DEFAULT_WAIT);
+        snapshot = wait_for_change(&state.store, &scope, index, wait).await;
     }
     if let Some(max) = query.max_stale {
         let stale = state.mode.staleness(SystemTime::now());
@@ -274,7 +325,7 @@ async fn readable_snapshot(
             });
         }
     }
-    if query.consistent {
+    if query.consistent && query.index.is_none() {
         return consistent_snapshot(state, key, query.recurse).await;
     }
     Ok(snapshot)
@@ -372,6 +423,7 @@ fn with_mirror_headers(mut response: Response, state: &AppState, snapshot: &Snap
     let stale = state.mode.staleness(SystemTime::now());
     let headers = response.headers_mut();
     headers.insert(REVISION_HEADER, snapshot.revision_header.clone());
+    headers.insert(INDEX_HEADER, snapshot.revision_header.clone());
     headers.insert(MODE_HEADER, state.mode.mode().header());
     if let Some(stale) = stale {
         headers.insert(STALE_HEADER, HeaderValue::from(stale.as_millis() as u64));
@@ -587,6 +639,42 @@ async fn kv_delete(
         cas,
     )
     .await
+}
+
+/// `GET /v1/watch/{prefix}`: a server-sent event stream of the changes under a prefix.
+async fn watch(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let query = parse_query(&uri)?;
+    let prefix = key_from_path(&uri, "/v1/watch")?;
+    ensure_mirrored(&state, &prefix)?;
+    let snapshot = state.store.snapshot();
+    if !snapshot.loaded {
+        return Err(ApiError::NotReady);
+    }
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(parse_revision(
+            "Last-Event-ID",
+            v.to_str()
+                .map_err(|_| ApiError::BadQuery("Last-Event-ID is not text".into()))?,
+        )?),
+    };
+    let since = last_event_id.or(query.since);
+    if let Some(since) = since {
+        if since > snapshot.revision {
+            return Err(ApiError::BadQuery(format!(
+                "since={since} is ahead of the mirror's revision {}",
+                snapshot.revision
+            )));
+        }
+    }
+    let scope = Scope::Prefix(Bytes::from(prefix.into_bytes()));
+    let stream = event_stream(state.store.clone(), &state.mode, scope, since);
+    let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("keep-alive"));
+    Ok(with_mirror_headers(sse.into_response(), &state, &snapshot))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -15,6 +15,7 @@
 //! - [`probe`]: periodic health probes of every member (status, serializable, linearizable).
 //! - [`persist`]: the disk snapshot (atomic write, checksum) and its debounced writer.
 //! - [`write`]: writes through to etcd as one transaction each (compare-and-swap included).
+//! - [`notify`]: blocking queries and server-sent event streams fed by the store's change sets.
 //! - [`webhook`]: posts mode transitions to an operator's URL without ever blocking.
 //! - [`error`]: the one mapping from errors to JSON HTTP responses.
 //! - [`http`]: routes, handlers and the middleware chain ([`http::app`]).
@@ -27,6 +28,7 @@ pub mod etcd;
 pub mod http;
 pub mod keys;
 pub mod mode;
+pub mod notify;
 pub mod persist;
 pub mod probe;
 pub mod render;

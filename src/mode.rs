@@ -6,8 +6,8 @@
 //! a mutex for the transition history shown in `/v1/status`.
 //!
 //! Rules:
-//! - `starting` until the mirror is loaded: from etcd (→ `full` once the watch runs) or from the
-//!   disk snapshot (→ `cache-only` until probes say more).
+//! - `starting` until the mirror is loaded: from etcd (→ `full`: the load began with a quorum
+//!   read) or from the disk snapshot (→ `cache-only` until probes say more).
 //! - Degrade after `degrade_after` consecutive probe rounds worse than the current mode, to the
 //!   best level seen in that streak.
 //! - Recover after `recover_after` consecutive rounds better than the current mode, to the worst
@@ -195,24 +195,14 @@ impl ModeMachine {
     /// Feeds one signal; returns the transition it caused, if any.
     pub fn on(&mut self, signal: Signal, now: SystemTime) -> Option<Transition> {
         let (target, reason) = match signal {
-            Signal::LoadedFromEtcd | Signal::WatchRunning if self.mode == Mode::Starting => {
-                if signal == Signal::LoadedFromEtcd {
-                    self.loaded = true;
-                } else {
-                    self.watching = true;
-                }
-                if !(self.loaded && self.watching) {
-                    return None;
-                }
-                // A complete linearizable load is itself proof of quorum.
-                (
-                    Mode::Full,
-                    "first complete load from etcd, watch running".to_string(),
-                )
-            }
             Signal::LoadedFromEtcd => {
                 self.loaded = true;
-                return None;
+                if self.mode != Mode::Starting {
+                    return None;
+                }
+                // A complete load starts with a linearizable read: proof of quorum, and the
+                // mirror is current as of it.
+                (Mode::Full, "first complete load from etcd".to_string())
             }
             Signal::LoadedFromSnapshot => {
                 self.loaded = true;
@@ -226,6 +216,9 @@ impl ModeMachine {
             }
             Signal::WatchRunning => {
                 self.watching = true;
+                if self.mode == Mode::Starting {
+                    return None;
+                }
                 self.recovery()?
             }
             Signal::WatchLost => {
@@ -336,11 +329,15 @@ pub struct ModeHandle {
     history: Mutex<(VecDeque<Transition>, u64)>,
     /// Current health.
     health: Mutex<Health>,
+    /// Each transition, for change streams (`event: mode`).
+    transitions_tx: tokio::sync::broadcast::Sender<Transition>,
 }
 
 impl Default for ModeHandle {
     fn default() -> Self {
+        let (transitions_tx, _) = tokio::sync::broadcast::channel(64);
         ModeHandle {
+            transitions_tx,
             mode: AtomicU8::new(Mode::Starting as u8),
             confirmed_at_ms: AtomicU64::new(0),
             history: Mutex::new((VecDeque::new(), 0)),
@@ -364,6 +361,14 @@ impl ModeHandle {
             h.0.pop_front();
         }
         h.1 += 1;
+        drop(h);
+        // No receivers is fine: no stream is open.
+        let _ = self.transitions_tx.send(transition.clone());
+    }
+
+    /// Follows the transitions from now on.
+    pub fn follow(&self) -> tokio::sync::broadcast::Receiver<Transition> {
+        self.transitions_tx.subscribe()
     }
 
     /// Publishes the health of the last probe round.
@@ -468,8 +473,12 @@ mod tests {
     fn full() -> ModeMachine {
         let mut m = ModeMachine::new(H);
         let now = SystemTime::now();
-        assert!(m.on(Signal::LoadedFromEtcd, now).is_none());
-        let t = m.on(Signal::WatchRunning, now).unwrap();
+        assert!(m.on(Signal::WatchRunning, now).is_none(), "no data yet");
+        assert!(
+            m.on(QUORUM, now).is_none(),
+            "probes do not move a sidecar with no data"
+        );
+        let t = m.on(Signal::LoadedFromEtcd, now).unwrap();
         assert_eq!((t.from, t.to), (Mode::Starting, Mode::Full));
         m
     }
@@ -563,6 +572,17 @@ mod tests {
         assert!(feed(&mut m, &[partial, partial, partial, partial]).is_empty());
         assert_eq!(m.mode(), Mode::Full);
         assert_eq!(m.health(), Health::Degraded);
+    }
+
+    #[test]
+    fn a_load_without_a_watch_still_follows_the_probes() {
+        let mut m = ModeMachine::new(H);
+        let t = m.on(Signal::LoadedFromEtcd, SystemTime::now()).unwrap();
+        assert_eq!(t.to, Mode::Full);
+        assert_eq!(
+            feed(&mut m, &[GONE, GONE, GONE]),
+            vec![(Mode::Full, Mode::CacheOnly)]
+        );
     }
 
     #[test]

@@ -71,7 +71,9 @@ fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
     }
 }
 
-fn list_item(entry: &Entry) -> Value {
+/// One entry as JSON: `{key, value, create_revision, mod_revision, version}`, with base64 and an
+/// `_encoding` marker for bytes that are not UTF-8.
+pub fn entry_json(entry: &Entry) -> Value {
     let mut obj = Map::new();
     put_bytes(&mut obj, "key", &entry.key);
     put_bytes(&mut obj, "value", &entry.value);
@@ -87,7 +89,7 @@ fn list_item(entry: &Entry) -> Value {
 pub fn render_list(snapshot: &Snapshot, prefix: &str) -> Bytes {
     let items: Vec<Value> = snapshot
         .scan_prefix(prefix.as_bytes())
-        .map(|e| list_item(e))
+        .map(|e| entry_json(e))
         .collect();
     Bytes::from(serde_json::to_vec(&Value::Array(items)).expect("JSON values serialise"))
 }

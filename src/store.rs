@@ -7,6 +7,7 @@
 //!
 //! Only the sync task writes; it is the single writer, which the `writer` mutex makes explicit.
 
+use std::collections::VecDeque;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -15,7 +16,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::HeaderValue;
 use imbl::OrdMap;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 /// One key as etcd last reported it.
 #[derive(Debug)]
@@ -180,14 +181,70 @@ pub enum StoreError {
     },
 }
 
-/// The shared store: the current snapshot plus a notification of each new revision.
+/// The changes one published snapshot made, as subscribers see them.
+#[derive(Debug)]
+pub struct ChangeSet {
+    /// The snapshot revision they lead to.
+    pub revision: i64,
+    /// What changed, deletions included.
+    pub changes: Vec<Change>,
+    /// Whether this came from a full reload (compaction resync) rather than the watch.
+    pub resync: bool,
+}
+
+impl ChangeSet {
+    /// Whether any change touches a key starting with `prefix`.
+    pub fn touches(&self, prefix: &[u8]) -> bool {
+        self.changes.iter().any(|c| c.key().starts_with(prefix))
+    }
+}
+
+impl Change {
+    /// The key changed.
+    pub fn key(&self) -> &Bytes {
+        match self {
+            Change::Put(e) => &e.key,
+            Change::Delete { key, .. } => key,
+        }
+    }
+}
+
+/// How many change sets the history keeps for resuming streams and blocking queries.
+pub const HISTORY_REVISIONS: usize = 4096;
+/// How many change sets a subscriber may fall behind before it is told to reset.
+pub const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// A subscription to the store's changes, with no gap between what it missed and what comes.
+pub struct Follow {
+    /// The snapshot current when the subscription began.
+    pub snapshot: Arc<Snapshot>,
+    /// Change sets after the asked revision up to `snapshot`, or `None` when the history no
+    /// longer reaches back that far (the subscriber must reset).
+    pub backlog: Option<Vec<Arc<ChangeSet>>>,
+    /// Change sets after `snapshot`.
+    pub live: broadcast::Receiver<Arc<ChangeSet>>,
+}
+
+/// Recent change sets and the revision below which they are gone.
+struct History {
+    /// Oldest first.
+    sets: VecDeque<Arc<ChangeSet>>,
+    /// Every change after this revision is in `sets`.
+    floor: i64,
+}
+
+/// The shared store: the current snapshot plus notifications of each new revision.
 pub struct Store {
     /// The snapshot readers see.
     current: ArcSwap<Snapshot>,
-    /// Serialises writers; there is one (the sync task), and this keeps it that way.
-    writer: Mutex<()>,
-    /// The revision of each published snapshot, for waiters (readiness, and later blocking queries).
+    /// Serialises writers; there is one (the sync task), and this keeps it that way. Also held
+    /// by subscribers while they join, so a subscription has no gap.
+    writer: Mutex<History>,
+    /// The revision of each published snapshot, for waiters (readiness, read-your-writes).
     revision_tx: watch::Sender<i64>,
+    /// Each published change set, for streams and blocking queries. A receiver that falls more
+    /// than [`SUBSCRIBER_BUFFER`] behind is told it lagged: memory stays bounded.
+    changes_tx: broadcast::Sender<Arc<ChangeSet>>,
 }
 
 impl Default for Store {
@@ -200,10 +257,15 @@ impl Store {
     /// An empty, not-yet-loaded store.
     pub fn new() -> Self {
         let (revision_tx, _) = watch::channel(0);
+        let (changes_tx, _) = broadcast::channel(SUBSCRIBER_BUFFER);
         Store {
             current: ArcSwap::from_pointee(Snapshot::empty()),
-            writer: Mutex::new(()),
+            writer: Mutex::new(History {
+                sets: VecDeque::new(),
+                floor: 0,
+            }),
             revision_tx,
+            changes_tx,
         }
     }
 
@@ -248,7 +310,7 @@ impl Store {
         revision: i64,
         entries: Vec<Entry>,
     ) -> Result<Vec<Change>, StoreError> {
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
         let same_cluster = old.cluster_id == 0 || cluster_id == 0 || old.cluster_id == cluster_id;
         if old.loaded && same_cluster && revision < old.revision {
@@ -297,7 +359,15 @@ impl Store {
             ..Snapshot::empty()
         }
         .publishable(revision);
-        self.publish(next);
+        if !old.loaded || !same_cluster {
+            // A first load (from etcd or the disk) or another cluster: nothing before it can be
+            // replayed; subscribers asking for older revisions get a reset.
+            history.sets.clear();
+            history.floor = revision;
+            self.publish(&mut history, next, Vec::new(), true);
+        } else {
+            self.publish(&mut history, next, changes.clone(), true);
+        }
         Ok(changes)
     }
 
@@ -305,7 +375,7 @@ impl Store {
     /// as one new snapshot. Events at or below the revision already served are duplicates from a
     /// resumed watch and are skipped.
     pub fn apply(&self, revision: i64, events: Vec<Event>) -> Vec<Change> {
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current.load_full();
         if revision <= old.revision {
             return Vec::new();
@@ -336,14 +406,61 @@ impl Store {
                 }
             }
         }
-        self.publish(next.publishable(revision));
+        self.publish(
+            &mut history,
+            next.publishable(revision),
+            changes.clone(),
+            false,
+        );
         changes
     }
 
-    fn publish(&self, snapshot: Snapshot) {
+    /// Swaps in `snapshot` and announces its changes, under the writer lock.
+    fn publish(
+        &self,
+        history: &mut History,
+        snapshot: Snapshot,
+        changes: Vec<Change>,
+        resync: bool,
+    ) {
         let revision = snapshot.revision;
         self.current.store(Arc::new(snapshot));
+        if !changes.is_empty() {
+            let set = Arc::new(ChangeSet {
+                revision,
+                changes,
+                resync,
+            });
+            history.sets.push_back(set.clone());
+            while history.sets.len() > HISTORY_REVISIONS {
+                if let Some(gone) = history.sets.pop_front() {
+                    history.floor = gone.revision;
+                }
+            }
+            // No receivers is fine: nobody is following.
+            let _ = self.changes_tx.send(set);
+        }
         self.revision_tx.send_replace(revision);
+    }
+
+    /// Follows the changes after revision `since`: what is still in the history, then live.
+    pub fn follow(&self, since: i64) -> Follow {
+        let history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let snapshot = self.current.load_full();
+        let live = self.changes_tx.subscribe();
+        let backlog = (since >= history.floor).then(|| {
+            history
+                .sets
+                .iter()
+                .filter(|s| s.revision > since)
+                .cloned()
+                .collect()
+        });
+        Follow {
+            snapshot,
+            backlog,
+            live,
+        }
     }
 }
 
@@ -394,6 +511,43 @@ mod tests {
                 offered: 7,
                 current: 9
             }
+        );
+    }
+
+    #[test]
+    fn follow_replays_the_history_without_a_gap_and_says_when_it_cannot() {
+        let store = Store::new();
+        store.replace(3, vec![entry("/a/x", "1", 3)]).unwrap();
+        let early = store.follow(0);
+        assert!(
+            early.backlog.is_none(),
+            "before the first load there is nothing to replay"
+        );
+        store.apply(4, vec![Event::Put(entry("/a/y", "2", 4))]);
+        store.apply(
+            5,
+            vec![Event::Delete {
+                key: Bytes::from_static(b"/a/x"),
+                revision: 5,
+            }],
+        );
+        let f = store.follow(3);
+        let backlog: Vec<i64> = f.backlog.unwrap().iter().map(|s| s.revision).collect();
+        assert_eq!(backlog, vec![4, 5]);
+        assert_eq!(f.snapshot.revision, 5);
+        let mut live = f.live;
+        store.apply(6, vec![Event::Put(entry("/b/z", "3", 6))]);
+        let next = live.try_recv().unwrap();
+        assert_eq!(next.revision, 6);
+        assert!(next.touches(b"/b/") && !next.touches(b"/a/"));
+        // A resync's difference is a change set too, deletions included.
+        let mut live = store.follow(6).live;
+        store.replace(9, vec![entry("/b/z", "3", 6)]).unwrap();
+        let resync = live.try_recv().unwrap();
+        assert!(resync.resync);
+        assert_eq!(resync.changes.len(), 1);
+        assert!(
+            matches!(&resync.changes[0], Change::Delete { key, revision: 9 } if &key[..] == b"/a/y")
         );
     }
 

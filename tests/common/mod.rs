@@ -375,6 +375,11 @@ pub async fn start_sidecar(config: Config) -> Sidecar {
         async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
     })
     .await;
+    // Ready means loaded; the mode follows a moment later.
+    eventually(Duration::from_secs(5), "mode set", || async {
+        sidecar.json("/v1/status").await["mode"] != "starting"
+    })
+    .await;
     sidecar
 }
 
@@ -482,4 +487,86 @@ pub async fn sidecar_prefix(sidecar: &Sidecar, prefix: &str) -> Option<Vec<(Stri
             })
             .collect(),
     )
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, Default)]
+pub struct SseEvent {
+    /// `event:` (empty means "message").
+    pub event: String,
+    /// `data:` lines joined with newlines.
+    pub data: String,
+    /// `id:`, when the event carried one.
+    pub id: Option<String>,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).unwrap_or_else(|_| panic!("not JSON: {:?}", self.data))
+    }
+}
+
+/// A minimal client of a `text/event-stream`, enough to check what the sidecar sends.
+pub struct SseClient {
+    stream:
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl SseClient {
+    /// Opens `url`, resuming after `last_event_id` when given.
+    pub async fn connect(
+        http: &reqwest::Client,
+        url: &str,
+        last_event_id: Option<&str>,
+    ) -> SseClient {
+        let mut req = http.get(url).header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let response = req.send().await.expect("stream request");
+        assert_eq!(response.status(), 200, "GET {url}");
+        let headers = response.headers().clone();
+        SseClient {
+            stream: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+            headers,
+        }
+    }
+
+    /// The next event (comments skipped), or `None` after `within` or at the end of the stream.
+    pub async fn next(&mut self, within: Duration) -> Option<SseEvent> {
+        use futures_util::StreamExt;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent::default();
+                let mut data = Vec::new();
+                let mut any = false;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event.event = v.trim_start().to_string();
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        event.id = Some(v.trim_start().to_string());
+                        any = true;
+                    }
+                }
+                if !any {
+                    continue; // a comment (heartbeat)
+                }
+                event.data = data.join("\n");
+                return Some(event);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Ok(Some(Ok(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
 }

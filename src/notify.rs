@@ -1,0 +1,288 @@
+//! Change notifications for apps, so they do not poll: blocking queries (Consul's semantics) and
+//! server-sent event streams. Both are fed by the store's change sets, so thousands of
+//! subscribers cost etcd nothing more than the one watch, and every event is exactly what readers
+//! see (resync deletions included).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::response::sse::Event;
+use bytes::Bytes;
+use futures_util::Stream;
+use rand::Rng;
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::Receiver;
+
+use crate::mode::{ModeHandle, Transition};
+use crate::render::entry_json;
+use crate::store::{Change, ChangeSet, Snapshot, Store};
+
+/// Longest `wait` a blocking query may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+/// `wait` when none is given.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+/// Interval of keep-alive comments on idle streams.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// What a blocking query or stream is about.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    /// One key, exactly.
+    Key(Bytes),
+    /// Every key starting with this.
+    Prefix(Bytes),
+}
+
+impl Scope {
+    fn matches(&self, key: &[u8]) -> bool {
+        match self {
+            Scope::Key(k) => key == &k[..],
+            Scope::Prefix(p) => key.starts_with(p),
+        }
+    }
+
+    fn touched_by(&self, set: &ChangeSet) -> bool {
+        set.changes.iter().any(|c| self.matches(c.key()))
+    }
+}
+
+/// `wait` plus up to 1/16 of it at random, so many apps blocked on the same key do not all come
+/// back at the same instant.
+pub fn jittered(wait: Duration) -> Duration {
+    let spread = wait / 16;
+    wait + rand::rng().random_range(Duration::ZERO..=spread)
+}
+
+/// Waits until something in `scope` changes after revision `index`, or until `wait` (jittered)
+/// ends; returns the snapshot to answer from. Answers at once when the scope already changed
+/// after `index`, or when the history no longer reaches back to `index` (an early answer is
+/// allowed: the client compares the index it gets back).
+pub async fn wait_for_change(
+    store: &Store,
+    scope: &Scope,
+    index: i64,
+    wait: Duration,
+) -> Arc<Snapshot> {
+    let follow = store.follow(index);
+    if follow.snapshot.revision > index {
+        match &follow.backlog {
+            None => return follow.snapshot,
+            Some(sets) if sets.iter().any(|s| scope.touched_by(s)) => return follow.snapshot,
+            Some(_) => {}
+        }
+    }
+    let mut live = follow.live;
+    let deadline = tokio::time::sleep(jittered(wait));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            received = live.recv() => match received {
+                Ok(set) if scope.touched_by(&set) => return store.snapshot(),
+                Ok(_) => {}
+                // Fell behind or the store is gone: answer with what there is now.
+                Err(_) => return store.snapshot(),
+            },
+            () = &mut deadline => return store.snapshot(),
+        }
+    }
+}
+
+fn change_event(change: &Change) -> Event {
+    match change {
+        Change::Put(entry) => Event::default()
+            .event("put")
+            .data(entry_json(entry).to_string()),
+        Change::Delete { key, revision } => {
+            let mut obj = serde_json::Map::new();
+            match std::str::from_utf8(key) {
+                Ok(k) => {
+                    obj.insert("key".into(), k.into());
+                }
+                Err(_) => {
+                    use base64::Engine;
+                    obj.insert(
+                        "key".into(),
+                        base64::engine::general_purpose::STANDARD.encode(key).into(),
+                    );
+                    obj.insert("key_encoding".into(), "base64".into());
+                }
+            }
+            obj.insert("mod_revision".into(), (*revision).into());
+            Event::default()
+                .event("delete")
+                .data(serde_json::Value::Object(obj).to_string())
+        }
+    }
+}
+
+/// The state of one subscriber's stream.
+struct Subscriber {
+    /// Where change sets come from.
+    store: Arc<Store>,
+    /// What the subscriber follows.
+    scope: Scope,
+    /// Change sets after `last`.
+    live: Receiver<Arc<ChangeSet>>,
+    /// Mode transitions.
+    modes: Receiver<Transition>,
+    /// Events ready to send.
+    pending: VecDeque<Event>,
+    /// The revision the subscriber has everything up to.
+    last: i64,
+}
+
+impl Subscriber {
+    /// Queues one revision's events in scope; only the last carries the `id:`, so a client that
+    /// resumes with `Last-Event-ID` never skips the rest of a half-received revision.
+    fn queue_set(&mut self, set: &ChangeSet) {
+        if set.revision <= self.last {
+            return;
+        }
+        let mut events: Vec<Event> = set
+            .changes
+            .iter()
+            .filter(|c| self.scope.matches(c.key()))
+            .map(change_event)
+            .collect();
+        self.last = set.revision;
+        if let Some(last) = events.pop() {
+            self.pending.extend(events);
+            self.pending.push_back(last.id(set.revision.to_string()));
+        }
+    }
+
+    /// Queues `reset` and the whole current state in scope, as of `snapshot`.
+    fn queue_reset(&mut self, snapshot: &Snapshot, reason: &str) {
+        let (Scope::Prefix(prefix) | Scope::Key(prefix)) = &self.scope;
+        let mut events = vec![Event::default()
+            .event("reset")
+            .data(json!({ "revision": snapshot.revision, "reason": reason }).to_string())];
+        events.extend(
+            snapshot
+                .scan_prefix(prefix)
+                .filter(|e| self.scope.matches(&e.key))
+                .map(|e| change_event(&Change::Put(e.clone()))),
+        );
+        let last = events.pop().expect("the reset event is there");
+        self.pending.extend(events);
+        self.pending
+            .push_back(last.id(snapshot.revision.to_string()));
+        self.last = snapshot.revision;
+    }
+
+    async fn next(&mut self) -> Event {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return event;
+            }
+            tokio::select! {
+                received = self.live.recv() => match received {
+                    Ok(set) => self.queue_set(&set),
+                    Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
+                        // Too slow to keep up: start over from the current state, with a fresh
+                        // subscription taken atomically with it, so nothing is missed after.
+                        let follow = self.store.follow(i64::MAX);
+                        self.live = follow.live;
+                        self.queue_reset(&follow.snapshot, "the subscriber fell behind");
+                    }
+                },
+                received = self.modes.recv() => {
+                    if let Ok(t) = received {
+                        self.pending.push_back(
+                            Event::default().event("mode").data(
+                                json!({ "mode": t.to, "from": t.from, "reason": t.reason }).to_string(),
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The events of a stream over `scope`: from `since` when given (replayed from the history, or
+/// `reset` plus the full state when the history does not reach back that far), else `reset` plus
+/// the full state; then live events and mode changes.
+pub fn event_stream(
+    store: Arc<Store>,
+    mode: &ModeHandle,
+    scope: Scope,
+    since: Option<i64>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let follow = store.follow(since.unwrap_or(i64::MAX));
+    let mut subscriber = Subscriber {
+        store,
+        scope,
+        live: follow.live,
+        modes: mode.follow(),
+        pending: VecDeque::new(),
+        last: since.unwrap_or(0),
+    };
+    match (since, follow.backlog) {
+        (Some(_), Some(backlog)) => {
+            for set in &backlog {
+                subscriber.queue_set(set);
+            }
+            subscriber.last = subscriber.last.max(follow.snapshot.revision);
+        }
+        (Some(_), None) => subscriber.queue_reset(
+            &follow.snapshot,
+            "the asked revision is older than the history",
+        ),
+        (None, _) => subscriber.queue_reset(&follow.snapshot, "initial state"),
+    }
+    futures_util::stream::unfold(subscriber, |mut s| async move {
+        let event = s.next().await;
+        Some((Ok(event), s))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mode::Mode;
+    use crate::store::Entry;
+    use futures_util::StreamExt;
+
+    #[tokio::test]
+    async fn a_stream_carries_mode_changes() {
+        let store = Arc::new(Store::new());
+        store
+            .replace(
+                3,
+                vec![Entry::new(
+                    Bytes::from_static(b"/p/a"),
+                    Bytes::from_static(b"1"),
+                    3,
+                    3,
+                    1,
+                )],
+            )
+            .unwrap();
+        let mode = ModeHandle::default();
+        let stream = event_stream(
+            store,
+            &mode,
+            Scope::Prefix(Bytes::from_static(b"/p/")),
+            None,
+        );
+        tokio::pin!(stream);
+        let _reset = stream.next().await.unwrap();
+        let _put = stream.next().await.unwrap();
+        mode.publish(&Transition {
+            from: Mode::Full,
+            to: Mode::CacheOnly,
+            reason: "test".into(),
+            at_unix_ms: 1,
+        });
+        let event = tokio::time::timeout(Duration::from_secs(1), stream.next())
+            .await
+            .expect("the mode event arrives")
+            .unwrap()
+            .unwrap();
+        assert!(format!("{event:?}").contains("cache-only"), "{event:?}");
+    }
+}
