@@ -77,6 +77,10 @@ pub struct AppState {
     pub etcd_timeout: Duration,
     /// Seconds a refused write should wait before retrying: about one recovery.
     pub retry_after: u64,
+    /// Becomes true at shutdown, so that streams and blocking queries end and the drain finishes.
+    pub closing: watch::Receiver<bool>,
+    /// Sets `closing`.
+    close: Arc<watch::Sender<bool>>,
     /// Process start, for uptime.
     pub started: Instant,
 }
@@ -92,6 +96,7 @@ impl AppState {
         probes: ProbeResults,
     ) -> Self {
         let recovery = config.mode.probe_interval * config.mode.recover_after;
+        let (close, closing) = watch::channel(false);
         AppState {
             store,
             prefixes: config.sync.prefixes.clone(),
@@ -107,8 +112,15 @@ impl AppState {
                 .is_some_and(|s| s.ready_requires_etcd),
             etcd_timeout: config.etcd.request_timeout,
             retry_after: recovery.as_secs().max(1),
+            closing,
+            close: Arc::new(close),
             started: Instant::now(),
         }
+    }
+
+    /// Ends every stream and blocking query: called when shutdown begins.
+    pub fn close(&self) {
+        self.close.send_replace(true);
     }
 
     fn ready(&self, snapshot: &Snapshot) -> bool {
@@ -313,7 +325,7 @@ async fn readable_snapshot(
             Scope::Key(Bytes::copy_from_slice(key.as_bytes()))
         };
         let wait = query.wait.unwrap_or(DEFAULT_WAIT);
-        snapshot = wait_for_change(&state.store, &scope, index, wait).await;
+        snapshot = wait_for_change(&state.store, &scope, index, wait, state.closing.clone()).await;
     }
     if let Some(max) = query.max_stale {
         let stale = state.mode.staleness(SystemTime::now());
@@ -672,7 +684,13 @@ async fn watch(
         }
     }
     let scope = Scope::Prefix(Bytes::from(prefix.into_bytes()));
-    let stream = event_stream(state.store.clone(), &state.mode, scope, since);
+    let stream = event_stream(
+        state.store.clone(),
+        &state.mode,
+        scope,
+        since,
+        state.closing.clone(),
+    );
     let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("keep-alive"));
     Ok(with_mirror_headers(sse.into_response(), &state, &snapshot))
 }

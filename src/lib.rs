@@ -128,6 +128,7 @@ pub async fn serve(
         signals,
     );
     let state = http::AppState::new(&config, store, pool, sync.status(), mode, probes.results());
+    let closer = state.clone();
     tasks.push(tokio::spawn(sync.run()));
     tasks.push(tokio::spawn(probes.run()));
     let (stop_writer, writer_stopped) = oneshot::channel::<()>();
@@ -138,6 +139,11 @@ pub async fn serve(
     });
 
     let app = http::app(state, config.http.request_timeout);
+    let shutdown = async move {
+        shutdown.await;
+        // Streams and blocking queries end now; ordinary requests finish within the grace.
+        closer.close();
+    };
     let result = server::run(listener, app, shutdown, config.http.shutdown_grace).await;
     for task in &tasks {
         task.abort();

@@ -15,6 +15,7 @@ use rand::Rng;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::broadcast::Receiver;
+use tokio::sync::watch;
 
 use crate::mode::{ModeHandle, Transition};
 use crate::render::entry_json;
@@ -65,6 +66,7 @@ pub async fn wait_for_change(
     scope: &Scope,
     index: i64,
     wait: Duration,
+    mut closing: watch::Receiver<bool>,
 ) -> Arc<Snapshot> {
     let follow = store.follow(index);
     if follow.snapshot.revision > index {
@@ -86,6 +88,8 @@ pub async fn wait_for_change(
                 Err(_) => return store.snapshot(),
             },
             () = &mut deadline => return store.snapshot(),
+            // Shutting down: answer now rather than hold the drain up.
+            _ = closing.wait_for(|c| *c) => return store.snapshot(),
         }
     }
 }
@@ -132,6 +136,8 @@ struct Subscriber {
     pending: VecDeque<Event>,
     /// The revision the subscriber has everything up to.
     last: i64,
+    /// Becomes true when the server shuts down: the stream ends so the drain can finish.
+    closing: watch::Receiver<bool>,
 }
 
 impl Subscriber {
@@ -173,12 +179,22 @@ impl Subscriber {
         self.last = snapshot.revision;
     }
 
-    async fn next(&mut self) -> Event {
+    /// The next event, or `None` when the server is shutting down.
+    async fn next(&mut self) -> Option<Event> {
         loop {
             if let Some(event) = self.pending.pop_front() {
-                return event;
+                return Some(event);
+            }
+            if *self.closing.borrow() {
+                return None;
             }
             tokio::select! {
+                changed = self.closing.changed() => {
+                    if changed.is_err() {
+                        // The server that owned the signal is gone: so is the stream.
+                        return None;
+                    }
+                }
                 received = self.live.recv() => match received {
                     Ok(set) => self.queue_set(&set),
                     Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
@@ -211,6 +227,7 @@ pub fn event_stream(
     mode: &ModeHandle,
     scope: Scope,
     since: Option<i64>,
+    closing: watch::Receiver<bool>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let follow = store.follow(since.unwrap_or(i64::MAX));
     let mut subscriber = Subscriber {
@@ -220,6 +237,7 @@ pub fn event_stream(
         modes: mode.follow(),
         pending: VecDeque::new(),
         last: since.unwrap_or(0),
+        closing,
     };
     match (since, follow.backlog) {
         (Some(_), Some(backlog)) => {
@@ -235,7 +253,7 @@ pub fn event_stream(
         (None, _) => subscriber.queue_reset(&follow.snapshot, "initial state"),
     }
     futures_util::stream::unfold(subscriber, |mut s| async move {
-        let event = s.next().await;
+        let event = s.next().await?;
         Some((Ok(event), s))
     })
 }
@@ -263,12 +281,9 @@ mod tests {
             )
             .unwrap();
         let mode = ModeHandle::default();
-        let stream = event_stream(
-            store,
-            &mode,
-            Scope::Prefix(Bytes::from_static(b"/p/")),
-            None,
-        );
+        let (close, closing) = watch::channel(false);
+        let scope = Scope::Prefix(Bytes::from_static(b"/p/"));
+        let stream = event_stream(store, &mode, scope, None, closing);
         tokio::pin!(stream);
         let _reset = stream.next().await.unwrap();
         let _put = stream.next().await.unwrap();
@@ -284,5 +299,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(format!("{event:?}").contains("cache-only"), "{event:?}");
+        close.send_replace(true);
+        assert!(stream.next().await.is_none(), "the stream ends at shutdown");
     }
 }

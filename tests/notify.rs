@@ -450,3 +450,50 @@ async fn events_during_a_compaction_resync_are_correct() {
     let deletes = events.iter().filter(|e| e.event == "delete").count();
     assert_eq!(deletes, 5, "the resync's deletions arrive as events");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_streams_and_blocking_queries_without_waiting_out_the_grace() {
+    let cluster = EtcdCluster::start(1).await;
+    cluster
+        .client()
+        .await
+        .put("/sd/a", "1", None)
+        .await
+        .unwrap();
+    let mut config = sidecar_config(&cluster.endpoints(), &["/sd/"]);
+    config.http.shutdown_grace = Duration::from_secs(30);
+    let sidecar = start_sidecar(config).await;
+    let index = index_of(&sidecar.get("/v1/kv/sd/a").await);
+    let mut stream = SseClient::connect(&sidecar.http, &sidecar.url("/v1/watch/sd/"), None).await;
+    read_until(&mut stream, 1, Duration::from_secs(5)).await;
+    let (http, url) = (
+        sidecar.http.clone(),
+        sidecar.url(&format!("/v1/kv/sd/a?index={index}&wait=60s")),
+    );
+    let mut blocked =
+        tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()) });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut blocked)
+            .await
+            .is_err(),
+        "blocking"
+    );
+
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), sidecar.stop())
+        .await
+        .expect("the drain does not wait for open streams");
+    assert_eq!(
+        blocked.await.unwrap().unwrap(),
+        200,
+        "the blocking query answered at shutdown"
+    );
+    assert!(
+        stream.next(Duration::from_secs(2)).await.is_none(),
+        "the stream ended"
+    );
+    eprintln!(
+        "stopped with a stream and a blocking query open in {:?}",
+        t.elapsed()
+    );
+}
