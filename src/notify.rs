@@ -196,6 +196,11 @@ impl Subscriber {
                     }
                 }
                 received = self.live.recv() => match received {
+                    Ok(set) if set.reset => {
+                        let follow = self.store.follow(i64::MAX);
+                        self.live = follow.live;
+                        self.queue_reset(&follow.snapshot, "the mirror was replaced (another etcd cluster)");
+                    }
                     Ok(set) => self.queue_set(&set),
                     Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
                         // Too slow to keep up: start over from the current state, with a fresh

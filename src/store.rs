@@ -190,6 +190,9 @@ pub struct ChangeSet {
     pub changes: Vec<Change>,
     /// Whether this came from a full reload (compaction resync) rather than the watch.
     pub resync: bool,
+    /// Whether the mirror was replaced by data that does not follow from the old (another
+    /// cluster, whose revisions are unrelated): followers must start over from the current state.
+    pub reset: bool,
 }
 
 impl ChangeSet {
@@ -361,10 +364,21 @@ impl Store {
         .publishable(revision);
         if !old.loaded || !same_cluster {
             // A first load (from etcd or the disk) or another cluster: nothing before it can be
-            // replayed; subscribers asking for older revisions get a reset.
+            // replayed; subscribers asking for older revisions get a reset, and those following
+            // another cluster's data are told to start over.
             history.sets.clear();
             history.floor = revision;
-            self.publish(&mut history, next, Vec::new(), true);
+            let reset = old.loaded;
+            self.current.store(Arc::new(next));
+            if reset {
+                let _ = self.changes_tx.send(Arc::new(ChangeSet {
+                    revision,
+                    changes: changes.clone(),
+                    resync: true,
+                    reset: true,
+                }));
+            }
+            self.revision_tx.send_replace(revision);
         } else {
             self.publish(&mut history, next, changes.clone(), true);
         }
@@ -430,6 +444,7 @@ impl Store {
                 revision,
                 changes,
                 resync,
+                reset: false,
             });
             history.sets.push_back(set.clone());
             while history.sets.len() > HISTORY_REVISIONS {
@@ -549,6 +564,19 @@ mod tests {
         assert!(
             matches!(&resync.changes[0], Change::Delete { key, revision: 9 } if &key[..] == b"/a/y")
         );
+        assert!(!resync.reset);
+        // Data from another cluster, at a lower revision: followers are told to start over.
+        store
+            .replace_from(4, 9, vec![entry("/b/z", "3", 6)])
+            .unwrap();
+        let mut live = store.follow(9).live;
+        store
+            .replace_from(5, 2, vec![entry("/c/q", "1", 2)])
+            .unwrap();
+        let reset = live.try_recv().unwrap();
+        assert!(reset.reset);
+        assert_eq!(store.revision(), 2);
+        assert!(store.follow(1).backlog.is_none());
     }
 
     #[test]
