@@ -43,7 +43,7 @@ fn router(store: Arc<Store>) -> axum::Router {
     let (_, sync) = tokio::sync::watch::channel(SyncStatus::default());
     let mode = Arc::new(ModeHandle::default());
     let state = AppState::new(&config, store, pool, sync, mode, Default::default());
-    app(state, Duration::from_secs(5))
+    app(state)
 }
 
 fn read_path(c: &mut Criterion) {

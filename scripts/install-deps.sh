@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs, from Debian's packages, what building and testing config-sidecar needs when it is
-# missing: etcd (the server the tests run), etcdctl (used to seed the local demo) and protoc
-# (etcd-client's build needs it). Extra package names given as arguments are installed too
-# (the load benchmark passes nginx-light and wrk).
+# missing: etcd (the server the tests run), etcdctl (used to seed the local demo), protoc
+# (etcd-client's build needs it), and nginx and wrk (the load benchmark's reference server and
+# load generator; its smoke run is part of the test suite). Extra package names given as
+# arguments are installed too.
 set -euo pipefail
 
 declare -A want=([etcd]=etcd-server [etcdctl]=etcd-client [protoc]=protobuf-compiler [nginx]=nginx-light [wrk]=wrk)
 need=()
-for cmd in etcd etcdctl protoc; do
-  command -v "$cmd" >/dev/null 2>&1 || need+=("${want[$cmd]}")
+for cmd in etcd etcdctl protoc nginx wrk; do
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("${want[$cmd]}")
 done
 for pkg in "$@"; do
   cmd=""
@@ -23,3 +24,7 @@ echo "install-deps: installing ${need[*]}" >&2
 # A fresh machine has no package lists: update once first.
 $sudo apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Debian starts nginx's own service on install; the benchmark runs its own instance.
+if printf '%s\n' "${need[@]}" | grep -qx nginx-light; then
+  $sudo service nginx stop >/dev/null 2>&1 || true
+fi

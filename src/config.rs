@@ -40,8 +40,6 @@ pub const DEFAULT_ENDPOINT_COOLDOWN: Duration = Duration::from_secs(5);
 pub const DEFAULT_PAGE_SIZE: i64 = 1000;
 /// Default time in-flight HTTP requests get to finish at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// Default limit on one HTTP request's handling time.
-pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default time between health probe rounds.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Default timeout of each probe check.
@@ -135,7 +133,6 @@ pub struct FileConfig {
     backoff_max: Option<String>,
     endpoint_cooldown: Option<String>,
     page_size: Option<i64>,
-    http_timeout: Option<String>,
     cache_bytes: Option<u64>,
     snapshot: Option<PathBuf>,
     allow_writes: Option<bool>,
@@ -194,8 +191,6 @@ pub struct SyncConfig {
 pub struct HttpConfig {
     /// Where to listen.
     pub listen: SocketAddr,
-    /// Limit on one request's handling.
-    pub request_timeout: Duration,
     /// Drain time at shutdown.
     pub shutdown_grace: Duration,
     /// Weight bound of the rendered-body cache.
@@ -514,12 +509,6 @@ impl Config {
             },
             http: HttpConfig {
                 listen,
-                request_timeout: duration(
-                    "http_timeout",
-                    None,
-                    file.http_timeout,
-                    DEFAULT_HTTP_TIMEOUT,
-                )?,
                 shutdown_grace: duration(
                     "--shutdown-grace",
                     cli.shutdown_grace,

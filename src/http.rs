@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::middleware::{self, Next};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -136,7 +135,7 @@ impl AppState {
 }
 
 /// The service: routes and middleware.
-pub fn app(state: AppState, request_timeout: Duration) -> Router {
+pub fn app(state: AppState) -> Router {
     let middleware = ServiceBuilder::new()
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
         .layer(
@@ -150,10 +149,6 @@ pub fn app(state: AppState, request_timeout: Duration) -> Router {
                         .latency_unit(tower_http::LatencyUnit::Micros),
                 ),
         )
-        .layer(middleware::from_fn(reject_overlong_uri))
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            deadline(req, next, request_timeout)
-        }))
         // Applies to every extractor that reads a body; writes read theirs with the same bound.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
 
@@ -173,42 +168,25 @@ pub fn app(state: AppState, request_timeout: Duration) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware)
-        .with_state(state)
-}
-
-async fn reject_overlong_uri(request: Request, next: Next) -> Response {
-    let len = request
-        .uri()
-        .path_and_query()
-        .map_or(0, |pq| pq.as_str().len());
-    if len > MAX_URI_BYTES {
-        return ApiError::UriTooLong(MAX_URI_BYTES).into_response();
-    }
-    next.run(request).await
-}
-
-/// Whether a request is meant to stay open: a blocking query or a change stream.
-fn is_long_lived(uri: &Uri) -> bool {
-    uri.path().starts_with("/v1/watch")
-        || uri
-            .query()
-            .is_some_and(|q| q.split('&').any(|p| p.starts_with("index=")))
-}
-
-/// Bounds every request's handling time, except blocking queries (bounded by their own `wait`)
-/// and streams (open until the client leaves).
-async fn deadline(request: Request, next: Next, limit: Duration) -> Response {
-    if is_long_lived(request.uri()) {
-        return next.run(request).await;
-    }
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::Timeout.into_response(),
-    }
+        // One Arc: cloning the state per request costs one increment.
+        .with_state(Arc::new(state))
 }
 
 async fn unknown_route(uri: Uri) -> ApiError {
+    if let Err(e) = check_uri_length(&uri) {
+        return e;
+    }
     ApiError::UnknownRoute(uri.path().to_string())
+}
+
+/// Refuses URIs longer than [`MAX_URI_BYTES`]. Checked where a path is parsed rather than in a
+/// middleware, which would cost an allocation on every request.
+fn check_uri_length(uri: &Uri) -> Result<(), ApiError> {
+    let len = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    if len > MAX_URI_BYTES {
+        return Err(ApiError::UriTooLong(MAX_URI_BYTES));
+    }
+    Ok(())
 }
 
 async fn method_not_allowed(method: Method) -> ApiError {
@@ -293,6 +271,7 @@ fn parse_revision(what: &str, text: &str) -> Result<i64, ApiError> {
 
 /// The key named by the path after `route` (`/v1/kv` or `/v1/tree`), decoded once.
 fn key_from_path(uri: &Uri, route: &str) -> Result<String, ApiError> {
+    check_uri_length(uri)?;
     let raw = uri.path().strip_prefix(route).unwrap_or("");
     Ok(decode_key_path(raw)?)
 }
@@ -464,24 +443,24 @@ fn not_modified_or(
 }
 
 async fn kv_get(
-    State(state): State<AppState>,
-    uri: Uri,
-    headers: HeaderMap,
+    State(state): State<Arc<AppState>>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let query = parse_query(&uri)?;
-    let key = key_from_path(&uri, "/v1/kv")?;
+    let (uri, headers) = (request.uri(), request.headers());
+    let query = parse_query(uri)?;
+    let key = key_from_path(uri, "/v1/kv")?;
     ensure_mirrored(&state, &key)?;
     let snapshot = readable_snapshot(&state, &query, &key).await?;
     let response = if query.recurse {
         // A listing changes whenever anything in the mirror changes, so its tag is the revision.
         let etag = list_etag(&snapshot);
-        not_modified_or(&headers, etag, json_type(), || {
+        not_modified_or(headers, etag, json_type(), || {
             Body::from(state.cache.get(View::List, &key, &snapshot))
         })
     } else {
         match snapshot.get(key.as_bytes()) {
             Some(entry) => not_modified_or(
-                &headers,
+                headers,
                 entry.etag.clone(),
                 entry.content_type.clone(),
                 || Body::from(entry.value.clone()),
@@ -498,19 +477,19 @@ async fn kv_get(
 }
 
 async fn tree_get(
-    State(state): State<AppState>,
-    uri: Uri,
-    headers: HeaderMap,
+    State(state): State<Arc<AppState>>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let mut query = parse_query(&uri)?;
-    let mut dir = key_from_path(&uri, "/v1/tree")?;
+    let (uri, headers) = (request.uri(), request.headers());
+    let mut query = parse_query(uri)?;
+    let mut dir = key_from_path(uri, "/v1/tree")?;
     if !dir.ends_with('/') {
         dir.push('/');
     }
     ensure_mirrored(&state, &dir)?;
     query.recurse = true;
     let snapshot = readable_snapshot(&state, &query, &dir).await?;
-    let response = not_modified_or(&headers, list_etag(&snapshot), json_type(), || {
+    let response = not_modified_or(headers, list_etag(&snapshot), json_type(), || {
         Body::from(state.cache.get(View::Tree, &dir, &snapshot))
     });
     Ok(with_mirror_headers(response, &state, &snapshot))
@@ -611,12 +590,11 @@ async fn forward_write(
 }
 
 async fn kv_put(
-    State(state): State<AppState>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    State(state): State<Arc<AppState>>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let (key, _, cas) = admit_write(&state, &uri, &headers)?;
+    let (parts, body) = request.into_parts();
+    let (key, _, cas) = admit_write(&state, &parts.uri, &parts.headers)?;
     let value = axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|_| ApiError::PayloadTooLarge)?;
@@ -632,11 +610,10 @@ async fn kv_put(
 }
 
 async fn kv_delete(
-    State(state): State<AppState>,
-    uri: Uri,
-    headers: HeaderMap,
+    State(state): State<Arc<AppState>>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let (key, query, cas) = admit_write(&state, &uri, &headers)?;
+    let (key, query, cas) = admit_write(&state, request.uri(), request.headers())?;
     if query.recurse && cas.is_some() {
         return Err(ApiError::BadQuery(
             "compare-and-swap applies to one key, not with recurse".into(),
@@ -654,13 +631,10 @@ async fn kv_delete(
 }
 
 /// `GET /v1/watch/{prefix}`: a server-sent event stream of the changes under a prefix.
-async fn watch(
-    State(state): State<AppState>,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let query = parse_query(&uri)?;
-    let prefix = key_from_path(&uri, "/v1/watch")?;
+async fn watch(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, ApiError> {
+    let (uri, headers) = (request.uri(), request.headers());
+    let query = parse_query(uri)?;
+    let prefix = key_from_path(uri, "/v1/watch")?;
     ensure_mirrored(&state, &prefix)?;
     let snapshot = state.store.snapshot();
     if !snapshot.loaded {
@@ -699,7 +673,7 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "alive" }))
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let snapshot = state.store.snapshot();
     if state.ready(&snapshot) {
         with_mirror_headers(
@@ -712,7 +686,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn status(State(state): State<AppState>) -> Response {
+async fn status(State(state): State<Arc<AppState>>) -> Response {
     let snapshot = state.store.snapshot();
     let sync = state.sync.borrow().clone();
     let (transitions, transitions_total) = state.mode.history();
@@ -792,7 +766,7 @@ mod tests {
         }
         let (_, sync) = watch::channel(SyncStatus::default());
         let state = AppState::new(&config, store, pool, sync, mode, Default::default());
-        app(state, Duration::from_secs(5))
+        app(state)
     }
 
     async fn call(

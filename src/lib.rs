@@ -138,7 +138,7 @@ pub async fn serve(
         }))
     });
 
-    let app = http::app(state, config.http.request_timeout);
+    let app = http::app(state);
     let shutdown = async move {
         shutdown.await;
         // Streams and blocking queries end now; ordinary requests finish within the grace.

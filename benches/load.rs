@@ -1,0 +1,621 @@
+//! The load benchmark: in one run on this machine, a real 3-member etcd cluster, the sidecar
+//! (release build), nginx (`worker_processes auto`, serving the same value from a file), a bare
+//! hyper server answering a fixed body (the stack's ceiling) and etcd's own JSON gateway, each
+//! driven by wrk at the same settings; plus propagation, reads under writes, memory, cold start
+//! and resync. It prints one table and, on a full run, writes it to `benches/results/latest.md`.
+//!
+//! `cargo bench --bench load` runs it at full size. Without `--bench` (as `cargo test` runs it) it
+//! is a smoke run at tiny size that only checks that every part still works. `LOAD_SECONDS`
+//! overrides the wrk duration.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{eventually, EtcdCluster, Fault, Proxy, SseClient};
+use etcd_client::{CompactionOptions, Txn, TxnOp};
+
+const SIDECAR: &str = env!("CARGO_BIN_EXE_config-sidecar");
+
+/// Sizes of one run.
+struct Plan {
+    /// wrk duration per target.
+    seconds: u64,
+    /// Keys in the memory / cold start / resync part.
+    keys: usize,
+    /// Puts timed for propagation.
+    propagation_puts: usize,
+    /// Whether to write the results file.
+    full: bool,
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// What wrk measured.
+#[derive(Debug, Clone, Copy, Default)]
+struct Wrk {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn parse_latency(text: &str) -> f64 {
+    let text = text.trim();
+    let (num, scale) = if let Some(v) = text.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = text.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = text.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        (text, 1.0)
+    };
+    num.parse::<f64>().unwrap_or(f64::NAN) * scale
+}
+
+/// Runs wrk with 2 threads and 32 connections against `url`.
+fn wrk(url: &str, seconds: u64, script: Option<&Path>) -> Wrk {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t2", "-c32", &format!("-d{seconds}s"), "--latency"]);
+    if let Some(s) = script {
+        cmd.arg("-s").arg(s);
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("wrk runs (scripts/install-deps.sh wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut result = Wrk::default();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            result.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = line.strip_prefix("50%") {
+            result.p50_ms = parse_latency(v);
+        } else if let Some(v) = line.strip_prefix("99%") {
+            result.p99_ms = parse_latency(v);
+        }
+    }
+    let errors = text.contains("Non-2xx") || text.contains("Socket errors");
+    assert!(
+        result.rps > 0.0 && !errors,
+        "wrk against {url} failed:\n{text}"
+    );
+    result
+}
+
+/// The ceiling: a bare hyper server answering a fixed body, on its own 2-thread runtime.
+fn start_ceiling(body: Bytes) -> SocketAddr {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let addr = free_addr();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let _ = stream.set_nodelay(true);
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |_req| {
+                        let body = body.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body)))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// nginx serving `value` at `/bench/key`, `worker_processes auto`.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(value: &[u8]) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let www = dir.path().join("www/bench");
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("key"), value).unwrap();
+        let addr = free_addr();
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes auto;\ndaemon off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{ access_log off; sendfile on; tcp_nodelay on; keepalive_requests 1000000;\n\
+                 server {{ listen {addr}; location / {{ root {d}/www; }} }} }}\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        // Debian puts nginx in /usr/sbin, which not every PATH has.
+        let bin = if Path::new("/usr/sbin/nginx").exists() {
+            "/usr/sbin/nginx"
+        } else {
+            "nginx"
+        };
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx runs (scripts/install-deps.sh nginx-light)");
+        Nginx {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The sidecar binary as a child process.
+struct SidecarProcess {
+    child: Child,
+    base: String,
+}
+
+impl SidecarProcess {
+    fn start(endpoints: &[String], prefix: &str, snapshot: &Path) -> SidecarProcess {
+        let addr = free_addr();
+        let child = Command::new(SIDECAR)
+            .args(["--listen", &addr.to_string(), "--prefix", prefix])
+            .args(["--endpoints", &endpoints.join(",")])
+            .arg("--snapshot")
+            .arg(snapshot)
+            .args(["--log-level", "warn"])
+            .env_remove("CONFIG_SIDECAR_PREFIXES")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        SidecarProcess {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    async fn wait_ready(&self, http: &reqwest::Client, within: Duration) {
+        let url = format!("{}/readyz", self.base);
+        eventually(within, "sidecar ready", || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+        })
+        .await;
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+async fn put_many(etcd: &mut etcd_client::Client, prefix: &str, n: usize, value: &str) -> i64 {
+    let mut revision = 0;
+    let keys: Vec<usize> = (0..n).collect();
+    for chunk in keys.chunks(100) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|i| TxnOp::put(format!("{prefix}k{i:06}"), value, None))
+            .collect();
+        revision = etcd
+            .txn(Txn::new().and_then(ops))
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+    }
+    revision
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let seconds = std::env::var("LOAD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if full { 10 } else { 1 });
+    let plan = Plan {
+        seconds,
+        keys: if full { 100_000 } else { 1_000 },
+        propagation_puts: if full { 1000 } else { 50 },
+        full,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let table = runtime.block_on(run(plan));
+    println!("{table}");
+    if full {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results/latest.md");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &table).unwrap();
+        println!("written to {}", path.display());
+    }
+}
+
+async fn run(plan: Plan) -> String {
+    let http = reqwest::Client::new();
+    let cluster = EtcdCluster::start(3).await;
+    let mut etcd = cluster.client().await;
+    let value = "v".repeat(256);
+    etcd.put("/bench/key", value.as_str(), None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Single-key GET: the sidecar, the ceiling, nginx, etcd's gateway.
+    let sidecar =
+        SidecarProcess::start(&cluster.endpoints(), "/bench/", &dir.path().join("a.snap"));
+    sidecar.wait_ready(&http, Duration::from_secs(30)).await;
+    let key_url = format!("{}/v1/kv/bench/key", sidecar.base);
+    let r = http.get(&key_url).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), value);
+    let ceiling = start_ceiling(Bytes::from(value.clone()));
+    let nginx = Nginx::start(value.as_bytes());
+    let nginx_url = format!("http://{}/bench/key", nginx.addr);
+    eventually(Duration::from_secs(10), "nginx serves", || {
+        let (http, url) = (http.clone(), nginx_url.clone());
+        async move { http.get(url).send().await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    let script = |serializable: bool| {
+        let path = dir.path().join(format!("range-{serializable}.lua"));
+        let body = format!(
+            "{{\"key\":\"{}\",\"serializable\":{serializable}}}",
+            base64_encode(b"/bench/key")
+        );
+        std::fs::write(
+            &path,
+            format!(
+                "wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let gateway = format!("{}/v3/kv/range", cluster.endpoint(0));
+    let s = plan.seconds;
+    let side = tokio::task::spawn_blocking({
+        let u = key_url.clone();
+        move || wrk(&u, s, None)
+    })
+    .await
+    .unwrap();
+    let ceil = wrk(&format!("http://{ceiling}/"), s, None);
+    let ngx = wrk(&nginx_url, s, None);
+    let etcd_ser = wrk(&gateway, s, Some(&script(true)));
+    let etcd_lin = wrk(&gateway, s, Some(&script(false)));
+    drop(nginx);
+
+    // Propagation: an etcd put until its event arrives on the sidecar's stream.
+    let mut stream = SseClient::connect(
+        &http,
+        &format!("{}/v1/watch/bench/prop/", sidecar.base),
+        None,
+    )
+    .await;
+    while stream.next(Duration::from_millis(200)).await.is_some() {}
+    let mut samples = Vec::with_capacity(plan.propagation_puts);
+    for i in 0..plan.propagation_puts {
+        let t = Instant::now();
+        let rev = etcd
+            .put(format!("/bench/prop/k{}", i % 10), i.to_string(), None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        loop {
+            let e = stream.next(Duration::from_secs(5)).await.expect("event");
+            if e.id.as_deref() == Some(&rev.to_string()) {
+                break;
+            }
+        }
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (prop50, prop99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+
+    // Read p99 while 1000 writes/s flow through the watch.
+    let writer = {
+        let mut etcd = cluster.client().await;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let mut i = 0u64;
+            loop {
+                tick.tick().await;
+                let _ = etcd
+                    .put(format!("/bench/churn/k{}", i % 100), i.to_string(), None)
+                    .await;
+                i += 1;
+            }
+        })
+    };
+    let busy = tokio::task::spawn_blocking({
+        let u = key_url.clone();
+        move || wrk(&u, s, None)
+    })
+    .await
+    .unwrap();
+    writer.abort();
+    sidecar.stop();
+
+    // Memory, cold start and resync at `keys` keys of 1 KiB.
+    let kib = "x".repeat(1024);
+    put_many(&mut etcd, "/mem/", plan.keys, &kib).await;
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        proxies.push(Proxy::start(cluster.addr(i)).await);
+    }
+    let proxied: Vec<String> = proxies.iter().map(|p| p.url()).collect();
+    let snap = dir.path().join("mem.snap");
+    let mem = SidecarProcess::start(&proxied, "/mem/", &snap);
+    mem.wait_ready(&http, Duration::from_secs(120)).await;
+    let status: serde_json::Value = http
+        .get(format!("{}/v1/status", mem.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["keys"], plan.keys);
+    let raw = status["bytes"].as_u64().unwrap();
+    let rss = mem.rss_bytes();
+
+    // Resync after compaction while cut off.
+    for p in &proxies {
+        p.set(Fault::Blackhole);
+    }
+    etcd.put("/mem/k000000", "changed", None).await.unwrap();
+    let head = etcd
+        .put("/mem/k000001", "changed", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    etcd.compact(head, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    for p in &proxies {
+        p.set(Fault::Pass);
+    }
+    let status_url = format!("{}/v1/status", mem.base);
+    eventually(Duration::from_secs(120), "resync", || {
+        let (http, url) = (http.clone(), status_url.clone());
+        async move {
+            let s: serde_json::Value = match http.get(url).send().await {
+                Ok(r) => r.json().await.unwrap_or_default(),
+                Err(_) => return false,
+            };
+            s["sync"]["full_loads"].as_u64() == Some(2) && s["revision"].as_i64() >= Some(head)
+        }
+    })
+    .await;
+    let resync_ms = t.elapsed().as_secs_f64() * 1000.0;
+    mem.stop();
+
+    // Cold start from the snapshot, with etcd unreachable.
+    let dead = format!("http://{}", free_addr());
+    let t = Instant::now();
+    let cold = SidecarProcess::start(&[dead], "/mem/", &snap);
+    let ready_url = format!("{}/readyz", cold.base);
+    loop {
+        if http
+            .get(&ready_url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "cold start");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let cold_ms = t.elapsed().as_secs_f64() * 1000.0;
+    cold.stop();
+
+    report(
+        &plan,
+        side,
+        ceil,
+        ngx,
+        etcd_ser,
+        etcd_lin,
+        busy,
+        (prop50, prop99),
+        (rss, raw),
+        cold_ms,
+        resync_ms,
+    )
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    plan: &Plan,
+    side: Wrk,
+    ceil: Wrk,
+    ngx: Wrk,
+    etcd_ser: Wrk,
+    etcd_lin: Wrk,
+    busy: Wrk,
+    (prop50, prop99): (f64, f64),
+    (rss, raw): (u64, u64),
+    cold_ms: f64,
+    resync_ms: f64,
+) -> String {
+    let mark = |ok: bool| if ok { "met" } else { "NOT met" };
+    let mut t = String::new();
+    let when = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(
+        t,
+        "Load benchmark, {when}, {cpus} cores, wrk -t2 -c32 -d{}s on the same machine{}.\n",
+        plan.seconds,
+        if plan.full {
+            ""
+        } else {
+            " (SMOKE RUN: tiny sizes, numbers mean nothing)"
+        }
+    );
+    let _ = writeln!(t, "| single-key GET | requests/s | p50 ms | p99 ms |");
+    let _ = writeln!(t, "| --- | ---: | ---: | ---: |");
+    for (name, w) in [
+        ("config-sidecar", side),
+        ("bare hyper (ceiling)", ceil),
+        ("nginx static", ngx),
+        ("etcd gateway, serializable", etcd_ser),
+        ("etcd gateway, linearizable", etcd_lin),
+        ("config-sidecar under 1000 writes/s", busy),
+    ] {
+        let _ = writeln!(
+            t,
+            "| {name} | {:.0} | {:.3} | {:.3} |",
+            w.rps, w.p50_ms, w.p99_ms
+        );
+    }
+    let _ = writeln!(t, "\n| target | measured | goal | |");
+    let _ = writeln!(t, "| --- | ---: | ---: | --- |");
+    let rows = [
+        (
+            "throughput / ceiling",
+            side.rps / ceil.rps,
+            ">= 0.85",
+            side.rps / ceil.rps >= 0.85,
+        ),
+        (
+            "throughput / nginx",
+            side.rps / ngx.rps,
+            ">= 1.15",
+            side.rps / ngx.rps >= 1.15,
+        ),
+        (
+            "throughput / etcd serializable",
+            side.rps / etcd_ser.rps,
+            ">= 8",
+            side.rps / etcd_ser.rps >= 8.0,
+        ),
+        (
+            "throughput / etcd linearizable",
+            side.rps / etcd_lin.rps,
+            "",
+            true,
+        ),
+        (
+            "p99 / ceiling p99",
+            side.p99_ms / ceil.p99_ms,
+            "<= 1.2",
+            side.p99_ms / ceil.p99_ms <= 1.2,
+        ),
+        (
+            "p99 under writes / idle p99",
+            busy.p99_ms / side.p99_ms,
+            "<= 2",
+            busy.p99_ms / side.p99_ms <= 2.0,
+        ),
+        ("propagation p50 (ms)", prop50, "", true),
+        ("propagation p99 (ms)", prop99, "<= 5", prop99 <= 5.0),
+        (
+            "RSS / raw key+value bytes",
+            rss as f64 / raw as f64,
+            "<= 1.5",
+            (rss as f64) <= 1.5 * raw as f64,
+        ),
+        (
+            "cold start from snapshot (ms)",
+            cold_ms,
+            "<= 300",
+            cold_ms <= 300.0,
+        ),
+        ("resync after compaction (ms)", resync_ms, "", true),
+    ];
+    for (name, value, goal, ok) in rows {
+        let verdict = if goal.is_empty() { "" } else { mark(ok) };
+        let _ = writeln!(t, "| {name} | {value:.2} | {goal} | {verdict} |");
+    }
+    let _ = writeln!(
+        t,
+        "\nMemory: {} keys x 1 KiB, raw {:.1} MiB, RSS {:.1} MiB.",
+        plan.keys,
+        raw as f64 / 1048576.0,
+        rss as f64 / 1048576.0
+    );
+    t
+}
