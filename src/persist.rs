@@ -84,8 +84,40 @@ pub enum SnapshotError {
     },
 }
 
-/// Encodes `snapshot`.
+/// Encodes `snapshot` into memory (tests and small mirrors; the writer streams instead).
 pub fn encode(snapshot: &Snapshot, prefixes: &[String], confirmed_at_unix_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(snapshot.bytes as usize + snapshot.len() * 40 + 256);
+    encode_into(&mut out, snapshot, prefixes, confirmed_at_unix_ms)
+        .expect("writing to memory does not fail");
+    out
+}
+
+/// A writer that keeps the CRC-32 of everything written through it.
+struct Checksummed<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for Checksummed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Streams `snapshot` in the file format to `out`, so that saving a large mirror never holds a
+/// second copy of it in memory.
+pub fn encode_into(
+    out: &mut impl Write,
+    snapshot: &Snapshot,
+    prefixes: &[String],
+    confirmed_at_unix_ms: u64,
+) -> io::Result<()> {
     let header = serde_json::to_vec(&Header {
         cluster_id: snapshot.cluster_id,
         revision: snapshot.revision,
@@ -94,23 +126,25 @@ pub fn encode(snapshot: &Snapshot, prefixes: &[String], confirmed_at_unix_ms: u6
         entries: snapshot.len() as u64,
     })
     .expect("header serialises");
-    let mut out =
-        Vec::with_capacity(16 + header.len() + snapshot.bytes as usize + snapshot.len() * 32);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    out.extend_from_slice(&header);
+    let mut w = Checksummed {
+        inner: out,
+        crc: crc32fast::Hasher::new(),
+    };
+    w.write_all(MAGIC)?;
+    w.write_all(&(header.len() as u32).to_le_bytes())?;
+    w.write_all(&header)?;
     for entry in snapshot.entries.values() {
-        out.extend_from_slice(&(entry.key.len() as u32).to_le_bytes());
-        out.extend_from_slice(&entry.key);
-        out.extend_from_slice(&(entry.value.len() as u32).to_le_bytes());
-        out.extend_from_slice(&entry.value);
-        out.extend_from_slice(&entry.create_revision.to_le_bytes());
-        out.extend_from_slice(&entry.mod_revision.to_le_bytes());
-        out.extend_from_slice(&entry.version.to_le_bytes());
+        w.write_all(&(entry.key.len() as u32).to_le_bytes())?;
+        w.write_all(&entry.key)?;
+        w.write_all(&(entry.value.len() as u32).to_le_bytes())?;
+        w.write_all(&entry.value)?;
+        w.write_all(&entry.create_revision.to_le_bytes())?;
+        w.write_all(&entry.mod_revision.to_le_bytes())?;
+        w.write_all(&entry.version.to_le_bytes())?;
     }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
+    let crc = w.crc.finalize();
+    w.inner.write_all(&crc.to_le_bytes())?;
+    w.inner.flush()
 }
 
 /// A cursor over the file's bytes that fails with `Truncated` instead of panicking.
@@ -213,6 +247,15 @@ pub fn load(path: &Path, prefixes: &[String]) -> Result<Option<SnapshotFile>, Sn
 
 /// Writes `bytes` to `path` atomically, readable by the owner only.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// Writes `path` atomically with what `fill` writes, readable by the owner only: a temp file in
+/// the same directory, fsync, rename over `path`, fsync of the directory.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut io::BufWriter<&mut File>) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -232,7 +275,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut f = options.open(&tmp)?;
-        f.write_all(bytes)?;
+        let mut buffered = io::BufWriter::with_capacity(1 << 20, &mut f);
+        fill(&mut buffered)?;
+        buffered.flush()?;
+        drop(buffered);
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, path)?;
@@ -292,7 +338,9 @@ impl SnapshotWriter {
         let prefixes = self.prefixes.clone();
         let revision = snapshot.revision;
         let result = tokio::task::spawn_blocking(move || {
-            write_atomic(&path, &encode(&snapshot, &prefixes, confirmed))
+            write_atomic_with(&path, |out| {
+                encode_into(out, &snapshot, &prefixes, confirmed)
+            })
         })
         .await;
         match result {
@@ -419,5 +467,9 @@ mod tests {
         ));
         // Only the snapshot is left in the directory: no temp files.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        // The streamed write is byte for byte the in-memory encoding.
+        let snap = store().snapshot();
+        write_atomic_with(&path, |out| encode_into(out, &snap, &["/p/".into()], 1)).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), encode(&snap, &["/p/".into()], 1));
     }
 }
