@@ -33,8 +33,9 @@ pub struct Entry {
     pub version: i64,
     /// `ETag` header value, prepared when the revision is applied so reads do not format it.
     pub etag: HeaderValue,
-    /// `Content-Type` of the raw value, chosen once when the revision is applied.
-    pub content_type: HeaderValue,
+    /// Whether the value is not UTF-8 (served as `application/octet-stream`, else as text); one
+    /// byte here rather than a header value per key keeps the mirror's memory near its data.
+    pub binary: bool,
 }
 
 impl Entry {
@@ -48,11 +49,7 @@ impl Entry {
     ) -> Self {
         let etag = HeaderValue::try_from(format!("\"{mod_revision}\""))
             .expect("a quoted integer is a valid header value");
-        let content_type = if std::str::from_utf8(&value).is_ok() {
-            HeaderValue::from_static("text/plain; charset=utf-8")
-        } else {
-            HeaderValue::from_static("application/octet-stream")
-        };
+        let binary = std::str::from_utf8(&value).is_err();
         Entry {
             key,
             value,
@@ -60,7 +57,16 @@ impl Entry {
             mod_revision,
             version,
             etag,
-            content_type,
+            binary,
+        }
+    }
+
+    /// The `Content-Type` of the raw value.
+    pub fn content_type(&self) -> HeaderValue {
+        if self.binary {
+            HeaderValue::from_static("application/octet-stream")
+        } else {
+            HeaderValue::from_static("text/plain; charset=utf-8")
         }
     }
 
