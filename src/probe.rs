@@ -209,3 +209,61 @@ mod tests {
         assert_eq!(verdict(&[member(false, false)]), Observation::Unreachable);
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::config::Config;
+    use crate::mode::{Hysteresis, Mode, ModeHandle, ModeTask};
+
+    /// With time paused, the whole path from probes to the mode runs on virtual time: with nothing
+    /// listening at any endpoint, a full sidecar degrades to cache-only after three probe rounds
+    /// of one second, not before.
+    #[tokio::test(start_paused = true)]
+    async fn three_failed_rounds_of_one_second_make_cache_only() {
+        let dead: Vec<String> = (0..3)
+            .map(|_| {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                format!("http://127.0.0.1:{port}")
+            })
+            .collect();
+        let config = Config::for_endpoints(&dead, &["/p/"]).unwrap();
+        let pool = Arc::new(EndpointPool::new(
+            config.etcd.clone(),
+            Duration::from_secs(1),
+        ));
+        let handle = Arc::new(ModeHandle::default());
+        let (signals, rx) = mpsc::channel(16);
+        let hysteresis = Hysteresis {
+            degrade_after: 3,
+            recover_after: 2,
+        };
+        tokio::spawn(ModeTask::new(hysteresis, handle.clone(), rx, None).run());
+        signals.send(Signal::LoadedFromEtcd).await.unwrap();
+        let start = tokio::time::Instant::now();
+        while handle.mode() != Mode::Full {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let probes = ProbeTask::new(
+            pool,
+            Duration::from_secs(1),
+            Duration::from_millis(800),
+            signals,
+        );
+        tokio::spawn(probes.run());
+        while handle.mode() == Mode::Full {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = start.elapsed();
+        assert_eq!(handle.mode(), Mode::CacheOnly);
+        // Rounds at 0 s, 1 s and 2 s; the third verdict lands within that round's timeout.
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+            "degraded after {took:?}"
+        );
+    }
+}
