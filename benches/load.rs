@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{eventually, EtcdCluster, Fault, Proxy, SseClient};
+use common::{eventually, proxy_every_member, EtcdCluster, Fault, SseClient};
 use etcd_client::{CompactionOptions, Txn, TxnOp};
 
 const SIDECAR: &str = env!("CARGO_BIN_EXE_config-sidecar");
@@ -408,11 +408,7 @@ async fn run(plan: Plan) -> String {
     // Memory, cold start and resync at `keys` keys of 1 KiB.
     let kib = "x".repeat(1024);
     put_many(&mut etcd, "/mem/", plan.keys, &kib).await;
-    let mut proxies = Vec::new();
-    for i in 0..3 {
-        proxies.push(Proxy::start(cluster.addr(i)).await);
-    }
-    let proxied: Vec<String> = proxies.iter().map(|p| p.url()).collect();
+    let (proxies, proxied) = proxy_every_member(&cluster).await;
     let snap = dir.path().join("mem.snap");
     let mem = SidecarProcess::start(&proxied, "/mem/", &snap);
     mem.wait_ready(&http, Duration::from_secs(120)).await;

@@ -286,11 +286,7 @@ async fn compaction_while_cut_off_converges_to_etcd_exactly() {
     for i in 0..20 {
         etcd.put(format!("/cmp/k{i:02}"), "v0", None).await.unwrap();
     }
-    let mut proxies = Vec::new();
-    for i in 0..3 {
-        proxies.push(Proxy::start(cluster.addr(i)).await);
-    }
-    let urls: Vec<String> = proxies.iter().map(|p| p.url()).collect();
+    let (proxies, urls) = proxy_every_member(&cluster).await;
     let sidecar = start_sidecar(sidecar_config(&urls, &["/cmp/"])).await;
     assert_eq!(sidecar_prefix(&sidecar, "/cmp/").await.unwrap().len(), 20);
 
@@ -362,76 +358,67 @@ fn reader(sidecar: Arc<Sidecar>, stop: Arc<AtomicBool>) -> tokio::task::JoinHand
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_and_restarting_the_watched_member_does_not_disturb_reads() {
+/// What happens to the member the watch runs on.
+#[derive(Clone, Copy, Debug)]
+enum MemberFault {
+    /// SIGKILL, then a restart.
+    Kill,
+    /// SIGSTOP, then SIGCONT.
+    Freeze,
+}
+
+/// Faults the watched member while a reader hammers the sidecar: every read succeeds, a change
+/// made through another member arrives, and after the member is back changes still arrive.
+async fn watched_member_fault_leaves_reads_undisturbed(fault: MemberFault) {
     let mut cluster = EtcdCluster::start(3).await;
-    cluster
-        .client()
-        .await
-        .put("/fo/stable", "1", None)
-        .await
-        .unwrap();
+    let mut etcd = cluster.client().await;
+    etcd.put("/fo/stable", "1", None).await.unwrap();
     let sidecar = Arc::new(start_sidecar(sidecar_config(&cluster.endpoints(), &["/fo/"])).await);
     let stop = Arc::new(AtomicBool::new(false));
     let reads = reader(sidecar.clone(), stop.clone());
 
     let victim = watched_member(&sidecar, &cluster).await;
-    cluster.kill(victim);
-    cluster.wait_writable(Duration::from_secs(10)).await;
-    let other = (victim + 1) % 3;
-    let mut etcd = cluster.client_for(other).await;
-    etcd.put("/fo/after-kill", "yes", None).await.unwrap();
+    match fault {
+        MemberFault::Kill => cluster.kill(victim),
+        MemberFault::Freeze => cluster.freeze(victim),
+    }
+    cluster.wait_writable(Duration::from_secs(15)).await;
+    let mut etcd = cluster.client_for((victim + 1) % 3).await;
+    etcd.put("/fo/during", "yes", None).await.unwrap();
     let t = Instant::now();
     eventually(
-        Duration::from_secs(10),
-        "change after killing the watched member",
-        || async { sidecar.value("/v1/kv/fo/after-kill").await.as_deref() == Some("yes") },
+        Duration::from_secs(15),
+        "change with the watched member down",
+        || async { sidecar.value("/v1/kv/fo/during").await.as_deref() == Some("yes") },
     )
     .await;
-    eprintln!("watch moved off a killed member in {:?}", t.elapsed());
+    eprintln!("{fault:?}: watch moved off the member in {:?}", t.elapsed());
     assert_ne!(watched_member(&sidecar, &cluster).await, victim);
 
-    cluster.restart(victim);
-    cluster.wait_writable(Duration::from_secs(10)).await;
-    etcd.put("/fo/after-restart", "yes", None).await.unwrap();
-    eventually(Duration::from_secs(10), "change after restart", || async {
-        sidecar.value("/v1/kv/fo/after-restart").await.as_deref() == Some("yes")
-    })
+    match fault {
+        MemberFault::Kill => cluster.restart(victim),
+        MemberFault::Freeze => cluster.thaw(victim),
+    }
+    cluster.wait_writable(Duration::from_secs(15)).await;
+    etcd.put("/fo/after", "yes", None).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "change after the member is back",
+        || async { sidecar.value("/v1/kv/fo/after").await.as_deref() == Some("yes") },
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     assert!(reads.await.unwrap() > 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_watched_member_is_detected_and_left() {
-    let cluster = EtcdCluster::start(3).await;
-    cluster
-        .client()
-        .await
-        .put("/fo/stable", "1", None)
-        .await
-        .unwrap();
-    let sidecar = Arc::new(start_sidecar(sidecar_config(&cluster.endpoints(), &["/fo/"])).await);
-    let stop = Arc::new(AtomicBool::new(false));
-    let reads = reader(sidecar.clone(), stop.clone());
+async fn killing_and_restarting_the_watched_member_does_not_disturb_reads() {
+    watched_member_fault_leaves_reads_undisturbed(MemberFault::Kill).await;
+}
 
-    let victim = watched_member(&sidecar, &cluster).await;
-    cluster.freeze(victim);
-    let other = (victim + 1) % 3;
-    cluster.wait_writable(Duration::from_secs(15)).await;
-    let mut etcd = cluster.client_for(other).await;
-    etcd.put("/fo/after-freeze", "yes", None).await.unwrap();
-    let t = Instant::now();
-    eventually(
-        Duration::from_secs(15),
-        "change after freezing the watched member",
-        || async { sidecar.value("/v1/kv/fo/after-freeze").await.as_deref() == Some("yes") },
-    )
-    .await;
-    eprintln!("watch moved off a frozen member in {:?}", t.elapsed());
-    cluster.thaw(victim);
-    stop.store(true, Ordering::Relaxed);
-    assert!(reads.await.unwrap() > 10);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_watched_member_is_detected_and_left() {
+    watched_member_fault_leaves_reads_undisturbed(MemberFault::Freeze).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -520,11 +507,7 @@ async fn a_silent_watch_is_reopened_by_its_deadline_alone() {
     let cluster = EtcdCluster::start(3).await;
     let mut etcd = cluster.client().await;
     etcd.put("/quiet/k", "0", None).await.unwrap();
-    let mut proxies = Vec::new();
-    for i in 0..3 {
-        proxies.push(Proxy::start(cluster.addr(i)).await);
-    }
-    let urls: Vec<String> = proxies.iter().map(|p| p.url()).collect();
+    let (proxies, urls) = proxy_every_member(&cluster).await;
     let mut config = sidecar_config(&urls, &["/quiet/"]);
     // Keep-alive effectively off: only the sidecar's own deadline can notice the silence.
     config.etcd.keepalive_interval = Duration::from_secs(3600);

@@ -375,11 +375,7 @@ async fn events_during_a_compaction_resync_are_correct() {
     for i in 0..10 {
         etcd.put(format!("/cr/k{i}"), "v0", None).await.unwrap();
     }
-    let mut proxies = Vec::new();
-    for i in 0..3 {
-        proxies.push(Proxy::start(cluster.addr(i)).await);
-    }
-    let urls: Vec<String> = proxies.iter().map(|p| p.url()).collect();
+    let (proxies, urls) = proxy_every_member(&cluster).await;
     let mut config = sidecar_config(&urls, &["/cr/"]);
     config.mode.probe_interval = Duration::from_millis(200);
     config.mode.probe_timeout = Duration::from_millis(150);

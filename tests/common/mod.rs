@@ -348,6 +348,16 @@ impl Drop for Proxy {
     }
 }
 
+/// A proxy in front of every member of `cluster`, and the URLs to give the sidecar.
+pub async fn proxy_every_member(cluster: &EtcdCluster) -> (Vec<Proxy>, Vec<String>) {
+    let mut proxies = Vec::new();
+    for i in 0..cluster.endpoints().len() {
+        proxies.push(Proxy::start(cluster.addr(i)).await);
+    }
+    let urls = proxies.iter().map(|p| p.url()).collect();
+    (proxies, urls)
+}
+
 /// A sidecar configuration with fast failure detection, for tests.
 pub fn sidecar_config(endpoints: &[String], prefixes: &[&str]) -> Config {
     let mut config = Config::for_endpoints(endpoints, prefixes).expect("valid test config");
