@@ -102,11 +102,7 @@ async fn sigterm_stops_the_binary_with_exit_0() {
         .put("/bin/k", "v", None)
         .await
         .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(BIN)
         .args(["--listen", &listen, "--log-format", "json"])

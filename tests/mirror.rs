@@ -455,10 +455,7 @@ async fn starts_with_one_endpoint_dead() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_is_not_missing_before_the_first_load() {
     // Nothing listens on this endpoint: the sidecar serves HTTP but has no data yet.
-    let dead = format!("http://127.0.0.1:{}", {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    });
+    let dead = format!("http://127.0.0.1:{}", free_port());
     let config = sidecar_config(&[dead], &["/cfg/"]);
     let running = config_sidecar::Running::start(config).await.unwrap();
     let base = format!("http://{}", running.addr);

@@ -9,19 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::eventually;
+use common::{eventually, free_port};
 use config_sidecar::persist;
 use config_sidecar::store::{Entry, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_config-sidecar");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A good snapshot of `/snap/` with one key.
 fn good_snapshot(prefixes: &[&str]) -> Vec<u8> {

@@ -20,11 +20,21 @@ fn etcd_bin() -> String {
     std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into())
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+/// A free loopback port for an etcd member to bind later. Taken below the kernel's ephemeral range
+/// (32768 and up), from a counter unique within this process: a port picked by binding port 0 and
+/// letting go could be handed to one of the thousands of outgoing connections a test makes before
+/// etcd binds it.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = (std::process::id() % 40) * 300;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (20_000 + (offset + n) % 12_000) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A temp dir on tmpfs when there is one: etcd fsyncs every commit, and a disk makes tests slow.
