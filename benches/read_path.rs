@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the read path at 1k, 10k and 100k keys: one key through the whole router
-//! (lookup + response build), a prefix listing and a tree render (uncached), and applying a watch
-//! batch. `cargo bench --bench read_path`; under `cargo test` each runs once as a smoke test.
+//! (lookup + response build), a prefix listing and a tree render (uncached), applying a watch
+//! batch, and encoding / decoding the disk snapshot. `cargo bench --bench read_path`; under
+//! `cargo test` each runs once as a smoke test.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use config_sidecar::config::Config;
 use config_sidecar::etcd::EndpointPool;
 use config_sidecar::http::{app, AppState};
 use config_sidecar::mode::ModeHandle;
+use config_sidecar::persist;
 use config_sidecar::render::{render_list, render_tree};
 use config_sidecar::store::{Entry, Event, Store};
 use config_sidecar::sync::SyncStatus;
@@ -80,6 +82,14 @@ fn read_path(c: &mut Criterion) {
             &snapshot,
             |b, s| b.iter(|| render_tree(s, "/bench/app42/")),
         );
+        let prefixes = vec!["/bench/".to_string()];
+        let encoded = persist::encode(&snapshot, &prefixes, 1);
+        c.bench_with_input(BenchmarkId::new("snapshot_encode", n), &snapshot, |b, s| {
+            b.iter(|| persist::encode(s, &prefixes, 1))
+        });
+        c.bench_with_input(BenchmarkId::new("snapshot_decode", n), &encoded, |b, e| {
+            b.iter(|| persist::decode(e).unwrap())
+        });
         let mut revision = n as i64 + 2;
         c.bench_function(&format!("apply_batch_of_10/{n}"), |b| {
             b.iter(|| {
