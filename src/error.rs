@@ -48,9 +48,6 @@ pub enum ApiError {
     /// The request body is larger than the sidecar accepts.
     #[error("the request body is too large")]
     PayloadTooLarge,
-    /// The handler did not finish in time.
-    #[error("the request timed out")]
-    Timeout,
     /// The mirror is staler than the request's `max_stale` allows.
     #[error("the mirror was last confirmed current {stale_ms} ms ago, more than max_stale allows ({max_ms} ms)")]
     TooStale {
@@ -105,7 +102,6 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::NotReady
-            | ApiError::Timeout
             | ApiError::TooStale { .. }
             | ApiError::NoQuorum(_)
             | ApiError::WritesRefused { .. }
@@ -136,7 +132,6 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::UriTooLong(_) => "uri_too_long",
             ApiError::PayloadTooLarge => "payload_too_large",
-            ApiError::Timeout => "timeout",
             ApiError::TooStale { .. } => "too_stale",
             ApiError::NoQuorum(_) => "no_quorum",
             ApiError::WritesDisabled => "writes_disabled",

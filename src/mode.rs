@@ -163,8 +163,6 @@ pub struct ModeMachine {
     reach_streak: u32,
     /// Whether the watch is running; `full` needs it.
     watching: bool,
-    /// Whether the mirror has been loaded at all.
-    loaded: bool,
 }
 
 impl ModeMachine {
@@ -178,7 +176,6 @@ impl ModeMachine {
             quorum_streak: 0,
             reach_streak: 0,
             watching: false,
-            loaded: false,
         }
     }
 
@@ -196,7 +193,6 @@ impl ModeMachine {
     pub fn on(&mut self, signal: Signal, now: SystemTime) -> Option<Transition> {
         let (target, reason) = match signal {
             Signal::LoadedFromEtcd => {
-                self.loaded = true;
                 if self.mode != Mode::Starting {
                     return None;
                 }
@@ -205,7 +201,6 @@ impl ModeMachine {
                 (Mode::Full, "first complete load from etcd".to_string())
             }
             Signal::LoadedFromSnapshot => {
-                self.loaded = true;
                 if self.mode != Mode::Starting {
                     return None;
                 }
