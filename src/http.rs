@@ -803,8 +803,18 @@ mod tests {
             assert!(body.is_empty());
             assert_eq!(headers[&REVISION_HEADER], "7");
         }
-        let (status, _, _) = call(app, "/v1/kv/c/a", Some("\"2\"")).await;
+        let (status, _, _) = call(app.clone(), "/v1/kv/c/a", Some("\"2\"")).await;
         assert_eq!(status, StatusCode::OK);
+        // HEAD answers with the same headers and no body: how scripts learn the index.
+        let req = Request::builder()
+            .method(Method::HEAD)
+            .uri("/v1/kv/c/a")
+            .body(Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[&INDEX_HEADER], "7");
+        assert!(to_bytes(resp.into_body(), 16).await.unwrap().is_empty());
     }
 
     #[tokio::test]
