@@ -611,6 +611,36 @@ mod tests {
     }
 
     #[test]
+    fn the_write_token_is_read_from_its_file_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret-token\n").unwrap();
+        let t = token.to_str().unwrap();
+        let c = cli(&["--prefix", "/c/", "--allow-writes", "--write-token-file", t]).unwrap();
+        assert!(c.writes.allowed);
+        assert_eq!(c.writes.token.as_deref(), Some("s3cret-token"));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug output shows the token"
+        );
+        std::fs::write(&token, "  \n").unwrap();
+        assert!(cli(&["--prefix", "/c/", "--write-token-file", t])
+            .unwrap_err()
+            .contains("empty"));
+        let missing = dir.path().join("nope");
+        let e = cli(&[
+            "--prefix",
+            "/c/",
+            "--write-token-file",
+            missing.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(e.contains("--write-token-file"), "{e}");
+        let e = cli(&["--prefix", "/c/", "--webhook", "ftp://x"]).unwrap_err();
+        assert!(e.contains("--webhook"), "{e}");
+    }
+
+    #[test]
     fn file_fills_in_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
