@@ -461,11 +461,9 @@ async fn kv_get(
         })
     } else {
         match snapshot.get(key.as_bytes()) {
-            Some(entry) => {
-                not_modified_or(headers, entry.etag.clone(), entry.content_type(), || {
-                    Body::from(entry.value.clone())
-                })
-            }
+            Some(entry) => not_modified_or(headers, entry.etag(), entry.content_type(), || {
+                Body::from(entry.value.clone())
+            }),
             // Missing at a known revision: the headers say which one.
             None => ApiError::KeyNotFound {
                 key,
