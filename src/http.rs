@@ -5,6 +5,7 @@
 //! from the snapshot current when the request started; only `?consistent` reads (one quorum read
 //! to know what "current" is) and writes talk to etcd.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -272,7 +273,7 @@ fn parse_revision(what: &str, text: &str) -> Result<i64, ApiError> {
 }
 
 /// The key named by the path after `route` (`/v1/kv` or `/v1/tree`), decoded once.
-fn key_from_path(uri: &Uri, route: &str) -> Result<String, ApiError> {
+fn key_from_path<'u>(uri: &'u Uri, route: &str) -> Result<Cow<'u, str>, ApiError> {
     check_uri_length(uri)?;
     let raw = uri.path().strip_prefix(route).unwrap_or("");
     Ok(decode_key_path(raw)?)
@@ -466,7 +467,7 @@ async fn kv_get(
             }),
             // Missing at a known revision: the headers say which one.
             None => ApiError::KeyNotFound {
-                key,
+                key: key.into_owned(),
                 revision: snapshot.revision,
             }
             .into_response(),
@@ -483,7 +484,7 @@ async fn tree_get(
     let mut query = parse_query(uri)?;
     let mut dir = key_from_path(uri, "/v1/tree")?;
     if !dir.ends_with('/') {
-        dir.push('/');
+        dir.to_mut().push('/');
     }
     ensure_mirrored(&state, &dir)?;
     query.recurse = true;
@@ -548,7 +549,7 @@ fn admit_write(
             retry_after: state.retry_after,
         });
     }
-    Ok((key, query, cas))
+    Ok((key.into_owned(), query, cas))
 }
 
 /// Forwards a write, then waits until the mirror has applied it, so that a read from this sidecar
@@ -656,7 +657,7 @@ async fn watch(State(state): State<Arc<AppState>>, request: Request) -> Result<R
             )));
         }
     }
-    let scope = Scope::Prefix(Bytes::from(prefix.into_bytes()));
+    let scope = Scope::Prefix(Bytes::from(prefix.into_owned().into_bytes()));
     let stream = event_stream(
         state.store.clone(),
         &state.mode,

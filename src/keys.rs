@@ -4,6 +4,7 @@
 //! All key handling that could let a request escape the mirrored prefixes lives here, so that the
 //! rules (decode once, no empty, `.` or `..` segments, no NUL) are checked in one place.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Why a URL path is not an acceptable key.
@@ -34,11 +35,18 @@ pub enum KeyError {
 /// decoding, so `%2e%2e` and `%2F` cannot smuggle in what a plain path may not carry.
 ///
 /// A trailing `/` is allowed (prefix reads such as `/config/app/`), empty segments elsewhere are not.
-pub fn decode_key_path(raw: &str) -> Result<String, KeyError> {
+///
+/// A path without `%` is the key as it stands and is borrowed, not copied: the common read costs
+/// no allocation here.
+pub fn decode_key_path(raw: &str) -> Result<Cow<'_, str>, KeyError> {
+    if !raw.contains('%') {
+        validate_key(raw)?;
+        return Ok(Cow::Borrowed(raw));
+    }
     let bytes = percent_decode(raw.as_bytes())?;
     let key = String::from_utf8(bytes).map_err(|_| KeyError::NotUtf8)?;
     validate_key(&key)?;
-    Ok(key)
+    Ok(Cow::Owned(key))
 }
 
 /// Checks a decoded key against the rules of [`decode_key_path`].
