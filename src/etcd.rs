@@ -21,11 +21,10 @@ pub const MAX_DECODE_BYTES: usize = 256 * 1024 * 1024;
 struct Member {
     /// The URL as configured.
     url: String,
-    /// The client for the watch, loads and writes: requires a leader. Created lazily.
-    client: Option<Client>,
-    /// The client for health probes: does not require a leader, because with `require_leader`
-    /// even a serializable read fails once quorum is lost, and reachability is what it must tell.
-    probe_client: Option<Client>,
+    /// The clients, by [`ClientKind`], each created on first use. Probes get their own client
+    /// without `require_leader`: with it even a serializable read fails once quorum is lost, and
+    /// reachability is what a probe must tell.
+    clients: [Option<Client>; 2],
     /// Consecutive failures since the last success.
     failures: u32,
     /// Until when the member rests after a failure.
@@ -34,6 +33,15 @@ struct Member {
     last_error: Option<String>,
     /// When the last error happened.
     last_error_at: Option<SystemTime>,
+}
+
+/// Which of a member's two clients.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientKind {
+    /// Watch, loads and writes: requires a leader.
+    Main = 0,
+    /// Health probes: no leader required.
+    Probe = 1,
 }
 
 /// Health of one endpoint, as shown in `/v1/status`.
@@ -79,8 +87,7 @@ impl EndpointPool {
             .iter()
             .map(|url| Member {
                 url: url.clone(),
-                client: None,
-                probe_client: None,
+                clients: [None, None],
                 failures: 0,
                 cooldown_until: None,
                 last_error: None,
@@ -97,48 +104,47 @@ impl EndpointPool {
     /// Picks the endpoint to use next: the first one, starting after `after` (so a failing endpoint
     /// is left for the next one), that is not resting; if all rest, the one whose rest ends first.
     pub async fn choose(&self, after: Option<usize>) -> Result<Chosen, etcd_client::Error> {
-        let (index, url, existing) = {
+        let index = {
             let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
             let n = members.len();
             let start = after.map(|a| (a + 1) % n).unwrap_or(0);
             let now = Instant::now();
             let order = (0..n).map(|i| (start + i) % n);
-            let index = order
+            order
                 .clone()
                 .find(|&i| members[i].cooldown_until.is_none_or(|t| t <= now))
                 .or_else(|| order.min_by_key(|&i| members[i].cooldown_until))
-                .expect("the pool has at least one endpoint");
-            let m = &members[index];
-            (index, m.url.clone(), m.client.clone())
+                .expect("the pool has at least one endpoint")
         };
-        let client = match existing {
-            Some(c) => c,
-            None => {
-                let c = Client::connect([url.as_str()], Some(self.connect_options())).await?;
-                let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-                members[index].client = Some(c.clone());
-                c
-            }
-        };
-        Ok(Chosen { index, url, client })
+        let client = self.client(index, ClientKind::Main).await?;
+        Ok(Chosen {
+            index,
+            url: self.url(index),
+            client,
+        })
     }
 
     /// The probe client of endpoint `index` (no leader required).
     pub async fn probe_client(&self, index: usize) -> Result<Client, etcd_client::Error> {
-        let (url, existing) = {
+        self.client(index, ClientKind::Probe).await
+    }
+
+    /// The client of `kind` for endpoint `index`, connected on first use and kept.
+    async fn client(&self, index: usize, kind: ClientKind) -> Result<Client, etcd_client::Error> {
+        let existing = {
             let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-            (
-                members[index].url.clone(),
-                members[index].probe_client.clone(),
-            )
+            members[index].clients[kind as usize].clone()
         };
         if let Some(c) = existing {
             return Ok(c);
         }
-        let options = self.connect_options().with_require_leader(false);
-        let c = Client::connect([url.as_str()], Some(options)).await?;
+        // A member cut off from the majority would otherwise keep a watch open and silent.
+        let options = self
+            .connect_options()
+            .with_require_leader(kind == ClientKind::Main);
+        let c = Client::connect([self.url(index).as_str()], Some(options)).await?;
         let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        members[index].probe_client = Some(c.clone());
+        members[index].clients[kind as usize] = Some(c.clone());
         Ok(c)
     }
 
@@ -205,7 +211,5 @@ impl EndpointPool {
                 self.config.keepalive_timeout,
             )
             .with_keep_alive_while_idle(true)
-            // A member cut off from the majority would otherwise keep a watch open and silent.
-            .with_require_leader(true)
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::broadcast::Receiver;
 use tokio::sync::watch;
 
 use crate::mode::{ModeHandle, Transition};
-use crate::render::entry_json;
+use crate::render::{entry_json, put_bytes};
 use crate::store::{Change, ChangeSet, Snapshot, Store};
 
 /// Longest `wait` a blocking query may ask for.
@@ -101,19 +101,7 @@ fn change_event(change: &Change) -> Event {
             .data(entry_json(entry).to_string()),
         Change::Delete { key, revision } => {
             let mut obj = serde_json::Map::new();
-            match std::str::from_utf8(key) {
-                Ok(k) => {
-                    obj.insert("key".into(), k.into());
-                }
-                Err(_) => {
-                    use base64::Engine;
-                    obj.insert(
-                        "key".into(),
-                        base64::engine::general_purpose::STANDARD.encode(key).into(),
-                    );
-                    obj.insert("key_encoding".into(), "base64".into());
-                }
-            }
+            put_bytes(&mut obj, "key", key);
             obj.insert("mod_revision".into(), (*revision).into());
             Event::default()
                 .event("delete")

@@ -55,8 +55,9 @@ impl RenderCache {
     }
 }
 
-/// Puts `text` into `obj` under `field`, base64 with a marker field when it is not UTF-8.
-fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
+/// Puts `bytes` into `obj` under `field` as text, or as base64 with a `{field}_encoding: "base64"`
+/// marker when they are not UTF-8. Every JSON body that carries keys or values uses it.
+pub fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(text) => {
             obj.insert(field.into(), Value::String(text.into()));
