@@ -189,6 +189,17 @@ pub enum StoreError {
     },
 }
 
+/// Where a published snapshot came from, which decides what its followers are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The watch: its changes follow the previous revision.
+    Watch,
+    /// A full reload of the same cluster's data (a compaction resync): its difference follows too.
+    Resync,
+    /// A first load (from etcd or the disk) or another cluster's data: nothing before it replays.
+    Restart,
+}
+
 /// The changes one published snapshot made, as subscribers see them.
 #[derive(Debug)]
 pub struct ChangeSet {
@@ -370,26 +381,12 @@ impl Store {
             ..Snapshot::empty()
         }
         .publishable(revision);
-        if !old.loaded || !same_cluster {
-            // A first load (from etcd or the disk) or another cluster: nothing before it can be
-            // replayed; subscribers asking for older revisions get a reset, and those following
-            // another cluster's data are told to start over.
-            history.sets.clear();
-            history.floor = revision;
-            let reset = old.loaded;
-            self.current.store(Arc::new(next));
-            if reset {
-                let _ = self.changes_tx.send(Arc::new(ChangeSet {
-                    revision,
-                    changes: changes.clone(),
-                    resync: true,
-                    reset: true,
-                }));
-            }
-            self.revision_tx.send_replace(revision);
+        let origin = if old.loaded && same_cluster {
+            Origin::Resync
         } else {
-            self.publish(&mut history, next, changes.clone(), true);
-        }
+            Origin::Restart
+        };
+        self.publish(&mut history, next, changes.clone(), origin);
         Ok(changes)
     }
 
@@ -432,7 +429,7 @@ impl Store {
             &mut history,
             next.publishable(revision),
             changes.clone(),
-            false,
+            Origin::Watch,
         );
         changes
     }
@@ -443,15 +440,26 @@ impl Store {
         history: &mut History,
         snapshot: Snapshot,
         changes: Vec<Change>,
-        resync: bool,
+        origin: Origin,
     ) {
         let revision = snapshot.revision;
         self.current.store(Arc::new(snapshot));
-        if !changes.is_empty() {
+        if origin == Origin::Restart {
+            // Nothing before this can be replayed: asking for older revisions gets a reset, and
+            // whoever follows (another cluster's data, at unrelated revisions) starts over.
+            history.sets.clear();
+            history.floor = revision;
+            let _ = self.changes_tx.send(Arc::new(ChangeSet {
+                revision,
+                changes,
+                resync: true,
+                reset: true,
+            }));
+        } else if !changes.is_empty() {
             let set = Arc::new(ChangeSet {
                 revision,
                 changes,
-                resync,
+                resync: origin == Origin::Resync,
                 reset: false,
             });
             history.sets.push_back(set.clone());
