@@ -50,6 +50,19 @@ async fn webhook_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
     (url, received)
 }
 
+/// `(from, to)` of each transition as JSON.
+fn from_to(transitions: &[serde_json::Value]) -> Vec<(String, String)> {
+    transitions
+        .iter()
+        .map(|t| {
+            (
+                t["from"].as_str().unwrap().into(),
+                t["to"].as_str().unwrap().into(),
+            )
+        })
+        .collect()
+}
+
 async fn mode_of(sidecar: &Sidecar) -> String {
     sidecar.json("/v1/status").await["mode"]
         .as_str()
@@ -222,17 +235,7 @@ async fn the_ladder_down_and_back_up() {
     )
     .await;
     let status = sidecar.json("/v1/status").await;
-    let transitions: Vec<(String, String)> = status["transitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            (
-                t["from"].as_str().unwrap().into(),
-                t["to"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let transitions = from_to(status["transitions"].as_array().unwrap());
     let expected: Vec<(String, String)> = [
         ("starting", "full"),
         ("full", "read-only"),
@@ -248,17 +251,7 @@ async fn the_ladder_down_and_back_up() {
         || async { posted.lock().unwrap().len() >= 3 },
     )
     .await;
-    let hooked: Vec<(String, String)> = posted
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            (
-                t["from"].as_str().unwrap().into(),
-                t["to"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let hooked = from_to(&posted.lock().unwrap());
     assert_eq!(
         hooked, expected,
         "the webhook received the transitions in order"

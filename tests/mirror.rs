@@ -11,6 +11,17 @@ use std::time::{Duration, Instant};
 use common::*;
 use etcd_client::{CompactionOptions, Txn, TxnOp};
 
+/// A conditional GET.
+async fn get_if_none_match(sidecar: &Sidecar, path: &str, etag: &str) -> reqwest::Response {
+    sidecar
+        .http
+        .get(sidecar.url(path))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_load_serves_keys_listings_and_trees() {
     let cluster = EtcdCluster::start(3).await;
@@ -47,23 +58,11 @@ async fn initial_load_serves_keys_listings_and_trees() {
     assert_eq!(r.text().await.unwrap(), "db.local");
 
     // Conditional reads: the same ETag → 304 without a body; another → 200.
-    let r = sidecar
-        .http
-        .get(sidecar.url("/v1/kv/config/app/db/host"))
-        .header("if-none-match", &etag)
-        .send()
-        .await
-        .unwrap();
+    let r = get_if_none_match(&sidecar, "/v1/kv/config/app/db/host", &etag).await;
     assert_eq!(r.status(), 304);
     assert_eq!(r.headers()["etag"].to_str().unwrap(), etag);
     assert!(r.text().await.unwrap().is_empty());
-    let r = sidecar
-        .http
-        .get(sidecar.url("/v1/kv/config/app/db/host"))
-        .header("if-none-match", "\"1\"")
-        .send()
-        .await
-        .unwrap();
+    let r = get_if_none_match(&sidecar, "/v1/kv/config/app/db/host", "\"1\"").await;
     assert_eq!(r.status(), 200);
 
     // A change to the key changes its ETag, so the old one no longer matches.
@@ -74,13 +73,7 @@ async fn initial_load_serves_keys_listings_and_trees() {
         sidecar.value("/v1/kv/config/app/db/host").await.as_deref() == Some("db2.local")
     })
     .await;
-    let r = sidecar
-        .http
-        .get(sidecar.url("/v1/kv/config/app/db/host"))
-        .header("if-none-match", &etag)
-        .send()
-        .await
-        .unwrap();
+    let r = get_if_none_match(&sidecar, "/v1/kv/config/app/db/host", &etag).await;
     assert_eq!(r.status(), 200);
     assert_ne!(r.headers()["etag"].to_str().unwrap(), etag);
 
