@@ -18,8 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{eventually, proxy_every_member, EtcdCluster, Fault, SseClient};
-use etcd_client::{CompactionOptions, Txn, TxnOp};
+use common::{compact_to, eventually, proxy_every_member, put_rev, EtcdCluster, Fault, SseClient};
+use etcd_client::{Txn, TxnOp};
 
 const SIDECAR: &str = env!("CARGO_BIN_EXE_config-sidecar");
 
@@ -360,13 +360,7 @@ async fn run(plan: Plan) -> String {
     let mut samples = Vec::with_capacity(plan.propagation_puts);
     for i in 0..plan.propagation_puts {
         let t = Instant::now();
-        let rev = etcd
-            .put(format!("/bench/prop/k{}", i % 10), i.to_string(), None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision();
+        let rev = put_rev(&mut etcd, format!("/bench/prop/k{}", i % 10), i.to_string()).await;
         loop {
             let e = stream.next(Duration::from_secs(5)).await.expect("event");
             if e.id.as_deref() == Some(&rev.to_string()) {
@@ -426,16 +420,8 @@ async fn run(plan: Plan) -> String {
         p.set(Fault::Blackhole);
     }
     etcd.put("/mem/k000000", "changed", None).await.unwrap();
-    let head = etcd
-        .put("/mem/k000001", "changed", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    etcd.compact(head, Some(CompactionOptions::new().with_physical()))
-        .await
-        .unwrap();
+    let head = put_rev(&mut etcd, "/mem/k000001", "changed").await;
+    compact_to(&mut etcd, head).await;
     let t = Instant::now();
     for p in &proxies {
         p.set(Fault::Pass);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use etcd_client::{CompactionOptions, Txn, TxnOp};
+use etcd_client::{Txn, TxnOp};
 
 /// A conditional GET.
 async fn get_if_none_match(sidecar: &Sidecar, path: &str, etag: &str) -> reqwest::Response {
@@ -295,9 +295,7 @@ async fn compaction_while_cut_off_converges_to_etcd_exactly() {
     }
     let last = etcd.put("/cmp/new", "fresh", None).await.unwrap();
     let head = last.header().unwrap().revision();
-    etcd.compact(head, Some(CompactionOptions::new().with_physical()))
-        .await
-        .unwrap();
+    compact_to(&mut etcd, head).await;
     // The mirror keeps serving what it had while cut off; it never empties.
     assert_eq!(sidecar_prefix(&sidecar, "/cmp/").await.unwrap().len(), 20);
 

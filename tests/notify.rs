@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use etcd_client::{CompactionOptions, Txn, TxnOp};
+use etcd_client::{Txn, TxnOp};
 
 fn index_of(r: &reqwest::Response) -> i64 {
     r.headers()["x-config-index"]
@@ -332,13 +332,7 @@ async fn a_stalled_subscriber_does_not_delay_the_others() {
         reader_progress.push(got.len());
     }
     for batch in 0..1100 {
-        last = etcd
-            .put(format!("/st/small{batch}"), "s", None)
-            .await
-            .unwrap()
-            .header()
-            .unwrap()
-            .revision();
+        last = put_rev(&mut etcd, format!("/st/small{batch}"), "s").await;
     }
     read_until(&mut healthy, last, Duration::from_secs(10)).await;
     eprintln!(
@@ -412,16 +406,8 @@ async fn events_during_a_compaction_resync_are_correct() {
         etcd.delete(format!("/cr/k{i}"), None).await.unwrap();
     }
     etcd.put("/cr/k7", "v1", None).await.unwrap();
-    let head = etcd
-        .put("/cr/new", "n", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    etcd.compact(head, Some(CompactionOptions::new().with_physical()))
-        .await
-        .unwrap();
+    let head = put_rev(&mut etcd, "/cr/new", "n").await;
+    compact_to(&mut etcd, head).await;
     // The stream says the mode changed while the sidecar is cut off.
     let mut modes = Vec::new();
     while !modes.iter().any(|m: &String| m == "cache-only") {

@@ -467,6 +467,22 @@ where
     }
 }
 
+/// Puts `key` and returns the revision of the put.
+pub async fn put_rev(etcd: &mut Client, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> i64 {
+    let response = etcd.put(key, value, None).await.expect("put");
+    response.header().expect("response header").revision()
+}
+
+/// Compacts etcd's history up to `revision`, physically (waits until the space is reclaimed).
+pub async fn compact_to(etcd: &mut Client, revision: i64) {
+    etcd.compact(
+        revision,
+        Some(etcd_client::CompactionOptions::new().with_physical()),
+    )
+    .await
+    .expect("compact");
+}
+
 /// Every key and value under `prefix` as etcd has it now (linearizable read), sorted by key.
 pub async fn etcd_prefix(client: &mut Client, prefix: &str) -> Vec<(String, String)> {
     let resp = client
