@@ -17,10 +17,8 @@ use crate::config::EtcdConfig;
 /// than one page of large values or one watch response catching up over many revisions.
 pub const MAX_DECODE_BYTES: usize = 256 * 1024 * 1024;
 
-/// One etcd member as the sidecar sees it.
+/// One etcd member as the sidecar sees it; its URL is `config.endpoints` at the same index.
 struct Member {
-    /// The URL as configured.
-    url: String,
     /// The clients, by [`ClientKind`], each created on first use. Probes get their own client
     /// without `require_leader`: with it even a serializable read fails once quorum is lost, and
     /// reachability is what a probe must tell.
@@ -85,8 +83,7 @@ impl EndpointPool {
         let members = config
             .endpoints
             .iter()
-            .map(|url| Member {
-                url: url.clone(),
+            .map(|_| Member {
                 clients: [None, None],
                 failures: 0,
                 cooldown_until: None,
@@ -186,8 +183,9 @@ impl EndpointPool {
         let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
         members
             .iter()
-            .map(|m| EndpointStatus {
-                url: m.url.clone(),
+            .zip(&self.config.endpoints)
+            .map(|(m, url)| EndpointStatus {
+                url: url.clone(),
                 health: if m.failures == 0 {
                     "healthy"
                 } else {

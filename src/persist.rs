@@ -245,11 +245,6 @@ pub fn load(path: &Path, prefixes: &[String]) -> Result<Option<SnapshotFile>, Sn
     Ok(Some(file))
 }
 
-/// Writes `bytes` to `path` atomically, readable by the owner only.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_atomic_with(path, |f| f.write_all(bytes))
-}
-
 /// Writes `path` atomically with what `fill` writes, readable by the owner only: a temp file in
 /// the same directory, fsync, rename over `path`, fsync of the directory.
 pub fn write_atomic_with(
@@ -448,7 +443,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mirror.snap");
         assert!(load(&path, &["/p/".into()]).unwrap().is_none());
-        write_atomic(&path, &encode(&store().snapshot(), &["/p/".into()], 1)).unwrap();
+        let bytes = encode(&store().snapshot(), &["/p/".into()], 1);
+        write_atomic_with(&path, |f| f.write_all(&bytes)).unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
