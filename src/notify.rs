@@ -167,6 +167,14 @@ impl Subscriber {
         self.last = snapshot.revision;
     }
 
+    /// Starts over from the current state, with a fresh subscription taken atomically with it,
+    /// so nothing is missed after.
+    fn start_over(&mut self, reason: &str) {
+        let follow = self.store.follow(i64::MAX);
+        self.live = follow.live;
+        self.queue_reset(&follow.snapshot, reason);
+    }
+
     /// The next event, or `None` when the server is shutting down.
     async fn next(&mut self) -> Option<Event> {
         loop {
@@ -185,17 +193,11 @@ impl Subscriber {
                 }
                 received = self.live.recv() => match received {
                     Ok(set) if set.reset => {
-                        let follow = self.store.follow(i64::MAX);
-                        self.live = follow.live;
-                        self.queue_reset(&follow.snapshot, "the mirror was replaced (another etcd cluster)");
+                        self.start_over("the mirror was replaced (another etcd cluster)");
                     }
                     Ok(set) => self.queue_set(&set),
                     Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
-                        // Too slow to keep up: start over from the current state, with a fresh
-                        // subscription taken atomically with it, so nothing is missed after.
-                        let follow = self.store.follow(i64::MAX);
-                        self.live = follow.live;
-                        self.queue_reset(&follow.snapshot, "the subscriber fell behind");
+                        self.start_over("the subscriber fell behind");
                     }
                 },
                 received = self.modes.recv() => {
