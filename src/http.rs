@@ -6,6 +6,7 @@
 //! to know what "current" is) and writes talk to etcd.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -33,7 +34,8 @@ use crate::mode::{Mode, ModeHandle};
 use crate::notify::{event_stream, wait_for_change, Scope, DEFAULT_WAIT, HEARTBEAT, MAX_WAIT};
 use crate::probe::ProbeResults;
 use crate::render::{RenderCache, View};
-use crate::store::{Snapshot, Store};
+use crate::service::SidecarService;
+use crate::store::{Entry, Snapshot, Store};
 use crate::sync::{SyncState, SyncStatus};
 use crate::write::{self, WriteOp};
 
@@ -137,8 +139,19 @@ impl AppState {
     }
 }
 
-/// The service: routes and middleware.
+/// What each connection runs: the fast path for plain key reads, then the router.
+pub fn service(state: AppState) -> SidecarService {
+    let state = Arc::new(state);
+    SidecarService::new(state.clone(), router(state))
+}
+
+/// The router alone (routes and middleware), for tests that drive it with `oneshot`.
 pub fn app(state: AppState) -> Router {
+    router(Arc::new(state))
+}
+
+/// Routes and middleware over the shared state.
+fn router(state: Arc<AppState>) -> Router {
     let middleware = ServiceBuilder::new()
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
         .layer(
@@ -172,7 +185,7 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware)
         // One Arc: cloning the state per request costs one increment.
-        .with_state(Arc::new(state))
+        .with_state(state)
 }
 
 async fn unknown_route(uri: Uri) -> ApiError {
@@ -412,37 +425,105 @@ fn etag_matches(headers: &HeaderMap, etag: &HeaderValue) -> bool {
         })
 }
 
+/// Header values formatted on this thread for the last revision and staleness it answered with.
+/// Requests in the same millisecond share the staleness values instead of formatting them again,
+/// and each thread clones its own copy of the revision value, so the two cores do not contend for
+/// one reference count on every response.
+struct ThreadHeaders {
+    /// The revision `revision` was formatted for.
+    revision_of: i64,
+    /// `X-Config-Revision` and `X-Config-Index`.
+    revision: HeaderValue,
+    /// The staleness in milliseconds `stale_ms` and `age` were formatted for.
+    stale_of: u64,
+    /// `X-Config-Stale-Ms`.
+    stale_ms: HeaderValue,
+    /// `Age`, in seconds.
+    age: HeaderValue,
+}
+
+thread_local! {
+    static THREAD_HEADERS: RefCell<ThreadHeaders> = const {
+        RefCell::new(ThreadHeaders {
+            revision_of: 0,
+            revision: HeaderValue::from_static("0"),
+            stale_of: 0,
+            stale_ms: HeaderValue::from_static("0"),
+            age: HeaderValue::from_static("0"),
+        })
+    };
+}
+
 /// Adds what every mirror response says: revision, mode and staleness.
-fn with_mirror_headers(mut response: Response, state: &AppState, snapshot: &Snapshot) -> Response {
+pub(crate) fn with_mirror_headers<B>(
+    mut response: http::Response<B>,
+    state: &AppState,
+    snapshot: &Snapshot,
+) -> http::Response<B> {
     let stale = state.mode.staleness(SystemTime::now());
     let headers = response.headers_mut();
-    headers.insert(REVISION_HEADER, snapshot.revision_header.clone());
-    headers.insert(INDEX_HEADER, snapshot.revision_header.clone());
     headers.insert(MODE_HEADER, state.mode.mode().header());
-    if let Some(stale) = stale {
-        headers.insert(STALE_HEADER, HeaderValue::from(stale.as_millis() as u64));
-        headers.insert(header::AGE, HeaderValue::from(stale.as_secs()));
-    }
+    THREAD_HEADERS.with(|cell| {
+        let mut mine = cell.borrow_mut();
+        if mine.revision_of != snapshot.revision {
+            mine.revision_of = snapshot.revision;
+            mine.revision = HeaderValue::from(snapshot.revision);
+        }
+        headers.insert(REVISION_HEADER, mine.revision.clone());
+        headers.insert(INDEX_HEADER, mine.revision.clone());
+        if let Some(stale) = stale {
+            let ms = stale.as_millis() as u64;
+            if mine.stale_of != ms {
+                mine.stale_of = ms;
+                mine.stale_ms = HeaderValue::from(ms);
+                mine.age = HeaderValue::from(stale.as_secs());
+            }
+            headers.insert(STALE_HEADER, mine.stale_ms.clone());
+            headers.insert(header::AGE, mine.age.clone());
+        }
+    });
     response
 }
 
+/// A `200` with `body`, or a bodiless `304` when `If-None-Match` names `etag`.
 fn not_modified_or(
     headers: &HeaderMap,
     etag: HeaderValue,
     content_type: HeaderValue,
-    body: impl FnOnce() -> Body,
-) -> Response {
+    body: impl FnOnce() -> Bytes,
+) -> http::Response<Option<Bytes>> {
     let (status, body) = if etag_matches(headers, &etag) {
-        (StatusCode::NOT_MODIFIED, Body::empty())
+        (StatusCode::NOT_MODIFIED, None)
     } else {
-        (StatusCode::OK, body())
+        (StatusCode::OK, Some(body()))
     };
-    let mut response = Response::new(body);
+    let mut response = http::Response::new(body);
     *response.status_mut() = status;
+    // Room for these two and the five mirror headers: the map is allocated once.
+    response.headers_mut().reserve(7);
     let h = response.headers_mut();
     h.insert(header::ETAG, etag);
     h.insert(header::CONTENT_TYPE, content_type);
     response
+}
+
+/// The answer to a read of one present key, with every header a mirror response carries. The
+/// router's handler and the fast path in [`crate::service`] both answer with it.
+pub(crate) fn key_response(
+    state: &AppState,
+    snapshot: &Snapshot,
+    entry: &Entry,
+    request_headers: &HeaderMap,
+) -> http::Response<Option<Bytes>> {
+    let response = not_modified_or(request_headers, entry.etag(), entry.content_type(), || {
+        entry.value.clone()
+    });
+    with_mirror_headers(response, state, snapshot)
+}
+
+/// An axum response from an optional body.
+fn into_axum(response: http::Response<Option<Bytes>>) -> Response {
+    response.map(|body| body.map_or_else(Body::empty, Body::from))
 }
 
 async fn kv_get(
@@ -454,26 +535,26 @@ async fn kv_get(
     let key = key_from_path(uri, "/v1/kv")?;
     ensure_mirrored(&state, &key)?;
     let snapshot = readable_snapshot(&state, &query, &key).await?;
-    let response = if query.recurse {
-        // A listing changes whenever anything in the mirror changes, so its tag is the revision.
-        let etag = list_etag(&snapshot);
-        not_modified_or(headers, etag, json_type(), || {
-            Body::from(state.cache.get(View::List, &key, &snapshot))
-        })
-    } else {
-        match snapshot.get(key.as_bytes()) {
-            Some(entry) => not_modified_or(headers, entry.etag(), entry.content_type(), || {
-                Body::from(entry.value.clone())
-            }),
+    if !query.recurse {
+        return Ok(match snapshot.get(key.as_bytes()) {
+            Some(entry) => into_axum(key_response(&state, &snapshot, entry, headers)),
             // Missing at a known revision: the headers say which one.
-            None => ApiError::KeyNotFound {
-                key: key.into_owned(),
-                revision: snapshot.revision,
-            }
-            .into_response(),
-        }
-    };
-    Ok(with_mirror_headers(response, &state, &snapshot))
+            None => with_mirror_headers(
+                ApiError::KeyNotFound {
+                    key: key.into_owned(),
+                    revision: snapshot.revision,
+                }
+                .into_response(),
+                &state,
+                &snapshot,
+            ),
+        });
+    }
+    // A listing changes whenever anything in the mirror changes, so its tag is the revision.
+    let response = not_modified_or(headers, list_etag(&snapshot), json_type(), || {
+        state.cache.get(View::List, &key, &snapshot)
+    });
+    Ok(into_axum(with_mirror_headers(response, &state, &snapshot)))
 }
 
 async fn tree_get(
@@ -490,9 +571,9 @@ async fn tree_get(
     query.recurse = true;
     let snapshot = readable_snapshot(&state, &query, &dir).await?;
     let response = not_modified_or(headers, list_etag(&snapshot), json_type(), || {
-        Body::from(state.cache.get(View::Tree, &dir, &snapshot))
+        state.cache.get(View::Tree, &dir, &snapshot)
     });
-    Ok(with_mirror_headers(response, &state, &snapshot))
+    Ok(into_axum(with_mirror_headers(response, &state, &snapshot)))
 }
 
 fn list_etag(snapshot: &Snapshot) -> HeaderValue {
@@ -734,6 +815,10 @@ mod tests {
     /// The app over a store filled directly: this tests the HTTP layer only (sync is tested
     /// against real etcd in tests/).
     fn app_with(entries: &[(&str, &str)], loaded: bool) -> Router {
+        app(state_with(entries, loaded))
+    }
+
+    fn state_with(entries: &[(&str, &str)], loaded: bool) -> AppState {
         let config = Config::for_endpoints(&["http://127.0.0.1:1".into()], &["/c/"]).unwrap();
         let store = Arc::new(Store::new());
         if loaded {
@@ -765,8 +850,7 @@ mod tests {
             });
         }
         let (_, sync) = watch::channel(SyncStatus::default());
-        let state = AppState::new(&config, store, pool, sync, mode, Default::default());
-        app(state)
+        AppState::new(&config, store, pool, sync, mode, Default::default())
     }
 
     async fn call(
@@ -855,5 +939,65 @@ mod tests {
             "a miss says at which revision"
         );
         assert_eq!(headers[&MODE_HEADER], "full");
+    }
+
+    /// The fast path answers plain reads of present keys exactly as the router does, and leaves
+    /// everything else (queries, other methods, misses, errors) to the router.
+    #[tokio::test]
+    async fn the_fast_path_answers_like_the_router_or_not_at_all() {
+        let state = state_with(&[("/c/a", "hello"), ("/c/b%", "{\"j\": 1}")], true);
+        let router = app(state.clone());
+        let request = |method: Method, uri: &str, tag: Option<&str>| {
+            let mut req = Request::builder().method(method).uri(uri);
+            if let Some(tag) = tag {
+                req = req.header(header::IF_NONE_MATCH, tag);
+            }
+            req.body(Body::empty()).unwrap()
+        };
+        for (uri, tag) in [
+            ("/v1/kv/c/a", None),
+            ("/v1/kv/c/a", Some("\"3\"")),
+            ("/v1/kv/c/a", Some("\"2\"")),
+            ("/v1/kv/c/b%25", None),
+        ] {
+            let fast = crate::service::plain_read(&state, &request(Method::GET, uri, tag))
+                .unwrap_or_else(|| panic!("{uri} is a plain read"));
+            let mut routed = router
+                .clone()
+                .oneshot(request(Method::GET, uri, tag))
+                .await
+                .unwrap();
+            // axum sets Content-Length itself; hyper adds it to both from the body's length.
+            routed.headers_mut().remove(header::CONTENT_LENGTH);
+            assert_eq!(fast.status(), routed.status(), "{uri} {tag:?}");
+            assert_eq!(fast.headers(), routed.headers(), "{uri} {tag:?}");
+            let routed_body = to_bytes(routed.into_body(), usize::MAX).await.unwrap();
+            assert_eq!(fast.into_body().unwrap_or_default(), routed_body, "{uri}");
+        }
+        let long = format!("/v1/kv/c/{}", "x".repeat(MAX_URI_BYTES));
+        for (method, uri) in [
+            (Method::GET, "/v1/kv/c/a?consistent"),
+            (Method::GET, "/v1/kv/c/a?index=1"),
+            (Method::HEAD, "/v1/kv/c/a"),
+            (Method::PUT, "/v1/kv/c/a"),
+            (Method::GET, "/v1/kv/c/missing"),
+            (Method::GET, "/v1/kv/elsewhere/a"),
+            (Method::GET, "/v1/kv/c/%2e%2e/x"),
+            (Method::GET, "/v1/kv/c/%ff"),
+            (Method::GET, "/v1/kvc/a"),
+            (Method::GET, "/v1/tree/c/"),
+            (Method::GET, long.as_str()),
+        ] {
+            assert!(
+                crate::service::plain_read(&state, &request(method.clone(), uri, None)).is_none(),
+                "{method} {uri} is left to the router"
+            );
+        }
+        let not_loaded = state_with(&[("/c/a", "hello")], false);
+        assert!(
+            crate::service::plain_read(&not_loaded, &request(Method::GET, "/v1/kv/c/a", None))
+                .is_none(),
+            "before the first load the router answers not_ready"
+        );
     }
 }

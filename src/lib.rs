@@ -19,6 +19,8 @@
 //! - [`webhook`]: posts mode transitions to an operator's URL without ever blocking.
 //! - [`error`]: the one mapping from errors to JSON HTTP responses.
 //! - [`http`]: routes, handlers and the middleware chain ([`http::app`]).
+//! - [`service`]: what each connection runs: plain key reads answered on the spot, the rest
+//!   through the router.
 //! - [`server`]: accept loop and graceful drain ([`server::run`]).
 //! - [`telemetry`]: logging setup.
 
@@ -33,6 +35,7 @@ pub mod persist;
 pub mod probe;
 pub mod render;
 pub mod server;
+pub mod service;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
@@ -138,13 +141,13 @@ pub async fn serve(
         }))
     });
 
-    let app = http::app(state);
+    let service = http::service(state);
     let shutdown = async move {
         shutdown.await;
         // Streams and blocking queries end now; ordinary requests finish within the grace.
         closer.close();
     };
-    let result = server::run(listener, app, shutdown, config.http.shutdown_grace).await;
+    let result = server::run(listener, service, shutdown, config.http.shutdown_grace).await;
     for task in &tasks {
         task.abort();
     }

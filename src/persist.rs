@@ -201,7 +201,7 @@ pub fn decode(bytes: &[u8]) -> Result<SnapshotFile, SnapshotError> {
         let klen = r.u32()? as usize;
         let key = Bytes::copy_from_slice(r.take(klen)?);
         let vlen = r.u32()? as usize;
-        let value = Bytes::copy_from_slice(r.take(vlen)?);
+        let value = r.take(vlen)?;
         let (create, modr, version) = (r.i64()?, r.i64()?, r.i64()?);
         if modr > header.revision {
             return Err(SnapshotError::Header(format!(

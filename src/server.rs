@@ -7,23 +7,23 @@ use std::future::Future;
 use std::io;
 use std::time::Duration;
 
-use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+
+use crate::service::SidecarService;
 
 /// Time a client gets to send its request headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most request headers accepted on one request.
 pub const MAX_HEADERS: usize = 100;
 
-/// Serves `app` on `listener` until `shutdown` completes, then stops accepting and gives in-flight
+/// Serves `service` on `listener` until `shutdown` completes, then stops accepting and gives in-flight
 /// requests up to `grace` to finish.
 pub async fn run(
     listener: TcpListener,
-    app: Router,
+    service: SidecarService,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> io::Result<()> {
@@ -49,9 +49,8 @@ pub async fn run(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(app.clone());
                 let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection(TokioIo::new(stream), service.clone())
                     .into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {

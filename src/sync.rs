@@ -340,13 +340,7 @@ impl WatchTask {
                     let (create, modr, version) =
                         (kv.create_revision(), kv.mod_revision(), kv.version());
                     let (k, v) = kv.into_key_value();
-                    entries.push(Entry::new(
-                        Bytes::from(k),
-                        Bytes::from(v),
-                        create,
-                        modr,
-                        version,
-                    ));
+                    entries.push(Entry::new(Bytes::from(k), v, create, modr, version));
                 }
                 if !more {
                     break;
@@ -469,7 +463,7 @@ impl WatchTask {
             batch.push(match event.event_type() {
                 EventType::Put => Event::Put(Entry::new(
                     key,
-                    Bytes::copy_from_slice(kv.value()),
+                    kv.value(),
                     kv.create_revision(),
                     kv.mod_revision(),
                     kv.version(),
