@@ -52,10 +52,12 @@ impl Entry {
     ) -> Self {
         let value = value.as_ref();
         let binary = std::str::from_utf8(value).is_err();
-        let mut buf = Vec::with_capacity(value.len() + 22);
+        let digits = mod_revision.to_string();
+        // Exactly the size needed: the mirror's memory is mostly these buffers.
+        let mut buf = Vec::with_capacity(digits.len() + 2 + value.len());
         // A quoted integer: digits and quotes are valid header bytes.
         buf.push(b'"');
-        buf.extend_from_slice(mod_revision.to_string().as_bytes());
+        buf.extend_from_slice(digits.as_bytes());
         buf.push(b'"');
         let tag_len = buf.len();
         buf.extend_from_slice(value);
