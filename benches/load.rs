@@ -25,8 +25,12 @@ const SIDECAR: &str = env!("CARGO_BIN_EXE_config-sidecar");
 
 /// Sizes of one run.
 struct Plan {
-    /// wrk duration per target.
+    /// wrk duration per target and round.
     seconds: u64,
+    /// Rounds of the sidecar / ceiling / nginx comparison: each round runs all three back to
+    /// back (in a rotating order), and the table reports the median, so that a burst of noise
+    /// on the machine moves one round rather than the ratio.
+    rounds: usize,
     /// Keys in the memory / cold start / resync part.
     keys: usize,
     /// Puts timed for propagation.
@@ -45,6 +49,22 @@ struct Wrk {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+}
+
+impl Wrk {
+    /// The median of each figure over several runs.
+    fn median(runs: &[Wrk]) -> Wrk {
+        let mid = |f: fn(&Wrk) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            percentile(&v, 0.5)
+        };
+        Wrk {
+            rps: mid(|w| w.rps),
+            p50_ms: mid(|w| w.p50_ms),
+            p99_ms: mid(|w| w.p99_ms),
+        }
+    }
 }
 
 fn parse_latency(text: &str) -> f64 {
@@ -275,9 +295,10 @@ fn main() {
     let seconds = std::env::var("LOAD_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(if full { 10 } else { 1 });
+        .unwrap_or(if full { 6 } else { 1 });
     let plan = Plan {
         seconds,
+        rounds: if full { 5 } else { 1 },
         keys: if full { 100_000 } else { 1_000 },
         propagation_puts: if full { 1000 } else { 50 },
         full,
@@ -337,14 +358,26 @@ async fn run(plan: Plan) -> String {
     };
     let gateway = format!("{}/v3/kv/range", cluster.endpoint(0));
     let s = plan.seconds;
-    let side = tokio::task::spawn_blocking({
-        let u = key_url.clone();
-        move || wrk(&u, s, None)
-    })
-    .await
-    .unwrap();
-    let ceil = wrk(&format!("http://{ceiling}/"), s, None);
-    let ngx = wrk(&nginx_url, s, None);
+    let urls = [
+        key_url.clone(),
+        format!("http://{ceiling}/"),
+        nginx_url.clone(),
+    ];
+    let mut runs: [Vec<Wrk>; 3] = Default::default();
+    let mut round_ratios = Vec::new();
+    for round in 0..plan.rounds {
+        let mut this = [Wrk::default(); 3];
+        for i in 0..3 {
+            let target = (round + i) % 3;
+            let url = urls[target].clone();
+            this[target] = tokio::task::spawn_blocking(move || wrk(&url, s, None))
+                .await
+                .unwrap();
+            runs[target].push(this[target]);
+        }
+        round_ratios.push((this[0].rps / this[1].rps, this[0].rps / this[2].rps));
+    }
+    let [side, ceil, ngx] = runs.map(|r| Wrk::median(&r));
     let etcd_ser = wrk(&gateway, s, Some(&script(true)));
     let etcd_lin = wrk(&gateway, s, Some(&script(false)));
     drop(nginx);
@@ -463,6 +496,7 @@ async fn run(plan: Plan) -> String {
 
     report(
         &plan,
+        &round_ratios,
         side,
         ceil,
         ngx,
@@ -484,6 +518,7 @@ fn base64_encode(bytes: &[u8]) -> String {
 #[allow(clippy::too_many_arguments)]
 fn report(
     plan: &Plan,
+    round_ratios: &[(f64, f64)],
     side: Wrk,
     ceil: Wrk,
     ngx: Wrk,
@@ -506,8 +541,10 @@ fn report(
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let _ = writeln!(
         t,
-        "Load benchmark, {when}, {cpus} cores, wrk -t2 -c32 -d{}s on the same machine{}.\n",
+        "Load benchmark, {when}, {cpus} cores, wrk -t2 -c32 -d{}s on the same machine; sidecar, \
+         ceiling and nginx: median of {} rounds run back to back{}.\n",
         plan.seconds,
+        plan.rounds,
         if plan.full {
             ""
         } else {
@@ -589,6 +626,19 @@ fn report(
         let verdict = if goal.is_empty() { "" } else { mark(ok) };
         let _ = writeln!(t, "| {name} | {value:.2} | {goal} | {verdict} |");
     }
+    let list = |f: fn(&(f64, f64)) -> f64| {
+        round_ratios
+            .iter()
+            .map(|r| format!("{:.2}", f(r)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        t,
+        "\nPer round: sidecar / ceiling {}; sidecar / nginx {}.",
+        list(|r| r.0),
+        list(|r| r.1)
+    );
     let _ = writeln!(
         t,
         "\nMemory: {} keys x 1 KiB, raw {:.1} MiB, RSS {:.1} MiB.",

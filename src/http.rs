@@ -516,7 +516,7 @@ pub(crate) fn key_response(
     request_headers: &HeaderMap,
 ) -> http::Response<Option<Bytes>> {
     let response = not_modified_or(request_headers, entry.etag(), entry.content_type(), || {
-        entry.value.clone()
+        entry.value_bytes()
     });
     with_mirror_headers(response, state, snapshot)
 }

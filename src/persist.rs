@@ -133,11 +133,11 @@ pub fn encode_into(
     w.write_all(MAGIC)?;
     w.write_all(&(header.len() as u32).to_le_bytes())?;
     w.write_all(&header)?;
-    for entry in snapshot.entries.values() {
+    for entry in snapshot.iter() {
         w.write_all(&(entry.key.len() as u32).to_le_bytes())?;
         w.write_all(&entry.key)?;
-        w.write_all(&(entry.value.len() as u32).to_le_bytes())?;
-        w.write_all(&entry.value)?;
+        w.write_all(&(entry.value().len() as u32).to_le_bytes())?;
+        w.write_all(entry.value())?;
         w.write_all(&entry.create_revision.to_le_bytes())?;
         w.write_all(&entry.mod_revision.to_le_bytes())?;
         w.write_all(&entry.version.to_le_bytes())?;
@@ -409,7 +409,7 @@ mod tests {
             (77, 6, 123)
         );
         assert_eq!(f.entries.len(), 2);
-        assert_eq!(&f.entries[1].value[..], b"\xff");
+        assert_eq!(f.entries[1].value(), b"\xff");
         assert_eq!(
             (
                 f.entries[1].create_revision,

@@ -77,7 +77,7 @@ pub fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
 pub fn entry_json(entry: &Entry) -> Value {
     let mut obj = Map::new();
     put_bytes(&mut obj, "key", &entry.key);
-    put_bytes(&mut obj, "value", &entry.value);
+    put_bytes(&mut obj, "value", entry.value());
     obj.insert("create_revision".into(), entry.create_revision.into());
     obj.insert("mod_revision".into(), entry.mod_revision.into());
     obj.insert("version".into(), entry.version.into());
@@ -122,7 +122,7 @@ pub fn render_tree(snapshot: &Snapshot, dir: &str) -> Bytes {
     for entry in snapshot.scan_prefix(dir.as_bytes()) {
         let rest = String::from_utf8_lossy(&entry.key[dir.len()..]);
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-        let value = tree_value(&entry.value);
+        let value = tree_value(entry.value());
         let Some((leaf, parents)) = segments.split_last() else {
             // The key is the directory itself (`/config/app/`): its value sits under "".
             root.insert(String::new(), value);

@@ -2,11 +2,13 @@
 //!
 //! Readers load the current snapshot with one atomic pointer read and keep it for the whole request,
 //! so a request never sees half of a transaction and a prefix read is exactly one revision. The map
-//! is persistent (`imbl::OrdMap`): a new revision shares every untouched node with the previous one,
+//! is persistent (`imbl::OrdSet` of entries ordered by key): a new revision shares every untouched node with the previous one,
 //! so applying a small change to a large mirror is cheap, and prefix reads are ordered range scans.
 //!
 //! Only the sync task writes; it is the single writer, which the `writer` mutex makes explicit.
 
+use std::borrow::Borrow;
+use std::cmp::Ordering;
 use std::collections::VecDeque;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::HeaderValue;
-use imbl::OrdMap;
+use imbl::OrdSet;
 use tokio::sync::{broadcast, watch};
 
 /// One key as etcd last reported it.
@@ -23,26 +25,26 @@ use tokio::sync::{broadcast, watch};
 pub struct Entry {
     /// The etcd key.
     pub key: Bytes,
-    /// The value, shared with every response that sends it (no copy per request).
-    pub value: Bytes,
-    /// The `ETag` (the quoted mod revision), prepared when the entry is applied. It lives in the
-    /// same allocation as the value, so it costs one `HeaderValue` and no heap block of its own,
-    /// and a response clones it instead of formatting it.
-    etag: HeaderValue,
+    /// The `ETag` (the quoted mod revision) followed by the value, in one allocation made when
+    /// the entry is applied: a response slices both out of it (a reference count each, no copy,
+    /// no formatting), and the mirror pays for one buffer per key and no header value beside it.
+    buf: Bytes,
+    /// Length of the `ETag` at the start of `buf`.
+    tag_len: u8,
+    /// Whether the value is not UTF-8 (served as `application/octet-stream`, else as text); one
+    /// byte here rather than a header value per key keeps the mirror's memory near its data.
+    pub binary: bool,
     /// Revision of the key's creation (etcd `create_revision`).
     pub create_revision: i64,
     /// Revision of the key's last modification; also its `ETag`.
     pub mod_revision: i64,
     /// Number of modifications since creation (etcd `version`).
     pub version: i64,
-    /// Whether the value is not UTF-8 (served as `application/octet-stream`, else as text); one
-    /// byte here rather than a header value per key keeps the mirror's memory near its data.
-    pub binary: bool,
 }
 
 impl Entry {
-    /// Builds an entry and prepares its header values. The value is copied once, into a buffer
-    /// that also holds the `ETag`.
+    /// Builds an entry and prepares its `ETag`. The value is copied once, into a buffer of exactly
+    /// the size needed that also holds the `ETag`.
     pub fn new(
         key: Bytes,
         value: impl AsRef<[u8]>,
@@ -53,31 +55,38 @@ impl Entry {
         let value = value.as_ref();
         let binary = std::str::from_utf8(value).is_err();
         let digits = mod_revision.to_string();
-        // Exactly the size needed: the mirror's memory is mostly these buffers.
         let mut buf = Vec::with_capacity(digits.len() + 2 + value.len());
-        // A quoted integer: digits and quotes are valid header bytes.
         buf.push(b'"');
         buf.extend_from_slice(digits.as_bytes());
         buf.push(b'"');
-        let tag_len = buf.len();
+        // At most 22 bytes: an i64 and two quotes.
+        let tag_len = buf.len() as u8;
         buf.extend_from_slice(value);
-        let buf = Bytes::from(buf);
-        let etag = HeaderValue::from_maybe_shared(buf.slice(..tag_len))
-            .expect("a quoted integer is a valid header value");
         Entry {
             key,
-            value: buf.slice(tag_len..),
-            etag,
+            buf: Bytes::from(buf),
+            tag_len,
+            binary,
             create_revision,
             mod_revision,
             version,
-            binary,
         }
+    }
+
+    /// The value.
+    pub fn value(&self) -> &[u8] {
+        &self.buf[self.tag_len as usize..]
+    }
+
+    /// The value as a shared handle, for a response body (no copy).
+    pub fn value_bytes(&self) -> Bytes {
+        self.buf.slice(self.tag_len as usize..)
     }
 
     /// The `ETag`: the quoted mod revision.
     pub fn etag(&self) -> HeaderValue {
-        self.etag.clone()
+        HeaderValue::from_maybe_shared(self.buf.slice(..self.tag_len as usize))
+            .expect("a quoted integer is a valid header value")
     }
 
     /// The `Content-Type` of the raw value.
@@ -91,7 +100,7 @@ impl Entry {
 
     /// Bytes this entry accounts for in the mirror (key plus value).
     pub fn size(&self) -> u64 {
-        (self.key.len() + self.value.len()) as u64
+        (self.key.len() + self.value().len()) as u64
     }
 }
 
@@ -124,6 +133,39 @@ pub enum Event {
     },
 }
 
+/// An entry as a snapshot holds it: ordered and looked up by its key, so the set stores one
+/// pointer per key rather than a map node with a second copy of the key beside the entry (which
+/// cost about 100 bytes per key: the key handle, its shared count and the wider node slots).
+#[derive(Debug, Clone)]
+struct Keyed(Arc<Entry>);
+
+impl PartialEq for Keyed {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for Keyed {}
+
+impl PartialOrd for Keyed {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Keyed {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.key.cmp(&other.0.key)
+    }
+}
+
+/// Lookups by key bytes; consistent with `Ord`, which compares the same bytes.
+impl Borrow<[u8]> for Keyed {
+    fn borrow(&self) -> &[u8] {
+        &self.0.key
+    }
+}
+
 /// The mirror at one etcd revision. Immutable once published.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -135,8 +177,8 @@ pub struct Snapshot {
     /// The etcd cluster the data came from (0: unknown); a snapshot from another cluster is
     /// replaced wholesale.
     pub cluster_id: u64,
-    /// Key → entry, ordered by key bytes.
-    pub entries: OrdMap<Bytes, Arc<Entry>>,
+    /// The entries, ordered by key bytes.
+    entries: OrdSet<Keyed>,
     /// Sum of key and value bytes, kept incrementally for status and memory budgets.
     pub bytes: u64,
     /// Wall-clock time this snapshot was published.
@@ -149,7 +191,7 @@ impl Snapshot {
             revision: 0,
             loaded: false,
             cluster_id: 0,
-            entries: OrdMap::new(),
+            entries: OrdSet::new(),
             bytes: 0,
             published_at: SystemTime::now(),
         }
@@ -157,7 +199,12 @@ impl Snapshot {
 
     /// The entry for `key`, if present.
     pub fn get(&self, key: &[u8]) -> Option<&Arc<Entry>> {
-        self.entries.get(key)
+        self.entries.get(key).map(|k| &k.0)
+    }
+
+    /// Every entry, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.entries.iter().map(|k| &k.0)
     }
 
     /// Every entry whose key starts with `prefix`, in key order.
@@ -167,8 +214,8 @@ impl Snapshot {
     ) -> impl Iterator<Item = &'a Arc<Entry>> + 'a {
         self.entries
             .range::<_, [u8]>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(move |(k, _)| k.starts_with(prefix))
-            .map(|(_, v)| v)
+            .take_while(move |k| k.0.key.starts_with(prefix))
+            .map(|k| &k.0)
     }
 
     /// Number of keys mirrored.
@@ -354,25 +401,24 @@ impl Store {
                 current: old.revision,
             });
         }
-        let mut map = OrdMap::new();
+        let mut map = OrdSet::new();
         let mut bytes = 0;
         let mut changes = Vec::new();
         for entry in entries {
             bytes += entry.size();
             let entry = Arc::new(entry);
             let unchanged = old
-                .entries
                 .get(&entry.key)
                 .is_some_and(|prev| prev.mod_revision == entry.mod_revision);
             if !unchanged {
                 changes.push(Change::Put(entry.clone()));
             }
-            map.insert(entry.key.clone(), entry);
+            map.insert(Keyed(entry));
         }
-        for key in old.entries.keys() {
-            if !map.contains_key(key) {
+        for gone in old.iter() {
+            if !map.contains(&gone.key[..]) {
                 changes.push(Change::Delete {
-                    key: key.clone(),
+                    key: gone.key.clone(),
                     revision,
                 });
             }
@@ -422,8 +468,8 @@ impl Store {
                     }
                     let entry = Arc::new(entry);
                     next.bytes += entry.size();
-                    if let Some(prev) = next.entries.insert(entry.key.clone(), entry.clone()) {
-                        next.bytes -= prev.size();
+                    if let Some(prev) = next.entries.insert(Keyed(entry.clone())) {
+                        next.bytes -= prev.0.size();
                     }
                     changes.push(Change::Put(entry));
                 }
@@ -431,8 +477,8 @@ impl Store {
                     if revision <= old.revision {
                         continue;
                     }
-                    if let Some(prev) = next.entries.remove(&key) {
-                        next.bytes -= prev.size();
+                    if let Some(prev) = next.entries.remove(&key[..]) {
+                        next.bytes -= prev.0.size();
                         changes.push(Change::Delete { key, revision });
                     }
                 }
