@@ -40,6 +40,12 @@ pub const DEFAULT_ENDPOINT_COOLDOWN: Duration = Duration::from_secs(5);
 pub const DEFAULT_PAGE_SIZE: i64 = 1000;
 /// Default time in-flight HTTP requests get to finish at shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default time a client gets to send a whole request head, counted from its first byte: the guard
+/// against clients that trickle headers to hold connections open (slowloris).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time an HTTP connection may sit with no request in flight and no bytes moving before it
+/// is closed. Long, because closing a pooled connection races with the client reusing it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default time between health probe rounds.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Default timeout of each probe check.
@@ -134,6 +140,8 @@ pub struct FileConfig {
     endpoint_cooldown: Option<String>,
     page_size: Option<i64>,
     cache_bytes: Option<u64>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
     snapshot: Option<PathBuf>,
     allow_writes: Option<bool>,
     write_token_file: Option<PathBuf>,
@@ -195,6 +203,10 @@ pub struct HttpConfig {
     pub shutdown_grace: Duration,
     /// Weight bound of the rendered-body cache.
     pub cache_bytes: u64,
+    /// Time a client gets to send a request head, from its first byte.
+    pub header_read_timeout: Duration,
+    /// Time a connection may idle (nothing in flight, no bytes moving) before it is closed.
+    pub idle_timeout: Duration,
 }
 
 /// The degradation ladder: probes, hysteresis, the webhook.
@@ -516,6 +528,18 @@ impl Config {
                     DEFAULT_SHUTDOWN_GRACE,
                 )?,
                 cache_bytes: file.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES),
+                header_read_timeout: duration(
+                    "header_read_timeout",
+                    None,
+                    file.header_read_timeout,
+                    DEFAULT_HEADER_READ_TIMEOUT,
+                )?,
+                idle_timeout: duration(
+                    "idle_timeout",
+                    None,
+                    file.idle_timeout,
+                    DEFAULT_IDLE_TIMEOUT,
+                )?,
             },
             log_format,
             log_level,

@@ -147,7 +147,17 @@ pub async fn serve(
         // Streams and blocking queries end now; ordinary requests finish within the grace.
         closer.close();
     };
-    let result = server::run(listener, service, shutdown, config.http.shutdown_grace).await;
+    let result = server::run(
+        listener,
+        service,
+        shutdown,
+        server::ConnectionLimits {
+            header_read_timeout: config.http.header_read_timeout,
+            idle_timeout: config.http.idle_timeout,
+            shutdown_grace: config.http.shutdown_grace,
+        },
+    )
+    .await;
     for task in &tasks {
         task.abort();
     }

@@ -100,7 +100,7 @@ pub(crate) fn plain_read<B>(
     if !state.prefixes.contains(key.as_bytes()) {
         return None;
     }
-    let snapshot = state.store.snapshot();
+    let snapshot = state.store.peek();
     if !snapshot.loaded {
         return None;
     }

@@ -356,6 +356,14 @@ impl Store {
         self.current.load_full()
     }
 
+    /// The current snapshot for a short synchronous read, without touching its reference count:
+    /// every request would otherwise increment and decrement the one count all cores share.
+    /// Do not hold the guard across an await or for long (arc-swap has few guard slots per
+    /// thread; beyond them it falls back to counting).
+    pub fn peek(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
     /// The revision currently served.
     pub fn revision(&self) -> i64 {
         self.current.load().revision

@@ -167,3 +167,96 @@ async fn percent_encoded_keys_are_decoded_once() {
     assert_eq!(bin["value"], "/wAB");
     sidecar.stop().await;
 }
+
+/// Reads from `s` until the peer closes; `Err` if it stays open past `within`.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> Result<Vec<u8>, ()> {
+    let mut buf = Vec::new();
+    match tokio::time::timeout(within, s.read_to_end(&mut buf)).await {
+        Ok(_) => Ok(buf),
+        Err(_) => Err(()),
+    }
+}
+
+/// Connection deadlines over a real socket: a client trickling its headers is cut off after the
+/// header-read timeout, an idle keep-alive connection after the idle timeout, while a blocking
+/// query that outlasts both, and a keep-alive connection in steady use, are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_and_idle_connections_are_closed_and_busy_ones_kept() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut etcd = cluster.client().await;
+    let rev = put_rev(&mut etcd, "/cfg/k", "1").await;
+    let mut config = sidecar_config(&cluster.endpoints(), &["/cfg/"]);
+    config.http.header_read_timeout = Duration::from_millis(400);
+    config.http.idle_timeout = Duration::from_millis(1200);
+    let sidecar = start_sidecar(config).await;
+    let addr = sidecar.addr();
+
+    // Slowloris: a byte of header every 50 ms, never finishing the head.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /v1/kv/cfg/k HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let trickle = async {
+        loop {
+            if slow.write_all(b"X").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), trickle)
+        .await
+        .expect("a trickled head is cut off");
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after >= Duration::from_millis(400),
+        "cut before the timeout: {cut_after:?}"
+    );
+
+    // A blocking query waiting 2 s (longer than both timeouts) gets its answer.
+    let mut waiting = TcpStream::connect(addr).await.unwrap();
+    let query = format!("GET /v1/kv/cfg/k?index={rev}&wait=2s HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    waiting.write_all(query.as_bytes()).await.unwrap();
+
+    // A keep-alive connection used every 200 ms for 2 s stays open and answers every time.
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..10 {
+        busy.write_all(b"GET /v1/kv/cfg/k HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), busy.read(&mut buf))
+            .await
+            .expect("an answer on a connection in use")
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut answer = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), waiting.read(&mut answer))
+        .await
+        .expect("the blocking query is answered")
+        .unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+
+    // Now idle: closed after the idle timeout (give it a generous upper bound).
+    let idle_from = std::time::Instant::now();
+    closed_within(&mut busy, Duration::from_secs(5))
+        .await
+        .expect("an idle connection is closed");
+    assert!(idle_from.elapsed() >= Duration::from_millis(1000));
+
+    // And serving goes on.
+    assert_eq!(sidecar.value("/v1/kv/cfg/k").await.as_deref(), Some("1"));
+    sidecar.stop().await;
+}
