@@ -112,7 +112,8 @@ fn wrk(url: &str, seconds: u64, script: Option<&Path>) -> Wrk {
     result
 }
 
-/// The ceiling: a bare hyper server answering a fixed body, on its own 2-thread runtime.
+/// The ceiling: a bare hyper server answering a fixed body, on its own 2-thread runtime. wrk asks
+/// it for the same path as the sidecar, so both parse the same request.
 fn start_ceiling(body: Bytes) -> SocketAddr {
     use http_body_util::Full;
     use hyper::service::service_fn;
@@ -360,7 +361,7 @@ async fn run(plan: Plan) -> String {
     let s = plan.seconds;
     let urls = [
         key_url.clone(),
-        format!("http://{ceiling}/"),
+        format!("http://{ceiling}/v1/kv/bench/key"),
         nginx_url.clone(),
     ];
     let mut runs: [Vec<Wrk>; 3] = Default::default();

@@ -83,14 +83,21 @@ pub async fn run(
                     .serve_connection(TokioIo::new(io), service)
                     .into_owned();
                 let connection = graceful.watch(connection);
+                let mut served = tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+                // The watchdog runs as a task of its own: in the connection's task it would be
+                // polled (and its timer re-registered) on every request.
+                let stop = served.abort_handle();
                 tokio::spawn(async move {
                     tokio::select! {
-                        result = connection => if let Err(e) = result {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
-                        },
                         expired = watchdog(&activity, limits) => {
                             tracing::debug!(%peer, reason = expired.as_str(), "closing connection");
+                            stop.abort();
                         }
+                        _ = &mut served => {}
                     }
                 });
             }
