@@ -1,5 +1,5 @@
-//! Micro-benchmarks of the read path at 1k, 10k and 100k keys: one key through the whole router
-//! (lookup + response build), a prefix listing and a tree render (uncached), applying a watch
+//! Micro-benchmarks of the read path at 1k, 10k and 100k keys: one key through the fast path that
+//! serves plain reads (lookup + response build) and through the whole router, a prefix listing and a tree render (uncached), applying a watch
 //! batch, and encoding / decoding the disk snapshot. `cargo bench --bench read_path`; under
 //! `cargo test` each runs once as a smoke test.
 
@@ -14,6 +14,7 @@ use config_sidecar::http::{app, AppState};
 use config_sidecar::mode::ModeHandle;
 use config_sidecar::persist;
 use config_sidecar::render::{render_list, render_tree};
+use config_sidecar::service::plain_read;
 use config_sidecar::store::{Entry, Event, Store};
 use config_sidecar::sync::SyncStatus;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -36,7 +37,7 @@ fn filled_store(n: usize) -> Arc<Store> {
     store
 }
 
-fn router(store: Arc<Store>) -> axum::Router {
+fn state(store: Arc<Store>) -> AppState {
     let config = Config::for_endpoints(&["http://127.0.0.1:1".into()], &["/bench/"]).unwrap();
     let pool = Arc::new(EndpointPool::new(
         config.etcd.clone(),
@@ -44,8 +45,7 @@ fn router(store: Arc<Store>) -> axum::Router {
     ));
     let (_, sync) = tokio::sync::watch::channel(SyncStatus::default());
     let mode = Arc::new(ModeHandle::default());
-    let state = AppState::new(&config, store, pool, sync, mode, Default::default());
-    app(state)
+    AppState::new(&config, store, pool, sync, mode, Default::default())
 }
 
 fn read_path(c: &mut Criterion) {
@@ -55,8 +55,21 @@ fn read_path(c: &mut Criterion) {
         .unwrap();
     for n in SIZES {
         let store = filled_store(n);
-        let app = router(store.clone());
+        let state = state(store.clone());
         let key = format!("/v1/kv/bench/app07/key{:06}", 7 + 100 * (n / 200));
+        let request = Request::builder().uri(key.as_str()).body(()).unwrap();
+        c.bench_with_input(
+            BenchmarkId::new("get_key_fast_path", n),
+            &request,
+            |b, req| {
+                b.iter(|| {
+                    let resp = plain_read(&state, req).unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp
+                })
+            },
+        );
+        let app = app(state);
         c.bench_with_input(BenchmarkId::new("get_key", n), &key, |b, key| {
             b.to_async(&runtime).iter(|| {
                 let req = Request::builder()

@@ -84,10 +84,7 @@ impl hyper::service::Service<Request<Incoming>> for SidecarService {
 
 /// The answer to `request` if it is a plain read of a present key, else `None` (the router then
 /// answers it, errors included).
-pub(crate) fn plain_read<B>(
-    state: &AppState,
-    request: &Request<B>,
-) -> Option<Response<Option<Bytes>>> {
+pub fn plain_read<B>(state: &AppState, request: &Request<B>) -> Option<Response<Option<Bytes>>> {
     if request.method() != Method::GET {
         return None;
     }
