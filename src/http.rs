@@ -14,7 +14,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::{Json, Router};
 use bytes::Bytes;
 use etcd_client::GetOptions;
@@ -150,6 +150,31 @@ pub fn app(state: AppState) -> Router {
     router(Arc::new(state))
 }
 
+/// Every route: path (axum syntax) and its handlers. `/v1/kv` and `/v1/tree` without a key are the
+/// keyed routes with an empty key (answered with the same JSON errors), not routes of their own.
+fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
+    vec![
+        ("/v1/kv", get(kv_get)),
+        ("/v1/kv/", get(kv_get)),
+        ("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete)),
+        ("/v1/tree", get(tree_get)),
+        ("/v1/tree/", get(tree_get)),
+        ("/v1/tree/{*prefix}", get(tree_get)),
+        ("/v1/watch", get(watch)),
+        ("/v1/watch/", get(watch)),
+        ("/v1/watch/{*prefix}", get(watch)),
+        ("/v1/status", get(status)),
+        ("/healthz", get(healthz)),
+        ("/readyz", get(readyz)),
+    ]
+}
+
+/// The paths the router serves, in axum syntax; `tests/docs.rs` checks them against
+/// `docs/openapi.yaml`.
+pub fn route_paths() -> Vec<&'static str> {
+    routes().into_iter().map(|(path, _)| path).collect()
+}
+
 /// Routes and middleware over the shared state.
 fn router(state: Arc<AppState>) -> Router {
     let middleware = ServiceBuilder::new()
@@ -168,19 +193,11 @@ fn router(state: Arc<AppState>) -> Router {
         // Applies to every extractor that reads a body; writes read theirs with the same bound.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
 
-    Router::new()
-        .route("/v1/kv", get(kv_get))
-        .route("/v1/kv/", get(kv_get))
-        .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
-        .route("/v1/tree", get(tree_get))
-        .route("/v1/tree/", get(tree_get))
-        .route("/v1/tree/{*prefix}", get(tree_get))
-        .route("/v1/watch", get(watch))
-        .route("/v1/watch/", get(watch))
-        .route("/v1/watch/{*prefix}", get(watch))
-        .route("/v1/status", get(status))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let mut router = Router::new();
+    for (path, methods) in routes() {
+        router = router.route(path, methods);
+    }
+    router
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware)
