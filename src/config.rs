@@ -118,6 +118,10 @@ pub struct Cli {
     /// With a snapshot, report ready only once etcd has been reached (default: ready on the snapshot).
     #[arg(long, env = "CONFIG_SIDECAR_READY_REQUIRES_ETCD", num_args = 0..=1, default_missing_value = "true")]
     pub ready_requires_etcd: Option<bool>,
+    /// Do not serve: ask the sidecar listening on --listen for this path (/healthz, or /readyz)
+    /// and exit 0 on a 200, 1 otherwise: a container health check without curl in the image.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "/healthz")]
+    pub healthcheck: Option<String>,
 }
 
 /// The TOML file: the same settings, snake_case, durations as strings ("2s", "500ms").

@@ -21,6 +21,7 @@
 //! - [`http`]: routes, handlers and the middleware chain ([`http::app`]).
 //! - [`service`]: what each connection runs: plain key reads answered on the spot, the rest
 //!   through the router.
+//! - [`selfcheck`]: the `--healthcheck` client that container health checks run.
 //! - [`server`]: accept loop and graceful drain ([`server::run`]).
 //! - [`telemetry`]: logging setup.
 
@@ -34,6 +35,7 @@ pub mod notify;
 pub mod persist;
 pub mod probe;
 pub mod render;
+pub mod selfcheck;
 pub mod server;
 pub mod service;
 pub mod store;

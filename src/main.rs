@@ -9,6 +9,9 @@ use config_sidecar::config::{Cli, Config};
 fn main() -> ExitCode {
     // clap itself exits with code 2 and a usage message on unknown or malformed flags.
     let cli = Cli::parse();
+    if let Some(path) = &cli.healthcheck {
+        return healthcheck(cli.listen.as_deref(), path);
+    }
     let config = match Config::from_cli(cli) {
         Ok(c) => c,
         Err(e) => {
@@ -49,6 +52,23 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `--healthcheck`: only the listen address matters, so a health check command needs no other
+/// setting (the prefixes may be given to the serving process only).
+fn healthcheck(listen: Option<&str>, path: &str) -> ExitCode {
+    let listen = listen.unwrap_or(config_sidecar::config::DEFAULT_LISTEN);
+    let result = listen
+        .parse()
+        .map_err(|e| format!("--listen {listen:?}: {e}"))
+        .and_then(|addr| config_sidecar::selfcheck::check(addr, path));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("config-sidecar: unhealthy: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown_signal() {

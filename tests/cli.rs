@@ -1,5 +1,5 @@
 //! The binary: bad configuration exits 2 with one message naming the setting; SIGTERM drains and
-//! exits 0.
+//! exits 0; `--healthcheck` tells a live sidecar from a gone one.
 
 mod common;
 
@@ -125,6 +125,11 @@ async fn sigterm_stops_the_binary_with_exit_0() {
         }
     })
     .await;
+    // The container health check: needs only the listen address, not the serving settings.
+    let (code, stderr) = run(&["--healthcheck"], &[("CONFIG_SIDECAR_LISTEN", &listen)]);
+    assert_eq!(code, 0, "healthy sidecar: {stderr}");
+    let (code, stderr) = run(&["--healthcheck", "/readyz", "--listen", &listen], &[]);
+    assert_eq!(code, 0, "ready sidecar: {stderr}");
     // SAFETY: kill(2) on our own child.
     assert_eq!(
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
@@ -142,6 +147,9 @@ async fn sigterm_stops_the_binary_with_exit_0() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.code(), Some(0));
+    let (code, stderr_check) = run(&["--healthcheck", "--listen", &listen], &[]);
+    assert_eq!(code, 1, "no sidecar any more: {stderr_check}");
+    assert!(stderr_check.contains("unhealthy"), "{stderr_check}");
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     // JSON logs: every line is one JSON object.

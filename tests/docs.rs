@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use clap::CommandFactory;
+use clap::{CommandFactory, Parser};
 use config_sidecar::config::{Cli, Config};
 use config_sidecar::etcd::EndpointPool;
 use config_sidecar::http::{app, route_paths, AppState};
@@ -114,4 +114,226 @@ async fn the_openapi_spec_lists_exactly_the_routes_and_methods_served() {
             );
         }
     }
+}
+
+/// Where the Dockerfile installs the binary; probes and health checks must call this path.
+const BINARY: &str = "/usr/local/bin/config-sidecar";
+
+/// How a deployment file runs the sidecar.
+struct Invocation {
+    /// Which file and service, for messages.
+    what: String,
+    /// Arguments after the binary.
+    args: Vec<String>,
+    /// `CONFIG_SIDECAR_*` (and other) environment variables.
+    env: Vec<(String, String)>,
+}
+
+impl Invocation {
+    /// Checks every flag and `CONFIG_SIDECAR_*` variable exists and the whole configuration is
+    /// valid (values included), and returns the listen port.
+    fn check(&self) -> u16 {
+        let command = Cli::command();
+        let mut argv = vec!["config-sidecar".to_string()];
+        // The snapshot directory exists in the container only: validate the rest with a
+        // directory that exists here (the volume checks below cover the path itself).
+        let here = tempfile::tempdir().unwrap();
+        for (name, value) in &self.env {
+            if !name.starts_with("CONFIG_SIDECAR_") {
+                continue;
+            }
+            let value = if name == "CONFIG_SIDECAR_SNAPSHOT" {
+                let file = Path::new(value).file_name().unwrap();
+                here.path().join(file).display().to_string()
+            } else {
+                value.clone()
+            };
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == name.as_str()))
+                .unwrap_or_else(|| panic!("{}: no setting reads {name}", self.what));
+            argv.push(format!("--{}", arg.get_long().unwrap()));
+            argv.push(value);
+        }
+        for arg in &self.args {
+            if let Some(flag) = arg.strip_prefix("--") {
+                let flag = flag.split('=').next().unwrap();
+                assert!(
+                    command.get_arguments().any(|a| a.get_long() == Some(flag)),
+                    "{}: no flag --{flag}",
+                    self.what
+                );
+            }
+        }
+        argv.extend(self.args.iter().cloned());
+        let cli = Cli::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("{}: {argv:?} does not parse: {e}", self.what));
+        let config = Config::from_cli(cli)
+            .unwrap_or_else(|e| panic!("{}: invalid configuration: {e}", self.what));
+        config.http.listen.port()
+    }
+}
+
+/// A health check command: the binary, `--healthcheck`, and the path it asks (default /healthz).
+fn healthcheck_path(what: &str, command: &[String]) -> String {
+    assert_eq!(command.first().map(String::as_str), Some(BINARY), "{what}");
+    assert_eq!(
+        command.get(1).map(String::as_str),
+        Some("--healthcheck"),
+        "{what}"
+    );
+    let path = command.get(2).cloned().unwrap_or_else(|| "/healthz".into());
+    let all = route_paths();
+    assert!(
+        all.contains(&path.as_str()),
+        "{what}: {path} is not a route"
+    );
+    path
+}
+
+fn strings(yaml: &Yaml) -> Vec<String> {
+    yaml.as_vec()
+        .map(|v| {
+            v.iter()
+                .map(|s| s.as_str().expect("a string").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
+    // Dockerfile: the binary path, the default listen port it exposes, the health check.
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/Dockerfile"))
+            .unwrap();
+    assert!(dockerfile.contains(&format!(
+        "COPY --from=build /src/target/release/config-sidecar {BINARY}"
+    )));
+    let env: Vec<(String, String)> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let docker_port = Invocation {
+        what: "Dockerfile".into(),
+        args: vec!["--prefix".into(), "/x/".into()],
+        env,
+    }
+    .check();
+    assert!(dockerfile.contains(&format!("EXPOSE {docker_port}")));
+    let check = dockerfile
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("CMD "))
+        .expect("a HEALTHCHECK CMD");
+    let check: Vec<String> = serde_json::from_str(check).unwrap();
+    assert_eq!(healthcheck_path("Dockerfile", &check), "/healthz");
+    assert!(
+        dockerfile.contains("USER nonroot"),
+        "the image runs as non-root"
+    );
+
+    // compose: the sidecar service and the app sharing its network namespace.
+    let compose = &load_yaml("docker/compose.yml")[0];
+    let sidecar = &compose["services"]["sidecar"];
+    let env = sidecar["environment"]
+        .as_hash()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_string(),
+                v.as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let port = Invocation {
+        what: "compose sidecar".into(),
+        args: strings(&sidecar["command"]),
+        env,
+    }
+    .check();
+    let test = strings(&sidecar["healthcheck"]["test"]);
+    assert_eq!(test[0], "CMD");
+    assert_eq!(
+        healthcheck_path("compose healthcheck", &test[1..]),
+        "/healthz"
+    );
+    let app = &compose["services"]["app"];
+    assert_eq!(app["network_mode"].as_str(), Some("service:sidecar"));
+    let reads = strings(&app["command"]).join(" ");
+    assert!(
+        reads.contains(&format!("localhost:{port}/v1/")),
+        "the demo app reads the sidecar on its port: {reads}"
+    );
+    let volume = strings(&sidecar["volumes"]).join(" ");
+    let snapshot_dir = volume.split(':').nth(1).unwrap().to_string();
+    assert!(sidecar["environment"]["CONFIG_SIDECAR_SNAPSHOT"]
+        .as_str()
+        .unwrap()
+        .starts_with(&snapshot_dir));
+
+    // Kubernetes: the sidecar container of the Deployment.
+    let deployment = &load_yaml("docker/k8s/deployment.yaml")[0];
+    assert_eq!(deployment["kind"].as_str(), Some("Deployment"));
+    let pod = &deployment["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_vec().unwrap();
+    assert!(containers.len() >= 2, "the app and the sidecar");
+    let sidecar = containers
+        .iter()
+        .find(|c| c["name"].as_str() == Some("config-sidecar"))
+        .expect("a config-sidecar container");
+    let env = sidecar["env"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let port = Invocation {
+        what: "k8s config-sidecar".into(),
+        args: strings(&sidecar["args"]),
+        env,
+    }
+    .check();
+    assert_eq!(
+        sidecar["ports"][0]["containerPort"].as_i64(),
+        Some(port as i64)
+    );
+    let readiness = strings(&sidecar["readinessProbe"]["exec"]["command"]);
+    assert_eq!(healthcheck_path("k8s readiness", &readiness), "/readyz");
+    let liveness = strings(&sidecar["livenessProbe"]["exec"]["command"]);
+    assert_eq!(healthcheck_path("k8s liveness", &liveness), "/healthz");
+    assert!(!sidecar["resources"]["limits"]["memory"].is_badvalue());
+    let mount = sidecar["volumeMounts"][0]["mountPath"].as_str().unwrap();
+    let snapshot = sidecar["env"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some("CONFIG_SIDECAR_SNAPSHOT"))
+        .and_then(|e| e["value"].as_str())
+        .unwrap();
+    assert!(
+        snapshot.starts_with(mount),
+        "the snapshot lives on the mounted volume"
+    );
+    let volume = sidecar["volumeMounts"][0]["name"].as_str().unwrap();
+    assert!(pod["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"].as_str() == Some(volume) && !v["emptyDir"].is_badvalue()));
+    let app = containers
+        .iter()
+        .find(|c| c["name"].as_str() != Some("config-sidecar"))
+        .unwrap();
+    let reads = strings(&app["args"]).join(" ");
+    assert!(reads.contains(&format!("localhost:{port}/v1/")), "{reads}");
 }
