@@ -59,7 +59,7 @@ pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The command line. Every flag has an environment variable; all are optional here so that the
 /// TOML file and the defaults can fill what is not given.
-#[derive(Debug, Parser, Default)]
+#[derive(Debug, Clone, Parser, Default)]
 #[command(
     name = "config-sidecar",
     version,

@@ -21,6 +21,8 @@
 //! - [`http`]: routes, handlers and the middleware chain ([`http::app`]).
 //! - [`service`]: what each connection runs: plain key reads answered on the spot, the rest
 //!   through the router.
+//! - [`reload`]: SIGHUP reads the configuration again; the log level changes live, the rest is
+//!   refused with a log line.
 //! - [`selfcheck`]: the `--healthcheck` client that container health checks run.
 //! - [`server`]: accept loop and graceful drain ([`server::run`]).
 //! - [`telemetry`]: logging setup.
@@ -34,6 +36,7 @@ pub mod mode;
 pub mod notify;
 pub mod persist;
 pub mod probe;
+pub mod reload;
 pub mod render;
 pub mod selfcheck;
 pub mod server;

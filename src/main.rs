@@ -12,14 +12,14 @@ fn main() -> ExitCode {
     if let Some(path) = &cli.healthcheck {
         return healthcheck(cli.listen.as_deref(), path);
     }
-    let config = match Config::from_cli(cli) {
+    let config = match Config::from_cli(cli.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("config-sidecar: {e}");
             return ExitCode::from(2);
         }
     };
-    config_sidecar::telemetry::init(config.log_format, &config.log_level);
+    let log = config_sidecar::telemetry::init(config.log_format, &config.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -44,6 +44,7 @@ fn main() -> ExitCode {
             prefixes = ?config.sync.prefixes,
             "config-sidecar starting"
         );
+        tokio::spawn(config_sidecar::reload::on_sighup(cli, config.clone(), log));
         match config_sidecar::serve(config, listener, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

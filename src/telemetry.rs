@@ -1,18 +1,34 @@
-//! Logging: plain or JSON lines on stderr, filtered by the configured level or directive.
+//! Logging: plain or JSON lines on stderr, filtered by the configured level or directive, which
+//! SIGHUP can change while running ([`LogControl`]).
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use crate::config::LogFormat;
 
+/// Changes the log filter of the running process.
+#[derive(Clone)]
+pub struct LogControl(reload::Handle<EnvFilter, Registry>);
+
+impl LogControl {
+    /// Replaces the filter with `level` (a level or a tracing directive).
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        self.0.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
 /// Installs the global subscriber. Called once by `main`; the filter was validated with the rest
 /// of the configuration.
-pub fn init(format: LogFormat, level: &str) {
+pub fn init(format: LogFormat, level: &str) -> LogControl {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let plain = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Plain => registry.with(plain).init(),
+        LogFormat::Json => registry.with(plain.json().flatten_event(true)).init(),
     }
+    LogControl(handle)
 }

@@ -161,3 +161,114 @@ async fn sigterm_stops_the_binary_with_exit_0() {
     }
     assert!(stderr.contains("SIGTERM"), "{stderr}");
 }
+
+/// SIGHUP reads the file again: a new log level takes effect at once (debug lines appear), a
+/// changed prefix is refused with a log line naming its section, and serving goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_the_log_level_and_refuses_what_needs_a_restart() {
+    let cluster = EtcdCluster::start(1).await;
+    cluster
+        .client()
+        .await
+        .put("/hup/k", "v", None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    let write_config = |level: &str, prefix: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "endpoints = [\"{}\"]\nprefixes = [\"{prefix}\"]\nlog_level = \"{level}\"\n",
+                cluster.endpoint(0)
+            ),
+        )
+        .unwrap();
+    };
+    write_config("info", "/hup/");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(BIN)
+        .args(["--config", file.to_str().unwrap(), "--listen", &listen])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Collect stderr lines as they come.
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                lines.lock().unwrap().push(line);
+            }
+        })
+    };
+    let logged = |text: &'static str| {
+        let lines = lines.clone();
+        move || {
+            let found = lines.lock().unwrap().iter().any(|l| l.contains(text));
+            async move { found }
+        }
+    };
+    let http = reqwest::Client::new();
+    let url = format!("http://{listen}/v1/kv/hup/k");
+    let read = || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            match http.get(url).send().await {
+                Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t == "v"),
+                _ => false,
+            }
+        }
+    };
+    eventually(Duration::from_secs(20), "binary serves the key", read).await;
+    assert!(
+        !logged("answered from the fast path")().await,
+        "no debug lines at info"
+    );
+
+    write_config("debug", "/other/");
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the new level is logged",
+        logged("log level changed"),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the prefix change is refused",
+        logged("needs a restart"),
+    )
+    .await;
+    assert!(
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("needs a restart") && l.contains("sync")),
+        "the refusal names the section"
+    );
+    // Still serving the old prefix, now with debug lines.
+    assert!(read().await, "still serving /hup/");
+    eventually(
+        Duration::from_secs(10),
+        "debug lines appear",
+        logged("answered from the fast path"),
+    )
+    .await;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    reader.join().unwrap();
+}
