@@ -29,6 +29,20 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     )
 }
 
+/// Sends `signal` to our child process.
+fn signal(child: &std::process::Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+}
+
+/// Whether `url` answers 200 with the body `v`.
+async fn serves_v(http: reqwest::Client, url: String) -> bool {
+    match http.get(url).send().await {
+        Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t == "v"),
+        _ => false,
+    }
+}
+
 /// One case: arguments, environment, and the text the error must contain.
 type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
 
@@ -116,13 +130,7 @@ async fn sigterm_stops_the_binary_with_exit_0() {
     let http = reqwest::Client::new();
     let url = format!("http://{listen}/v1/kv/bin/k");
     eventually(Duration::from_secs(20), "binary serves the key", || {
-        let (http, url) = (http.clone(), url.clone());
-        async move {
-            match http.get(url).send().await {
-                Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t == "v"),
-                _ => false,
-            }
-        }
+        serves_v(http.clone(), url.clone())
     })
     .await;
     // The container health check: needs only the listen address, not the serving settings.
@@ -130,11 +138,7 @@ async fn sigterm_stops_the_binary_with_exit_0() {
     assert_eq!(code, 0, "healthy sidecar: {stderr}");
     let (code, stderr) = run(&["--healthcheck", "/readyz", "--listen", &listen], &[]);
     assert_eq!(code, 0, "ready sidecar: {stderr}");
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    signal(&child, libc::SIGTERM);
     let started = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -218,15 +222,7 @@ async fn sighup_applies_the_log_level_and_refuses_what_needs_a_restart() {
     };
     let http = reqwest::Client::new();
     let url = format!("http://{listen}/v1/kv/hup/k");
-    let read = || {
-        let (http, url) = (http.clone(), url.clone());
-        async move {
-            match http.get(url).send().await {
-                Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t == "v"),
-                _ => false,
-            }
-        }
-    };
+    let read = || serves_v(http.clone(), url.clone());
     eventually(Duration::from_secs(20), "binary serves the key", read).await;
     assert!(
         !logged("answered from the fast path")().await,
@@ -234,11 +230,7 @@ async fn sighup_applies_the_log_level_and_refuses_what_needs_a_restart() {
     );
 
     write_config("debug", "/other/");
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) },
-        0
-    );
+    signal(&child, libc::SIGHUP);
     eventually(
         Duration::from_secs(10),
         "the new level is logged",
@@ -267,8 +259,7 @@ async fn sighup_applies_the_log_level_and_refuses_what_needs_a_restart() {
         logged("answered from the fast path"),
     )
     .await;
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     assert_eq!(child.wait().unwrap().code(), Some(0));
     reader.join().unwrap();
 }
