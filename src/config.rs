@@ -118,6 +118,26 @@ pub struct Cli {
     /// With a snapshot, report ready only once etcd has been reached (default: ready on the snapshot).
     #[arg(long, env = "CONFIG_SIDECAR_READY_REQUIRES_ETCD", num_args = 0..=1, default_missing_value = "true")]
     pub ready_requires_etcd: Option<bool>,
+    /// PEM file of the CA that signed the etcd members' certificates (https:// endpoints;
+    /// without it the system's roots are trusted).
+    #[arg(long, env = "CONFIG_SIDECAR_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// PEM client certificate for etcd members started with --client-cert-auth.
+    #[arg(long, env = "CONFIG_SIDECAR_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// PEM private key of --etcd-cert-file.
+    #[arg(long, env = "CONFIG_SIDECAR_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// etcd user, for clusters with authentication enabled.
+    #[arg(long, env = "CONFIG_SIDECAR_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long, env = "CONFIG_SIDECAR_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// The etcd user's password; prefer the environment variable or --etcd-password-file, since
+    /// a flag shows in the process list.
+    #[arg(long, env = "CONFIG_SIDECAR_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<Secret>,
     /// Do not serve: ask the sidecar listening on --listen for this path (/healthz, or /readyz)
     /// and exit 0 on a 200, 1 otherwise: a container health check without curl in the image.
     #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "/healthz")]
@@ -155,6 +175,11 @@ pub struct FileConfig {
     degrade_after: Option<u32>,
     recover_after: Option<u32>,
     ready_requires_etcd: Option<bool>,
+    etcd_ca_file: Option<PathBuf>,
+    etcd_cert_file: Option<PathBuf>,
+    etcd_key_file: Option<PathBuf>,
+    etcd_username: Option<String>,
+    etcd_password_file: Option<PathBuf>,
 }
 
 /// Log output format.
@@ -167,7 +192,7 @@ pub enum LogFormat {
 }
 
 /// How the sidecar talks to etcd.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EtcdConfig {
     /// Member URLs, in the order given.
     pub endpoints: Vec<String>,
@@ -179,10 +204,77 @@ pub struct EtcdConfig {
     pub keepalive_interval: Duration,
     /// HTTP/2 keep-alive ping timeout.
     pub keepalive_timeout: Duration,
+    /// TLS towards the members (the endpoints are `https://`).
+    pub tls: Option<EtcdTls>,
+    /// Username and password, for clusters with authentication enabled.
+    pub auth: Option<EtcdAuth>,
+}
+
+/// TLS towards etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdTls {
+    /// PEM of the CA that signed the members' certificates; `None` trusts the system's roots.
+    pub ca_pem: Option<String>,
+    /// Client certificate PEM, for members started with `--client-cert-auth`.
+    pub cert_pem: Option<String>,
+    /// The client certificate's private key PEM.
+    pub key_pem: Option<Secret>,
+}
+
+/// etcd username/password authentication.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdAuth {
+    /// The etcd user.
+    pub username: String,
+    /// Its password, from a file or the environment.
+    pub password: Secret,
+}
+
+/// A value that must never be printed: a password, a token, a private key. Its `Debug` and
+/// `Display` say `<redacted>`; [`Secret::expose`] is the one way to the text.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret text, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(text: String) -> Self {
+        Secret(text)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(text: &str) -> Self {
+        Secret(text.to_string())
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(text.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// How the sync task behaves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SyncConfig {
     /// What to mirror.
     pub prefixes: Prefixes,
@@ -199,7 +291,7 @@ pub struct SyncConfig {
 }
 
 /// How the HTTP side behaves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpConfig {
     /// Where to listen.
     pub listen: SocketAddr,
@@ -214,7 +306,7 @@ pub struct HttpConfig {
 }
 
 /// The degradation ladder: probes, hysteresis, the webhook.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModeConfig {
     /// Time between probe rounds.
     pub probe_interval: Duration,
@@ -229,25 +321,16 @@ pub struct ModeConfig {
 }
 
 /// Writes through the sidecar.
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct WriteConfig {
     /// Whether writes are accepted at all.
     pub allowed: bool,
     /// The bearer token writes must present, read from the token file; never printed.
-    pub token: Option<String>,
-}
-
-impl std::fmt::Debug for WriteConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriteConfig")
-            .field("allowed", &self.allowed)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
+    pub token: Option<Secret>,
 }
 
 /// The disk snapshot.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SnapshotConfig {
     /// Where it lives.
     pub path: PathBuf,
@@ -256,7 +339,7 @@ pub struct SnapshotConfig {
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Health probes and mode hysteresis.
     pub mode: ModeConfig,
@@ -409,23 +492,50 @@ impl Config {
             ));
         }
         let allowed = cli.allow_writes.or(file.allow_writes).unwrap_or(false);
-        let token = match cli.write_token_file.or(file.write_token_file) {
-            None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    invalid(
-                        "--write-token-file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                let token = text.trim().to_string();
-                if token.is_empty() {
-                    return Err(invalid(
-                        "--write-token-file",
-                        format!("{} is empty", path.display()),
-                    ));
-                }
-                Some(token)
+        let token = cli
+            .write_token_file
+            .or(file.write_token_file)
+            .map(|path| read_secret("--write-token-file", &path))
+            .transpose()?;
+        let etcd_tls = etcd_tls(
+            &endpoints,
+            cli.etcd_ca_file.or(file.etcd_ca_file),
+            cli.etcd_cert_file.or(file.etcd_cert_file),
+            cli.etcd_key_file.or(file.etcd_key_file),
+        )?;
+        let password = match (
+            cli.etcd_password,
+            cli.etcd_password_file.or(file.etcd_password_file),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "--etcd-password",
+                    "give the password or a password file, not both",
+                ))
+            }
+            (Some(p), None) if p.expose().is_empty() => {
+                return Err(invalid("--etcd-password", "is empty"))
+            }
+            (Some(p), None) => Some(p),
+            (None, Some(path)) => Some(read_secret("--etcd-password-file", &path)?),
+            (None, None) => None,
+        };
+        let etcd_auth = match (cli.etcd_username.or(file.etcd_username), password) {
+            (Some(username), Some(password)) if !username.is_empty() => {
+                Some(EtcdAuth { username, password })
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "--etcd-username",
+                    "needs a password: CONFIG_SIDECAR_ETCD_PASSWORD or --etcd-password-file",
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(invalid(
+                    "--etcd-username",
+                    "a password was given but no username",
+                ))
             }
         };
         let ready_requires_etcd = cli
@@ -504,6 +614,8 @@ impl Config {
                     file.keepalive_timeout,
                     DEFAULT_KEEPALIVE_TIMEOUT,
                 )?,
+                tls: etcd_tls,
+                auth: etcd_auth,
             },
             sync: SyncConfig {
                 prefixes: Prefixes::new(prefixes),
@@ -568,6 +680,79 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         .map_err(|e| invalid("--config", format!("{}: {}", path.display(), e.message())))
 }
 
+/// Reads a token, password or key from `path`; surrounding whitespace (a trailing newline) is
+/// not part of it.
+fn read_secret(setting: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(invalid(setting, format!("{} is empty", path.display())));
+    }
+    Ok(Secret(text.to_string()))
+}
+
+/// Reads a PEM file and checks it holds what `what` names (`CERTIFICATE`, `PRIVATE KEY`), so a
+/// swapped or empty file is named at start-up rather than failing every connection later.
+fn read_pem(setting: &str, path: &Path, what: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(setting, format!("cannot read {}: {e}", path.display())))?;
+    let found = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.ends_with(&format!("{what}-----")));
+    if !found {
+        return Err(invalid(
+            setting,
+            format!("{} holds no PEM {what}", path.display()),
+        ));
+    }
+    Ok(text)
+}
+
+/// TLS settings: all endpoints `https://` or none; a client key goes with a client certificate.
+fn etcd_tls(
+    endpoints: &[String],
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<EtcdTls>, ConfigError> {
+    let https = endpoints
+        .iter()
+        .filter(|e| e.starts_with("https://"))
+        .count();
+    if https != 0 && https != endpoints.len() {
+        return Err(invalid(
+            "--endpoints",
+            "mixes http:// and https:// endpoints",
+        ));
+    }
+    if https == 0 {
+        if ca.is_some() || cert.is_some() || key.is_some() {
+            return Err(invalid(
+                "--etcd-ca-file",
+                "TLS files given but the endpoints are http://; use https:// endpoints",
+            ));
+        }
+        return Ok(None);
+    }
+    let (cert_pem, key_pem) = match (cert, key) {
+        (Some(cert), Some(key)) => (
+            Some(read_pem("--etcd-cert-file", &cert, "CERTIFICATE")?),
+            Some(Secret(read_pem("--etcd-key-file", &key, "PRIVATE KEY")?)),
+        ),
+        (None, None) => (None, None),
+        (Some(_), None) => return Err(invalid("--etcd-key-file", "needed with --etcd-cert-file")),
+        (None, Some(_)) => return Err(invalid("--etcd-cert-file", "needed with --etcd-key-file")),
+    };
+    Ok(Some(EtcdTls {
+        ca_pem: ca
+            .map(|ca| read_pem("--etcd-ca-file", &ca, "CERTIFICATE"))
+            .transpose()?,
+        cert_pem,
+        key_pem,
+    }))
+}
+
 fn parse_duration(setting: &str, text: &str) -> Result<Duration, ConfigError> {
     let d = humantime::parse_duration(text.trim()).map_err(|e| {
         invalid(
@@ -586,10 +771,8 @@ fn validate_endpoint(endpoint: &str) -> Result<(), ConfigError> {
     let uri: http::Uri = endpoint
         .parse()
         .map_err(|_| bad("is not a URL such as http://127.0.0.1:2379"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(bad("uses https, which this build does not support yet")),
-        _ => return Err(bad("must start with http://")),
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("must start with http:// or https://"));
     }
     let authority = uri.authority().ok_or_else(|| bad("has no host"))?;
     if authority.host().is_empty() {
@@ -646,7 +829,10 @@ mod tests {
         let t = token.to_str().unwrap();
         let c = cli(&["--prefix", "/c/", "--allow-writes", "--write-token-file", t]).unwrap();
         assert!(c.writes.allowed);
-        assert_eq!(c.writes.token.as_deref(), Some("s3cret-token"));
+        assert_eq!(
+            c.writes.token.as_ref().map(Secret::expose),
+            Some("s3cret-token")
+        );
         assert!(
             !format!("{c:?}").contains("s3cret"),
             "Debug output shows the token"
@@ -687,5 +873,84 @@ mod tests {
         std::fs::write(&path, "prefixes = [\"/f/\"]\nunknown_key = 1\n").unwrap();
         let e = cli(&["--config", p]).unwrap_err();
         assert!(e.contains("--config") && e.contains("unknown_key"), "{e}");
+    }
+
+    #[test]
+    fn etcd_tls_and_auth_settings_are_checked_and_secrets_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_string()
+        };
+        let cert = file(
+            "c.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let key = file(
+            "k.pem",
+            "-----BEGIN PRIVATE KEY-----\nKEYBYTES\n-----END PRIVATE KEY-----\n",
+        );
+        let password = file("pw", "hunter2-secret\n");
+        let https = ["--prefix", "/c/", "--endpoints", "https://127.0.0.1:2379"];
+        let with = |more: &[&str]| {
+            let mut args = https.to_vec();
+            args.extend_from_slice(more);
+            cli(&args)
+        };
+        let c = with(&[
+            "--etcd-ca-file",
+            &cert,
+            "--etcd-cert-file",
+            &cert,
+            "--etcd-key-file",
+            &key,
+            "--etcd-username",
+            "app",
+            "--etcd-password-file",
+            &password,
+        ])
+        .unwrap();
+        let tls = c.etcd.tls.as_ref().unwrap();
+        assert!(tls.ca_pem.is_some() && tls.cert_pem.is_some());
+        let auth = c.etcd.auth.as_ref().unwrap();
+        assert_eq!(
+            (auth.username.as_str(), auth.password.expose()),
+            ("app", "hunter2-secret")
+        );
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("KEYBYTES"),
+            "{debug}"
+        );
+        // https without a CA file trusts the system's roots.
+        assert!(with(&[]).unwrap().etcd.tls.unwrap().ca_pem.is_none());
+
+        let err = |more: &[&str]| with(more).unwrap_err();
+        assert!(err(&["--etcd-cert-file", &cert]).contains("--etcd-key-file"));
+        assert!(err(&["--etcd-key-file", &key]).contains("--etcd-cert-file"));
+        assert!(err(&["--etcd-ca-file", &key]).contains("no PEM CERTIFICATE"));
+        assert!(err(&["--etcd-cert-file", &cert, "--etcd-key-file", &cert]).contains("PRIVATE KEY"));
+        assert!(err(&["--etcd-username", "app"]).contains("needs a password"));
+        assert!(err(&["--etcd-password-file", &password]).contains("no username"));
+        let both = err(&[
+            "--etcd-username",
+            "a",
+            "--etcd-password",
+            "x",
+            "--etcd-password-file",
+            &password,
+        ]);
+        assert!(both.contains("not both"), "{both}");
+        let plain = cli(&["--prefix", "/c/", "--etcd-ca-file", &cert]).unwrap_err();
+        assert!(plain.contains("https://"), "{plain}");
+        let mixed = cli(&[
+            "--prefix",
+            "/c/",
+            "--endpoints",
+            "https://127.0.0.1:1,http://127.0.0.1:2",
+        ])
+        .unwrap_err();
+        assert!(mixed.contains("mixes"), "{mixed}");
     }
 }

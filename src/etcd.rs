@@ -8,7 +8,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use serde::Serialize;
 
 use crate::config::EtcdConfig;
@@ -201,13 +201,34 @@ impl EndpointPool {
             .collect()
     }
 
+    /// Options every client is built with. Never print them: with authentication their `Debug`
+    /// shows the password.
     fn connect_options(&self) -> ConnectOptions {
-        ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(self.config.dial_timeout)
             .with_keep_alive(
                 self.config.keepalive_interval,
                 self.config.keepalive_timeout,
             )
-            .with_keep_alive_while_idle(true)
+            .with_keep_alive_while_idle(true);
+        if let Some(tls) = &self.config.tls {
+            let mut t = TlsOptions::new();
+            t = match &tls.ca_pem {
+                Some(ca) => t.ca_certificate(Certificate::from_pem(ca)),
+                None => t.with_native_roots(),
+            };
+            if let (Some(cert), Some(key)) = (&tls.cert_pem, &tls.key_pem) {
+                t = t.identity(Identity::from_pem(cert, key.expose()));
+            }
+            options = options.with_tls(t);
+        }
+        if let Some(auth) = &self.config.auth {
+            // etcd's tokens expire (5 minutes unused by default); a call that meets an expired
+            // token authenticates again and is retried once.
+            options = options
+                .with_user(auth.username.clone(), auth.password.expose())
+                .with_auto_token_refresh(true);
+        }
+        options
     }
 }

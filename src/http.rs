@@ -624,7 +624,7 @@ fn admit_write(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+        if !constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
             return Err(ApiError::Unauthorized);
         }
     }

@@ -134,6 +134,7 @@ pub async fn serve(
         config.mode.probe_interval,
         config.mode.probe_timeout,
         signals,
+        prefixes[0].clone(),
     );
     let state = http::AppState::new(&config, store, pool, sync.status(), mode, probes.results());
     let closer = state.clone();

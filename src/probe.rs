@@ -15,9 +15,6 @@ use tokio::time::{timeout, MissedTickBehavior};
 use crate::etcd::EndpointPool;
 use crate::mode::{unix_ms, Observation, Signal};
 
-/// Key the reads ask for; its value is irrelevant (count only), the answer's success is the point.
-const PROBE_KEY: &str = "/__config_sidecar_probe";
-
 /// What one member answered in the last round.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct MemberProbe {
@@ -60,6 +57,9 @@ pub struct ProbeTask {
     signals: mpsc::Sender<Signal>,
     /// Last answers per member.
     results: ProbeResults,
+    /// The key the reads ask for (count only: the answer's success is the point, not the value):
+    /// the first mirrored prefix itself, a key the sidecar may read when etcd has authentication on.
+    key: String,
 }
 
 impl ProbeTask {
@@ -69,6 +69,7 @@ impl ProbeTask {
         interval: Duration,
         timeout: Duration,
         signals: mpsc::Sender<Signal>,
+        key: String,
     ) -> Self {
         let results = (0..pool.len())
             .map(|i| MemberProbe {
@@ -82,6 +83,7 @@ impl ProbeTask {
             timeout,
             signals,
             results: Arc::new(Mutex::new(results)),
+            key,
         }
     }
 
@@ -126,13 +128,13 @@ impl ProbeTask {
             timeout(
                 limit,
                 c2.get(
-                    PROBE_KEY,
+                    self.key.as_str(),
                     Some(GetOptions::new().with_serializable().with_count_only())
                 )
             ),
             timeout(
                 limit,
-                c3.get(PROBE_KEY, Some(GetOptions::new().with_count_only()))
+                c3.get(self.key.as_str(), Some(GetOptions::new().with_count_only()))
             ),
         );
         let mut note = |e: String| {
@@ -253,6 +255,7 @@ mod timing {
             Duration::from_secs(1),
             Duration::from_millis(800),
             signals,
+            "/a/".into(),
         );
         tokio::spawn(probes.run());
         while handle.mode() == Mode::Full {

@@ -44,21 +44,14 @@ pub async fn on_sighup(cli: Cli, mut current: Config, log: LogControl) {
 
 /// The sections of `next` that differ from `current` and cannot change while running.
 fn needs_restart(current: &Config, next: &Config) -> Vec<&'static str> {
-    let differs =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let mut sections = Vec::new();
     for (name, changed) in [
-        ("etcd", differs(&current.etcd, &next.etcd)),
-        ("sync", differs(&current.sync, &next.sync)),
-        ("http", differs(&current.http, &next.http)),
-        ("mode", differs(&current.mode, &next.mode)),
-        // Compared field by field: its Debug output hides the token.
-        (
-            "writes",
-            current.writes.allowed != next.writes.allowed
-                || current.writes.token != next.writes.token,
-        ),
-        ("snapshot", differs(&current.snapshot, &next.snapshot)),
+        ("etcd", current.etcd != next.etcd),
+        ("sync", current.sync != next.sync),
+        ("http", current.http != next.http),
+        ("mode", current.mode != next.mode),
+        ("writes", current.writes != next.writes),
+        ("snapshot", current.snapshot != next.snapshot),
         ("log_format", current.log_format != next.log_format),
     ] {
         if changed {

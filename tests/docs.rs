@@ -127,6 +127,8 @@ struct Invocation {
     args: Vec<String>,
     /// `CONFIG_SIDECAR_*` (and other) environment variables.
     env: Vec<(String, String)>,
+    /// Files the platform mounts from a secret store (paths inside the container).
+    secret_files: Vec<String>,
 }
 
 impl Invocation {
@@ -145,6 +147,20 @@ impl Invocation {
             let value = if name == "CONFIG_SIDECAR_SNAPSHOT" {
                 let file = Path::new(value).file_name().unwrap();
                 here.path().join(file).display().to_string()
+            } else if self.secret_files.contains(value) {
+                // Stand-ins for the mounted secrets, of the kind the setting expects.
+                let file = here.path().join(Path::new(value).file_name().unwrap());
+                let pem =
+                    |kind: &str| format!("-----BEGIN {kind}-----\nAA==\n-----END {kind}-----\n");
+                let text = match name.as_str() {
+                    "CONFIG_SIDECAR_ETCD_KEY_FILE" => pem("PRIVATE KEY"),
+                    "CONFIG_SIDECAR_ETCD_CA_FILE" | "CONFIG_SIDECAR_ETCD_CERT_FILE" => {
+                        pem("CERTIFICATE")
+                    }
+                    _ => "stand-in secret".into(),
+                };
+                std::fs::write(&file, text).unwrap();
+                file.display().to_string()
             } else {
                 value.clone()
             };
@@ -222,6 +238,7 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
         what: "Dockerfile".into(),
         args: vec!["--prefix".into(), "/x/".into()],
         env,
+        secret_files: Vec::new(),
     }
     .check();
     assert!(dockerfile.contains(&format!("EXPOSE {docker_port}")));
@@ -254,6 +271,7 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
         what: "compose sidecar".into(),
         args: strings(&sidecar["command"]),
         env,
+        secret_files: Vec::new(),
     }
     .check();
     let test = strings(&sidecar["healthcheck"]["test"]);
@@ -286,21 +304,60 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
         .iter()
         .find(|c| c["name"].as_str() == Some("config-sidecar"))
         .expect("a config-sidecar container");
-    let env = sidecar["env"]
+    // Files mounted from Secrets: mount path + item path, for each secret volume.
+    let volumes = pod["volumes"].as_vec().unwrap();
+    let mut secret_files = Vec::new();
+    let mut secret_names = Vec::new();
+    for mount in sidecar["volumeMounts"].as_vec().unwrap() {
+        let volume = volumes
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("every mount names a volume");
+        if let Some(secret) = volume["secret"]["secretName"].as_str() {
+            secret_names.push(secret.to_string());
+            for item in volume["secret"]["items"].as_vec().unwrap() {
+                let dir = mount["mountPath"].as_str().unwrap();
+                secret_files.push(format!("{dir}/{}", item["path"].as_str().unwrap()));
+            }
+        }
+    }
+    let env: Vec<(String, String)> = sidecar["env"]
         .as_vec()
         .unwrap()
         .iter()
         .map(|e| {
-            (
-                e["name"].as_str().unwrap().to_string(),
-                e["value"].as_str().unwrap().to_string(),
-            )
+            let name = e["name"].as_str().unwrap().to_string();
+            let value = match e["value"].as_str() {
+                Some(v) => v.to_string(),
+                None => {
+                    let from = e["valueFrom"]["secretKeyRef"]["name"].as_str();
+                    assert!(
+                        from.is_some_and(|s| secret_names.iter().any(|n| n == s)),
+                        "{name}: from the same Secret as the mounted files"
+                    );
+                    "stand-in secret".into()
+                }
+            };
+            (name, value)
         })
         .collect();
+    for (name, value) in &env {
+        if name.starts_with("CONFIG_SIDECAR_ETCD_") && name.ends_with("_FILE") {
+            assert!(
+                secret_files.contains(value),
+                "{name}={value} is not mounted from a Secret"
+            );
+        }
+    }
+    assert!(
+        env.iter().any(|(n, _)| n == "CONFIG_SIDECAR_ETCD_KEY_FILE"),
+        "etcd TLS from a Secret"
+    );
     let port = Invocation {
         what: "k8s config-sidecar".into(),
         args: strings(&sidecar["args"]),
         env,
+        secret_files,
     }
     .check();
     assert_eq!(

@@ -51,6 +51,71 @@ fn temp_dir() -> tempfile::TempDir {
         .expect("temp dir")
 }
 
+/// Certificates for etcd members started with TLS, written as PEM files in a temp dir: a CA, a
+/// server certificate for 127.0.0.1 and localhost, the harness's client certificate (its common
+/// name `root` is etcd's root user once authentication is on) and the sidecar's (a name that is no
+/// etcd user, so the sidecar gets in by password or not at all).
+pub struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    pub fn generate() -> TestPki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("cs-pki")
+            .tempdir()
+            .expect("temp dir");
+        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "config-sidecar test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        write("ca.pem", ca.self_signed(&ca_key).unwrap().pem());
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = |name: &str, common_name: &str, sans: Vec<String>, usage| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(sans).unwrap();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, common_name);
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}-key.pem"), key.serialize_pem());
+        };
+        let server_names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        leaf(
+            "server",
+            "etcd",
+            server_names,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        leaf("root", "root", vec![], ExtendedKeyUsagePurpose::ClientAuth);
+        leaf(
+            "sidecar",
+            "config-sidecar",
+            vec![],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        TestPki { dir }
+    }
+
+    /// Path of `name`: `ca.pem`, `server.pem`, `sidecar-key.pem`, ...
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn pem(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).expect("PEM file")
+    }
+}
+
 struct Member {
     name: String,
     client_port: u16,
@@ -63,11 +128,47 @@ pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
     initial_cluster: String,
+    /// PEM files when the members serve clients over TLS (and ask for client certificates).
+    tls: Option<TlsFiles>,
+    /// More etcd flags for every member.
+    extra_args: Vec<String>,
+}
+
+/// What a TLS cluster's members and the harness's clients use.
+#[derive(Clone)]
+struct TlsFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    /// The harness's client identity (CA, certificate, key PEM).
+    client: (String, String, String),
 }
 
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster commits a write.
     pub async fn start(n: usize) -> EtcdCluster {
+        Self::start_with(n, None, Vec::new()).await
+    }
+
+    /// Starts `n` members serving clients over TLS only, with client certificates required
+    /// (`--client-cert-auth`); the harness's own clients present `pki`'s `root` certificate.
+    /// `extra_args` go to every member (e.g. `--auth-token-ttl 2`).
+    pub async fn start_tls(n: usize, pki: &TestPki, extra_args: &[&str]) -> EtcdCluster {
+        let tls = TlsFiles {
+            ca: pki.path("ca.pem"),
+            cert: pki.path("server.pem"),
+            key: pki.path("server-key.pem"),
+            client: (
+                pki.pem("ca.pem"),
+                pki.pem("root.pem"),
+                pki.pem("root-key.pem"),
+            ),
+        };
+        let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        Self::start_with(n, Some(tls), extra_args).await
+    }
+
+    async fn start_with(n: usize, tls: Option<TlsFiles>, extra_args: Vec<String>) -> EtcdCluster {
         let dir = temp_dir();
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -86,6 +187,8 @@ impl EtcdCluster {
             dir,
             members,
             initial_cluster,
+            tls,
+            extra_args,
         };
         for i in 0..n {
             cluster.spawn(i);
@@ -102,9 +205,20 @@ impl EtcdCluster {
             .append(true)
             .open(self.dir.path().join(format!("{}.log", m.name)))
             .expect("log file");
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = self.endpoint(i);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new(etcd_bin())
+        let mut command = Command::new(etcd_bin());
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
@@ -130,6 +244,7 @@ impl EtcdCluster {
             // etcd's defaults: shorter timeouts cause spurious elections when the test machine is busy.
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .args(["--logger", "zap", "--log-level", "warn"])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -150,7 +265,8 @@ impl EtcdCluster {
 
     /// Client URL of member `i`.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client_port)
     }
 
     /// Client address of member `i`.
@@ -162,7 +278,15 @@ impl EtcdCluster {
 
     /// A client bound to member `i` alone.
     pub async fn client_for(&self, i: usize) -> Client {
-        Client::connect([self.endpoint(i)], None)
+        let options = self.tls.as_ref().map(|tls| {
+            let (ca, cert, key) = &tls.client;
+            etcd_client::ConnectOptions::new().with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(ca))
+                    .identity(etcd_client::Identity::from_pem(cert, key)),
+            )
+        });
+        Client::connect([self.endpoint(i)], options)
             .await
             .expect("etcd client")
     }
@@ -370,7 +494,11 @@ pub async fn proxy_every_member(cluster: &EtcdCluster) -> (Vec<Proxy>, Vec<Strin
 
 /// A sidecar configuration with fast failure detection, for tests.
 pub fn sidecar_config(endpoints: &[String], prefixes: &[&str]) -> Config {
-    let mut config = Config::for_endpoints(endpoints, prefixes).expect("valid test config");
+    fast_failure_detection(Config::for_endpoints(endpoints, prefixes).expect("valid test config"))
+}
+
+/// `config` listening on a free port, with the short timeouts and backoffs tests use.
+pub fn fast_failure_detection(mut config: Config) -> Config {
     config.http.listen = "127.0.0.1:0".parse().unwrap();
     config.sync.watch_deadline = Duration::from_secs(3);
     config.sync.backoff_max = Duration::from_millis(500);
