@@ -12,12 +12,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::map_response;
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use axum::{Json, Router};
 use bytes::Bytes;
 use etcd_client::GetOptions;
+use futures_util::StreamExt;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use serde_json::json;
 use tokio::sync::watch;
@@ -30,8 +32,10 @@ use crate::config::{Config, WriteConfig};
 use crate::error::ApiError;
 use crate::etcd::EndpointPool;
 use crate::keys::{decode_key_path, Prefixes};
+use crate::metrics::{RequestMetrics, RouteIndex, SubscriberKind, Subscribers};
 use crate::mode::{Mode, ModeHandle};
 use crate::notify::{event_stream, wait_for_change, Scope, DEFAULT_WAIT, HEARTBEAT, MAX_WAIT};
+use crate::persist::WriterStats;
 use crate::probe::ProbeResults;
 use crate::render::{RenderCache, View};
 use crate::service::SidecarService;
@@ -42,6 +46,8 @@ use crate::write::{self, WriteOp};
 /// Longest request URI accepted (path and query); etcd keys are at most 1.5 MiB but no sensible
 /// config key comes near this.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// The route of single keys, which the fast path answers too.
+pub const KV_ROUTE: &str = "/v1/kv/{*key}";
 /// Largest request body accepted: etcd's default request size limit.
 pub const MAX_BODY_BYTES: usize = 1536 * 1024;
 
@@ -64,7 +70,7 @@ pub struct AppState {
     /// What is mirrored, to tell "outside" from "missing".
     pub prefixes: Prefixes,
     /// Rendered listings and trees.
-    pub cache: RenderCache,
+    pub cache: Arc<RenderCache>,
     /// The sync task's own report.
     pub sync: watch::Receiver<SyncStatus>,
     /// Endpoint health, for status; clients for consistent reads and writes.
@@ -87,6 +93,12 @@ pub struct AppState {
     close: Arc<watch::Sender<bool>>,
     /// Process start, for uptime.
     pub started: Instant,
+    /// Requests by route and status, and their latency, counted per thread.
+    pub requests: Arc<RequestMetrics>,
+    /// Open streams and blocking queries.
+    pub subscribers: Arc<Subscribers>,
+    /// The disk snapshot writer's record, when there is a snapshot.
+    pub snapshot_stats: Option<Arc<WriterStats>>,
 }
 
 impl AppState {
@@ -104,7 +116,7 @@ impl AppState {
         AppState {
             store,
             prefixes: config.sync.prefixes.clone(),
-            cache: RenderCache::new(config.http.cache_bytes),
+            cache: Arc::new(RenderCache::new(config.http.cache_bytes)),
             sync,
             pool,
             mode,
@@ -119,7 +131,16 @@ impl AppState {
             closing,
             close: Arc::new(close),
             started: Instant::now(),
+            requests: Arc::new(RequestMetrics::new(route_paths())),
+            subscribers: Arc::default(),
+            snapshot_stats: None,
         }
+    }
+
+    /// The same state, reporting the disk snapshot writer's record too.
+    pub fn with_snapshot_stats(mut self, stats: Option<Arc<WriterStats>>) -> Self {
+        self.snapshot_stats = stats;
+        self
     }
 
     /// Ends every stream and blocking query: called when shutdown begins.
@@ -156,7 +177,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
     vec![
         ("/v1/kv", get(kv_get)),
         ("/v1/kv/", get(kv_get)),
-        ("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete)),
+        (KV_ROUTE, get(kv_get).put(kv_put).delete(kv_delete)),
         ("/v1/tree", get(tree_get)),
         ("/v1/tree/", get(tree_get)),
         ("/v1/tree/{*prefix}", get(tree_get)),
@@ -166,6 +187,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/v1/status", get(status)),
         ("/healthz", get(healthz)),
         ("/readyz", get(readyz)),
+        ("/metrics", get(metrics)),
     ]
 }
 
@@ -194,8 +216,14 @@ fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
 
     let mut router = Router::new();
-    for (path, methods) in routes() {
-        router = router.route(path, methods);
+    for (i, (path, methods)) in routes().into_iter().enumerate() {
+        // The route's index travels out on the response, for the request metrics
+        // (`service.rs` counts every request, fast path or not, in one place).
+        let tag = map_response(move |mut response: Response| async move {
+            response.extensions_mut().insert(RouteIndex(i));
+            response
+        });
+        router = router.route(path, methods.layer(tag));
     }
     router
         .fallback(unknown_route)
@@ -337,6 +365,7 @@ async fn readable_snapshot(
             Scope::Key(Bytes::copy_from_slice(key.as_bytes()))
         };
         let wait = query.wait.unwrap_or(DEFAULT_WAIT);
+        let _waiting = state.subscribers.enter(SubscriberKind::Blocking);
         snapshot = wait_for_change(&state.store, &scope, index, wait, state.closing.clone()).await;
     }
     if let Some(max) = query.max_stale {
@@ -756,15 +785,35 @@ async fn watch(State(state): State<Arc<AppState>>, request: Request) -> Result<R
         }
     }
     let scope = Scope::Prefix(Bytes::from(prefix.into_owned().into_bytes()));
+    let subscriber = state.subscribers.enter(SubscriberKind::Stream);
     let stream = event_stream(
         state.store.clone(),
         &state.mode,
         scope,
         since,
         state.closing.clone(),
-    );
+    )
+    // The guard lives as long as the stream: the gauge drops when the client goes.
+    .map(move |event| {
+        let _ = &subscriber;
+        event
+    });
     let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("keep-alive"));
     Ok(with_mirror_headers(sse.into_response(), &state, &snapshot))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    match crate::metrics::render(&state) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => ApiError::Internal.into_response(),
+    }
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -18,6 +18,8 @@
 //! - [`notify`]: blocking queries and server-sent event streams fed by the store's change sets.
 //! - [`webhook`]: posts mode transitions to an operator's URL without ever blocking.
 //! - [`error`]: the one mapping from errors to JSON HTTP responses.
+//! - [`metrics`]: `GET /metrics` (Prometheus): request counts kept per thread, the rest read from
+//!   the parts that own it at scrape time.
 //! - [`http`]: routes, handlers and the middleware chain ([`http::app`]).
 //! - [`service`]: what each connection runs: plain key reads answered on the spot, the rest
 //!   through the router.
@@ -32,6 +34,7 @@ pub mod error;
 pub mod etcd;
 pub mod http;
 pub mod keys;
+pub mod metrics;
 pub mod mode;
 pub mod notify;
 pub mod persist;
@@ -136,7 +139,8 @@ pub async fn serve(
         signals,
         prefixes[0].clone(),
     );
-    let state = http::AppState::new(&config, store, pool, sync.status(), mode, probes.results());
+    let state = http::AppState::new(&config, store, pool, sync.status(), mode, probes.results())
+        .with_snapshot_stats(writer.as_ref().map(|w| w.stats()));
     let closer = state.clone();
     tasks.push(tokio::spawn(sync.run()));
     tasks.push(tokio::spawn(probes.run()));

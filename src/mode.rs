@@ -322,6 +322,8 @@ pub struct ModeHandle {
     confirmed_at_ms: AtomicU64,
     /// The last transitions, newest last, and how many there were in all.
     history: Mutex<(VecDeque<Transition>, u64)>,
+    /// How many transitions there were between each pair of modes, for metrics.
+    counts: Mutex<Vec<((Mode, Mode), u64)>>,
     /// Current health.
     health: Mutex<Health>,
     /// Each transition, for change streams (`event: mode`).
@@ -336,6 +338,7 @@ impl Default for ModeHandle {
             mode: AtomicU8::new(Mode::Starting as u8),
             confirmed_at_ms: AtomicU64::new(0),
             history: Mutex::new((VecDeque::new(), 0)),
+            counts: Mutex::new(Vec::new()),
             health: Mutex::new(Health::Unhealthy),
         }
     }
@@ -357,6 +360,13 @@ impl ModeHandle {
         }
         h.1 += 1;
         drop(h);
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let pair = (transition.from, transition.to);
+        match counts.iter_mut().find(|(p, _)| *p == pair) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((pair, 1)),
+        }
+        drop(counts);
         // No receivers is fine: no stream is open.
         let _ = self.transitions_tx.send(transition.clone());
     }
@@ -388,6 +398,14 @@ impl ModeHandle {
             0 => None,
             at => Some(Duration::from_millis(unix_ms(now).saturating_sub(at))),
         }
+    }
+
+    /// How many transitions there were between each pair of modes (pairs never seen are absent).
+    pub fn transition_counts(&self) -> Vec<((Mode, Mode), u64)> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The last transitions (oldest first) and the total count.

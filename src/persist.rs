@@ -18,6 +18,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -298,6 +299,42 @@ pub struct SnapshotWriter {
     mode: Arc<ModeHandle>,
     /// Revision of the last write (or of the loaded file), to skip writes that change nothing.
     written: i64,
+    /// Writes and failures, for metrics and health.
+    stats: Arc<WriterStats>,
+}
+
+/// What the snapshot writer has done, shared with metrics and health checks.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Snapshot files written.
+    writes: AtomicU64,
+    /// Writes that failed.
+    failures: AtomicU64,
+    /// Whether the last write failed.
+    failing: AtomicBool,
+}
+
+impl WriterStats {
+    /// Snapshot files written since start.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Writes that failed since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last write failed.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, ok: bool) {
+        let counter = if ok { &self.writes } else { &self.failures };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(!ok, Ordering::Relaxed);
+    }
 }
 
 impl SnapshotWriter {
@@ -315,7 +352,13 @@ impl SnapshotWriter {
             prefixes,
             mode,
             written,
+            stats: Arc::default(),
         }
+    }
+
+    /// Its record of writes and failures.
+    pub fn stats(&self) -> Arc<WriterStats> {
+        self.stats.clone()
     }
 
     /// Writes now if the mirror moved since the last write.
@@ -341,12 +384,17 @@ impl SnapshotWriter {
         match result {
             Ok(Ok(())) => {
                 self.written = revision;
+                self.stats.record(true);
                 tracing::debug!(revision, "snapshot written");
             }
             Ok(Err(e)) => {
+                self.stats.record(false);
                 tracing::error!(path = %self.path.display(), error = %e, "snapshot write failed")
             }
-            Err(e) => tracing::error!(error = %e, "snapshot writer task failed"),
+            Err(e) => {
+                self.stats.record(false);
+                tracing::error!(error = %e, "snapshot writer task failed")
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 //! bounded by weight (body bytes). The cache key includes the snapshot revision: a body rendered at
 //! one revision can never be served for another, and bodies of old revisions simply age out.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use base64::Engine;
@@ -26,10 +27,13 @@ pub enum View {
 type CacheKey = (View, Arc<str>, i64);
 
 /// Rendered bodies, bounded by total bytes.
-#[derive(Clone)]
 pub struct RenderCache {
     /// The bodies.
     cache: Cache<CacheKey, Bytes>,
+    /// Lookups answered from the cache, for metrics.
+    hits: AtomicU64,
+    /// Lookups that rendered, for metrics.
+    misses: AtomicU64,
 }
 
 impl RenderCache {
@@ -41,17 +45,36 @@ impl RenderCache {
                 u32::try_from(body.len() + key.1.len() + 32).unwrap_or(u32::MAX)
             })
             .build();
-        RenderCache { cache }
+        RenderCache {
+            cache,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
     }
 
     /// The body of `view` over `prefix` at the snapshot's revision, rendered at most once per
     /// revision (concurrent misses for the same key wait for one render).
     pub fn get(&self, view: View, prefix: &str, snapshot: &Snapshot) -> Bytes {
         let key: CacheKey = (view, Arc::from(prefix), snapshot.revision);
-        self.cache.get_with(key, || match view {
+        let entry = self.cache.entry(key).or_insert_with(|| match view {
             View::List => render_list(snapshot, prefix),
             View::Tree => render_tree(snapshot, prefix),
-        })
+        });
+        let counter = if entry.is_fresh() {
+            &self.misses
+        } else {
+            &self.hits
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        entry.into_value()
+    }
+
+    /// Lookups answered from the cache and lookups that rendered, since start.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
     }
 }
 

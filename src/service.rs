@@ -9,32 +9,30 @@
 //! through to the router, which stays the one place that maps errors to responses.
 
 use std::convert::Infallible;
-use std::future::{ready, Ready};
+use std::future::{ready, Future, Ready};
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::response::IntoResponse;
 use axum::Router;
 use bytes::Bytes;
-use futures_util::future::{Either as EitherFuture, Map};
-use futures_util::FutureExt;
+use futures_util::future::Either as EitherFuture;
 use http::{Method, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use tower::util::Oneshot;
 use tower::ServiceExt;
 
 use crate::error::ApiError;
-use crate::http::{key_response, AppState, MAX_URI_BYTES};
+use crate::http::{key_response, AppState, KV_ROUTE, MAX_URI_BYTES};
 use crate::keys::decode_key_path;
+use crate::metrics::RouteIndex;
 
 /// The body of any response: a prepared value, or whatever the router produced.
 pub type ServiceBody = Either<Full<Bytes>, axum::body::Body>;
 
-type RouterFuture = Map<
-    Oneshot<Router, Request<Incoming>>,
-    fn(Result<axum::response::Response, Infallible>) -> Result<Response<ServiceBody>, Infallible>,
->;
+type RouterFuture = Pin<Box<dyn Future<Output = Result<Response<ServiceBody>, Infallible>> + Send>>;
 
 /// The per-connection service: the fast path for plain key reads in front of the router.
 #[derive(Clone)]
@@ -43,12 +41,22 @@ pub struct SidecarService {
     state: Arc<AppState>,
     /// Every other request.
     router: Router,
+    /// The key route's index in the request metrics: what the fast path counts under.
+    kv_route: RouteIndex,
 }
 
 impl SidecarService {
     /// The service over `state`, with `router` (built on the same state) for the other requests.
     pub fn new(state: Arc<AppState>, router: Router) -> Self {
-        SidecarService { state, router }
+        let kv_route = state
+            .requests
+            .route(KV_ROUTE)
+            .unwrap_or_else(|| state.requests.unmatched());
+        SidecarService {
+            state,
+            router,
+            kv_route,
+        }
     }
 }
 
@@ -58,27 +66,41 @@ impl hyper::service::Service<Request<Incoming>> for SidecarService {
     type Future = EitherFuture<Ready<Result<Response<ServiceBody>, Infallible>>, RouterFuture>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let started = Instant::now();
         // The fast path never awaits, so catching a panic here costs nothing until one happens;
         // the router has its own catch-panic layer.
-        match std::panic::catch_unwind(AssertUnwindSafe(|| plain_read(&self.state, &request))) {
+        let response = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            plain_read(&self.state, &request)
+        })) {
             Ok(Some(response)) => {
                 tracing::debug!(path = %request.uri().path(), status = %response.status(), "answered from the fast path");
-                let response =
-                    response.map(|body| Either::Left(Full::new(body.unwrap_or_default())));
-                EitherFuture::Left(ready(Ok(response)))
+                response.map(|body| Either::Left(Full::new(body.unwrap_or_default())))
             }
-            Ok(None) => EitherFuture::Right(
-                self.router
-                    .clone()
-                    .oneshot(request)
-                    .map(|result| result.map(|response| response.map(Either::Right))),
-            ),
+            Ok(None) => {
+                let state = self.state.clone();
+                let routed = self.router.clone().oneshot(request);
+                return EitherFuture::Right(Box::pin(async move {
+                    let Ok(response) = routed.await;
+                    let route = response
+                        .extensions()
+                        .get::<RouteIndex>()
+                        .copied()
+                        .unwrap_or_else(|| state.requests.unmatched());
+                    state
+                        .requests
+                        .record(route, response.status().as_u16(), started.elapsed());
+                    Ok(response.map(Either::Right))
+                }));
+            }
             Err(_) => {
                 tracing::error!(path = %request.uri().path(), "the fast path panicked");
-                let response = ApiError::Internal.into_response().map(Either::Right);
-                EitherFuture::Left(ready(Ok(response)))
+                ApiError::Internal.into_response().map(Either::Right)
             }
-        }
+        };
+        self.state
+            .requests
+            .record(self.kv_route, response.status().as_u16(), started.elapsed());
+        EitherFuture::Left(ready(Ok(response)))
     }
 }
 

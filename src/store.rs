@@ -11,6 +11,7 @@ use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::collections::VecDeque;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -327,6 +328,8 @@ pub struct Store {
     /// Each published change set, for streams and blocking queries. A receiver that falls more
     /// than [`SUBSCRIBER_BUFFER`] behind is told it lagged: memory stays bounded.
     changes_tx: broadcast::Sender<Arc<ChangeSet>>,
+    /// Watch events applied (puts and deletes that changed the mirror), for metrics.
+    events_applied: AtomicU64,
 }
 
 impl Default for Store {
@@ -348,7 +351,13 @@ impl Store {
             }),
             revision_tx,
             changes_tx,
+            events_applied: AtomicU64::new(0),
         }
+    }
+
+    /// Watch events applied since start.
+    pub fn events_applied(&self) -> u64 {
+        self.events_applied.load(Relaxed)
     }
 
     /// The current snapshot. Hold it for the whole of one request.
@@ -492,6 +501,7 @@ impl Store {
                 }
             }
         }
+        self.events_applied.fetch_add(changes.len() as u64, Relaxed);
         self.publish(
             &mut history,
             next.publishable(revision),

@@ -1,0 +1,490 @@
+//! `GET /metrics`: Prometheus / OpenMetrics text, encoded by `prometheus-client`.
+//!
+//! Two kinds of figures. Request counts and latencies are recorded on every request, so they are
+//! kept per thread ([`RequestMetrics`]): each thread adds to counters only it writes, and a scrape
+//! sums them. One shared counter would be one cache line every core fights over on the read path
+//! the benchmark measures. Everything else — mode, revision, keys, resyncs, probes, snapshot
+//! writes, subscribers — already lives with the part that owns it and is read at scrape time by
+//! [`Collector`], so nothing is counted twice.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::http::AppState;
+use crate::mode::Mode;
+
+/// The statuses counted under their own label; anything else is `other`.
+const STATUSES: [u16; 22] = [
+    200, 201, 204, 304, 400, 401, 403, 404, 405, 408, 409, 412, 413, 414, 415, 422, 429, 431, 500,
+    502, 503, 504,
+];
+/// Upper bounds of the latency buckets, in seconds: from a plain read (microseconds) to a
+/// blocking query (up to minutes, in the last bucket).
+const BUCKETS: [f64; 19] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Cells per route in a shard: a count per status (and `other`), a count per bucket (and +Inf),
+/// and the latency sum in nanoseconds.
+const STRIDE: usize = STATUSES.len() + 1 + BUCKETS.len() + 1 + 1;
+
+/// Gives each [`RequestMetrics`] its own shards in the thread-local table.
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's shard of each `RequestMetrics` it has recorded into (one, outside tests).
+    static SHARDS: RefCell<Vec<(usize, Arc<Shard>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One thread's counters: `STRIDE` cells per route. Only the owning thread writes them, so an
+/// increment is a plain load and store; a scrape reads them with relaxed loads.
+struct Shard {
+    cells: Box<[AtomicU64]>,
+}
+
+impl Shard {
+    fn bump(&self, cell: usize, by: u64) {
+        let c = &self.cells[cell];
+        c.store(c.load(Relaxed).wrapping_add(by), Relaxed);
+    }
+}
+
+/// Requests by route and status, and latency by route, kept per thread.
+pub struct RequestMetrics {
+    /// Which thread-local shards are ours.
+    id: usize,
+    /// Route labels: the router's paths, then `unmatched`.
+    routes: Vec<&'static str>,
+    /// Every thread's shard, for the scrape; a thread that ends leaves its counts here.
+    shards: Mutex<Vec<Arc<Shard>>>,
+}
+
+/// Index of a route in [`RequestMetrics`] (a position in `http::route_paths()`, or unmatched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteIndex(pub usize);
+
+impl RequestMetrics {
+    /// Counters for `routes` (the router's paths, in order) plus one for unmatched requests.
+    pub fn new(routes: Vec<&'static str>) -> Self {
+        let mut routes = routes;
+        routes.push("unmatched");
+        RequestMetrics {
+            id: NEXT_ID.fetch_add(1, Relaxed),
+            routes,
+            shards: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The index of requests no route matched.
+    pub fn unmatched(&self) -> RouteIndex {
+        RouteIndex(self.routes.len() - 1)
+    }
+
+    /// The index of route `path`, if it is one.
+    pub fn route(&self, path: &str) -> Option<RouteIndex> {
+        self.routes.iter().position(|r| *r == path).map(RouteIndex)
+    }
+
+    /// Counts one request on `route` answered with `status` after `latency`.
+    pub fn record(&self, route: RouteIndex, status: u16, latency: Duration) {
+        let route = route.0.min(self.routes.len() - 1);
+        let base = route * STRIDE;
+        let status_cell = STATUSES
+            .iter()
+            .position(|&s| s == status)
+            .unwrap_or(STATUSES.len());
+        let seconds = latency.as_secs_f64();
+        let bucket = BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(BUCKETS.len());
+        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.with_shard(|shard| {
+            shard.bump(base + status_cell, 1);
+            shard.bump(base + STATUSES.len() + 1 + bucket, 1);
+            shard.bump(base + STRIDE - 1, nanos);
+        });
+    }
+
+    fn with_shard(&self, f: impl FnOnce(&Shard)) {
+        SHARDS.with(|shards| {
+            let mut shards = shards.borrow_mut();
+            if let Some((_, shard)) = shards.iter().find(|(id, _)| *id == self.id) {
+                f(shard);
+                return;
+            }
+            let cells = (0..self.routes.len() * STRIDE)
+                .map(|_| AtomicU64::new(0))
+                .collect();
+            let shard = Arc::new(Shard { cells });
+            self.shards
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(shard.clone());
+            f(&shard);
+            shards.push((self.id, shard));
+        });
+    }
+
+    /// Every cell summed over the threads.
+    fn totals(&self) -> Vec<u64> {
+        let mut totals = vec![0u64; self.routes.len() * STRIDE];
+        for shard in self.shards.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for (t, c) in totals.iter_mut().zip(shard.cells.iter()) {
+                *t = t.wrapping_add(c.load(Relaxed));
+            }
+        }
+        totals
+    }
+
+    /// Requests counted on `route` with `status`, summed over threads (for tests and the
+    /// derived key-cache figures).
+    pub fn count(&self, route: RouteIndex, status: u16) -> u64 {
+        let cell = STATUSES
+            .iter()
+            .position(|&s| s == status)
+            .unwrap_or(STATUSES.len());
+        self.totals()[route.0 * STRIDE + cell]
+    }
+}
+
+/// Open change streams and blocking queries.
+#[derive(Default)]
+pub struct Subscribers {
+    /// `GET /v1/watch` streams open now.
+    streams: AtomicI64,
+    /// Blocking queries (`?index=`) waiting now.
+    blocking: AtomicI64,
+}
+
+/// Which kind of subscriber.
+#[derive(Debug, Clone, Copy)]
+pub enum SubscriberKind {
+    /// A server-sent event stream.
+    Stream,
+    /// A blocking query.
+    Blocking,
+}
+
+/// Counts one subscriber while it lives.
+pub struct SubscriberGuard {
+    /// The counter to give back to.
+    subscribers: Arc<Subscribers>,
+    /// Which of its two counts.
+    kind: SubscriberKind,
+}
+
+impl Subscribers {
+    fn counter(&self, kind: SubscriberKind) -> &AtomicI64 {
+        match kind {
+            SubscriberKind::Stream => &self.streams,
+            SubscriberKind::Blocking => &self.blocking,
+        }
+    }
+
+    /// Counts a subscriber of `kind` until the guard drops.
+    pub fn enter(self: &Arc<Self>, kind: SubscriberKind) -> SubscriberGuard {
+        self.counter(kind).fetch_add(1, Relaxed);
+        SubscriberGuard {
+            subscribers: self.clone(),
+            kind,
+        }
+    }
+
+    /// How many of `kind` are open now.
+    pub fn open(&self, kind: SubscriberKind) -> i64 {
+        self.counter(kind).load(Relaxed)
+    }
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.subscribers.counter(self.kind).fetch_sub(1, Relaxed);
+    }
+}
+
+/// The media type of the exposition (OpenMetrics text, which Prometheus reads).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The exposition of everything `state` knows, as of now.
+pub fn render(state: &Arc<AppState>) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::with_prefix("config_sidecar");
+    registry.register_collector(Box::new(Collector(state.clone())));
+    let mut text = String::with_capacity(16 * 1024);
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+/// Reads the sidecar's parts at scrape time.
+struct Collector(Arc<AppState>);
+
+impl std::fmt::Debug for Collector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Collector")
+    }
+}
+
+/// Encodes one unlabelled counter.
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+/// Encodes one unlabelled gauge.
+fn gauge<N>(e: &mut DescriptorEncoder, name: &str, help: &str, v: N) -> std::fmt::Result
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let state = &self.0;
+        let requests = &state.requests;
+        let totals = requests.totals();
+
+        let mut m = e.encode_descriptor(
+            "requests",
+            "HTTP requests answered, by route and status",
+            None,
+            MetricType::Counter,
+        )?;
+        for (r, route) in requests.routes.iter().enumerate() {
+            let labels = STATUSES
+                .iter()
+                .map(|s| s.to_string())
+                .chain(["other".into()]);
+            for (i, status) in labels.enumerate() {
+                let n = totals[r * STRIDE + i];
+                if n > 0 {
+                    let l = [("route", *route), ("status", status.as_str())];
+                    ConstCounter::new(n).encode(m.encode_family(&l)?)?;
+                }
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "request_duration_seconds",
+            "Time from a request's head to its response's head, by route",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (r, route) in requests.routes.iter().enumerate() {
+            let base = r * STRIDE + STATUSES.len() + 1;
+            let counts = &totals[base..base + BUCKETS.len() + 1];
+            let count: u64 = counts.iter().sum();
+            if count == 0 {
+                continue;
+            }
+            // Per-bucket counts: the encoder makes them cumulative.
+            let buckets: Vec<(f64, u64)> = BUCKETS
+                .iter()
+                .chain([f64::INFINITY].iter())
+                .zip(counts)
+                .map(|(bound, n)| (*bound, *n))
+                .collect();
+            let sum = totals[r * STRIDE + STRIDE - 1] as f64 / 1e9;
+            m.encode_family(&[("route", *route)])?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    sum, count, &buckets, None,
+                )?;
+        }
+
+        // Key reads are answered from memory: a hit is a 200 or 304, a miss a 404.
+        let kv = requests
+            .route(crate::http::KV_ROUTE)
+            .unwrap_or_else(|| requests.unmatched());
+        let hits = requests.count(kv, 200) + requests.count(kv, 304);
+        let (render_hits, render_misses) = state.cache.hits_and_misses();
+        let mut m = e.encode_descriptor(
+            "cache_requests",
+            "Lookups in memory: keys (hit: present, miss: absent) and rendered listings/trees",
+            None,
+            MetricType::Counter,
+        )?;
+        for (cache, result, n) in [
+            ("keys", "hit", hits),
+            ("keys", "miss", requests.count(kv, 404)),
+            ("rendered", "hit", render_hits),
+            ("rendered", "miss", render_misses),
+        ] {
+            ConstCounter::new(n)
+                .encode(m.encode_family(&[("cache", cache), ("result", result)])?)?;
+        }
+
+        let current = state.mode.mode();
+        let mut m = e.encode_descriptor(
+            "mode",
+            "1 for the serving mode the sidecar is in, 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
+        for mode in [Mode::Starting, Mode::Full, Mode::ReadOnly, Mode::CacheOnly] {
+            let v = i64::from(mode == current);
+            ConstGauge::new(v).encode(m.encode_family(&[("mode", mode.as_str())])?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "mode_transitions",
+            "Mode changes, by from and to",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((from, to), n) in state.mode.transition_counts() {
+            ConstCounter::new(n)
+                .encode(m.encode_family(&[("from", from.as_str()), ("to", to.as_str())])?)?;
+        }
+
+        let snapshot = state.store.peek();
+        gauge(
+            &mut e,
+            "revision",
+            "etcd revision the mirror is at",
+            snapshot.revision,
+        )?;
+        gauge(&mut e, "keys", "Keys mirrored", snapshot.len() as i64)?;
+        gauge(
+            &mut e,
+            "bytes",
+            "Bytes of keys and values mirrored",
+            snapshot.bytes as i64,
+        )?;
+        drop(snapshot);
+        if let Some(stale) = state.mode.staleness(SystemTime::now()) {
+            gauge(
+                &mut e,
+                "staleness_seconds",
+                "Time since the mirror was last known current",
+                stale.as_secs_f64(),
+            )?;
+        }
+        counter(
+            &mut e,
+            "watch_events_applied",
+            "etcd events (puts and deletes) applied from the watch",
+            state.store.events_applied(),
+        )?;
+        let sync = state.sync.borrow().clone();
+        counter(
+            &mut e,
+            "resyncs",
+            "Full reloads after the first load (compaction, or a gap the watch cannot cover)",
+            sync.full_loads.saturating_sub(1),
+        )?;
+        counter(
+            &mut e,
+            "watch_reconnects",
+            "Times the watch was reopened",
+            sync.reconnects,
+        )?;
+
+        if let Some(stats) = &state.snapshot_stats {
+            counter(
+                &mut e,
+                "snapshot_writes",
+                "Disk snapshot writes",
+                stats.writes(),
+            )?;
+            counter(
+                &mut e,
+                "snapshot_write_failures",
+                "Disk snapshot writes that failed",
+                stats.failures(),
+            )?;
+        }
+
+        let probes = state
+            .probes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut m = e.encode_descriptor(
+            "probe_latency_seconds",
+            "Time the last health probe of each etcd member took",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &probes {
+            ConstGauge::new(p.latency_ms / 1000.0)
+                .encode(m.encode_family(&[("endpoint", p.url.as_str())])?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "probe_success",
+            "Last probe result per etcd member and check (reachable: status or serializable read answered; quorum: linearizable read answered)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &probes {
+            for (check, ok) in [("reachable", p.reachable), ("quorum", p.quorum)] {
+                ConstGauge::new(i64::from(ok))
+                    .encode(m.encode_family(&[("endpoint", p.url.as_str()), ("check", check)])?)?;
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "subscribers",
+            "Open change streams and waiting blocking queries",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (kind, k) in [
+            ("stream", SubscriberKind::Stream),
+            ("blocking_query", SubscriberKind::Blocking),
+        ] {
+            ConstGauge::new(state.subscribers.open(k))
+                .encode(m.encode_family(&[("kind", kind)])?)?;
+        }
+        gauge(
+            &mut e,
+            "uptime_seconds",
+            "Time since the sidecar started",
+            state.started.elapsed().as_secs_f64(),
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_from_every_thread_are_summed() {
+        let metrics = Arc::new(RequestMetrics::new(vec!["/a", "/b"]));
+        let a = metrics.route("/a").unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = metrics.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        m.record(a, 200, Duration::from_micros(3));
+                    }
+                    m.record(a, 404, Duration::from_millis(2));
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(metrics.count(a, 200), 4000);
+        assert_eq!(metrics.count(a, 404), 4);
+        assert_eq!(metrics.count(metrics.route("/b").unwrap(), 200), 0);
+        // An unusual status is counted as `other`, not lost.
+        metrics.record(metrics.unmatched(), 418, Duration::ZERO);
+        assert_eq!(metrics.count(metrics.unmatched(), 418), 1);
+        assert_eq!(metrics.count(metrics.unmatched(), 999), 1);
+        // A second instance on the same threads keeps its own counts.
+        let other = RequestMetrics::new(vec!["/a"]);
+        other.record(RouteIndex(0), 200, Duration::ZERO);
+        assert_eq!(other.count(RouteIndex(0), 200), 1);
+        assert_eq!(metrics.count(a, 200), 4000);
+    }
+}
