@@ -93,6 +93,25 @@ impl RequestMetrics {
         self.routes.iter().position(|r| *r == path).map(RouteIndex)
     }
 
+    /// The route that serves `path` (as sent, still percent-encoded), matched the way the router
+    /// matches: an exact path first, else the longest `{*rest}` route whose prefix `path` extends.
+    /// Matching here rather than tagging responses inside the router keeps a layer (and a boxed
+    /// future) off every routed request; a test holds the two to the same answers.
+    pub fn route_of(&self, path: &str) -> RouteIndex {
+        if let Some(i) = self.routes.iter().position(|r| *r == path) {
+            return RouteIndex(i);
+        }
+        self.routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, route)| {
+                let prefix = route.split_once("{*")?.0;
+                (path.len() > prefix.len() && path.starts_with(prefix)).then_some((prefix.len(), i))
+            })
+            .max()
+            .map_or(self.unmatched(), |(_, i)| RouteIndex(i))
+    }
+
     /// Counts one request on `route` answered with `status` after `latency`.
     pub fn record(&self, route: RouteIndex, status: u16, latency: Duration) {
         let route = route.0.min(self.routes.len() - 1);

@@ -78,14 +78,10 @@ impl hyper::service::Service<Request<Incoming>> for SidecarService {
             }
             Ok(None) => {
                 let state = self.state.clone();
+                let route = state.requests.route_of(request.uri().path());
                 let routed = self.router.clone().oneshot(request);
                 return EitherFuture::Right(Box::pin(async move {
                     let Ok(response) = routed.await;
-                    let route = response
-                        .extensions()
-                        .get::<RouteIndex>()
-                        .copied()
-                        .unwrap_or_else(|| state.requests.unmatched());
                     state
                         .requests
                         .record(route, response.status().as_u16(), started.elapsed());
