@@ -54,6 +54,9 @@ pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 pub const DEFAULT_DEGRADE_AFTER: u32 = 3;
 /// Default consecutive good probe rounds before the mode recovers.
 pub const DEFAULT_RECOVER_AFTER: u32 = 2;
+/// Default time one disk snapshot write may take before the writer counts as stalled (liveness
+/// fails): far beyond a healthy disk, well within a wedged one.
+pub const DEFAULT_SNAPSHOT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default weight bound of the rendered-body cache, in bytes.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -138,6 +141,10 @@ pub struct Cli {
     /// a flag shows in the process list.
     #[arg(long, env = "CONFIG_SIDECAR_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<Secret>,
+    /// Resident memory the sidecar should stay under (e.g. 200MiB); the memory health check is
+    /// degraded above 80% of it and unhealthy above it [default: none].
+    #[arg(long, env = "CONFIG_SIDECAR_MEMORY_BUDGET")]
+    pub memory_budget: Option<String>,
     /// Do not serve: ask the sidecar listening on --listen for this path (/healthz, or /readyz)
     /// and exit 0 on a 200, 1 otherwise: a container health check without curl in the image.
     #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "/healthz")]
@@ -180,6 +187,8 @@ pub struct FileConfig {
     etcd_key_file: Option<PathBuf>,
     etcd_username: Option<String>,
     etcd_password_file: Option<PathBuf>,
+    memory_budget: Option<String>,
+    snapshot_write_timeout: Option<String>,
 }
 
 /// Log output format.
@@ -336,6 +345,19 @@ pub struct SnapshotConfig {
     pub path: PathBuf,
     /// Whether readiness waits for etcd even when the snapshot loaded.
     pub ready_requires_etcd: bool,
+    /// Longest a write may take before the writer counts as stalled.
+    pub write_timeout: Duration,
+}
+
+impl SnapshotConfig {
+    /// A snapshot at `path` with the default settings.
+    pub fn at(path: PathBuf) -> SnapshotConfig {
+        SnapshotConfig {
+            path,
+            ready_requires_etcd: false,
+            write_timeout: DEFAULT_SNAPSHOT_WRITE_TIMEOUT,
+        }
+    }
 }
 
 /// The validated configuration.
@@ -357,6 +379,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter directive.
     pub log_level: String,
+    /// Resident memory budget in bytes, for the memory health check.
+    pub memory_budget: Option<u64>,
 }
 
 /// A setting that is wrong, named so the operator knows what to fix.
@@ -542,6 +566,29 @@ impl Config {
             .ready_requires_etcd
             .or(file.ready_requires_etcd)
             .unwrap_or(false);
+        let memory_budget = match pick(cli.memory_budget, file.memory_budget) {
+            None => None,
+            Some(text) => Some(
+                text.trim()
+                    .parse::<bytesize::ByteSize>()
+                    .map_err(|e| {
+                        invalid(
+                            "--memory-budget",
+                            format!("{text:?} is not a size such as 200MiB: {e}"),
+                        )
+                    })?
+                    .as_u64(),
+            ),
+        };
+        if memory_budget == Some(0) {
+            return Err(invalid("--memory-budget", "must be greater than zero"));
+        }
+        let write_timeout = duration(
+            "snapshot_write_timeout",
+            None,
+            file.snapshot_write_timeout,
+            DEFAULT_SNAPSHOT_WRITE_TIMEOUT,
+        )?;
         let snapshot = match cli.snapshot.or(file.snapshot) {
             None => None,
             Some(path) => {
@@ -564,6 +611,7 @@ impl Config {
                 Some(SnapshotConfig {
                     path,
                     ready_requires_etcd,
+                    write_timeout,
                 })
             }
         };
@@ -659,6 +707,7 @@ impl Config {
             },
             log_format,
             log_level,
+            memory_budget,
         })
     }
 

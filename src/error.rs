@@ -93,6 +93,10 @@ pub enum ApiError {
         /// What etcd or the connection said.
         message: String,
     },
+    /// A background task died or stopped making progress: liveness fails so the platform
+    /// restarts the sidecar.
+    #[error("{0}")]
+    NotAlive(String),
     /// A handler panicked; the panic was caught and the server keeps serving.
     #[error("internal error")]
     Internal,
@@ -102,6 +106,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::NotReady
+            | ApiError::NotAlive(_)
             | ApiError::TooStale { .. }
             | ApiError::NoQuorum(_)
             | ApiError::WritesRefused { .. }
@@ -124,6 +129,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::NotReady => "not_ready",
+            ApiError::NotAlive(_) => "not_alive",
             ApiError::OutsideMirror { .. } => "outside_mirror",
             ApiError::KeyNotFound { .. } => "key_not_found",
             ApiError::BadKey(_) => "bad_key",

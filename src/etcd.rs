@@ -150,6 +150,11 @@ impl EndpointPool {
         self.config.endpoints[index].clone()
     }
 
+    /// Time allowed to connect to one member.
+    pub fn dial_timeout(&self) -> Duration {
+        self.config.dial_timeout
+    }
+
     /// Number of endpoints.
     pub fn len(&self) -> usize {
         self.config.endpoints.len()

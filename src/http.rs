@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,11 +31,13 @@ use tracing::Level;
 use crate::config::{Config, WriteConfig};
 use crate::error::ApiError;
 use crate::etcd::EndpointPool;
+use crate::health::{self, Check, Liveness, WatchFacts};
 use crate::keys::{decode_key_path, Prefixes};
 use crate::metrics::{RequestMetrics, SubscriberKind, Subscribers};
 use crate::mode::{Mode, ModeHandle};
 use crate::notify::{event_stream, wait_for_change, Scope, DEFAULT_WAIT, HEARTBEAT, MAX_WAIT};
 use crate::persist::WriterStats;
+use crate::probe::MemberProbe;
 use crate::probe::ProbeResults;
 use crate::render::{RenderCache, View};
 use crate::service::SidecarService;
@@ -98,6 +101,14 @@ pub struct AppState {
     pub subscribers: Arc<Subscribers>,
     /// The disk snapshot writer's record, when there is a snapshot.
     pub snapshot_stats: Option<Arc<WriterStats>>,
+    /// The background tasks, for `/healthz` and the tasks check.
+    pub liveness: Arc<Liveness>,
+    /// Where the disk snapshot goes, for its health check.
+    pub snapshot_path: Option<PathBuf>,
+    /// The memory budget, for its health check.
+    pub memory_budget: Option<u64>,
+    /// The watch's silence deadline: confirmations of freshness come well within it.
+    pub watch_deadline: Duration,
 }
 
 impl AppState {
@@ -133,7 +144,39 @@ impl AppState {
             requests: Arc::new(RequestMetrics::new(route_paths())),
             subscribers: Arc::default(),
             snapshot_stats: None,
+            liveness: Arc::default(),
+            snapshot_path: config.snapshot.as_ref().map(|s| s.path.clone()),
+            memory_budget: config.memory_budget,
+            watch_deadline: config.sync.watch_deadline,
         }
+    }
+
+    /// The same state, watching these tasks for `/healthz`.
+    pub fn with_liveness(mut self, liveness: Arc<Liveness>) -> Self {
+        self.liveness = liveness;
+        self
+    }
+
+    /// Every component check, as `/v1/status` lists them.
+    pub fn checks(&self, snapshot: &Snapshot, probes: &[MemberProbe]) -> Vec<Check> {
+        let mut checks = health::member_checks(probes);
+        let facts = WatchFacts {
+            loaded: snapshot.loaded,
+            staleness: self.mode.staleness(SystemTime::now()),
+            watch_deadline: self.watch_deadline,
+            revision: snapshot.revision,
+        };
+        checks.push(health::watch_check(&facts, probes));
+        if let Some(path) = &self.snapshot_path {
+            let failing = self.snapshot_stats.as_ref().is_some_and(|s| s.failing());
+            checks.push(health::snapshot_check(path, snapshot.bytes, failing));
+        }
+        checks.push(health::memory_check(
+            health::resident_bytes(),
+            self.memory_budget,
+        ));
+        checks.push(health::tasks_check(&self.liveness));
+        checks
     }
 
     /// The same state, reporting the disk snapshot writer's record too.
@@ -809,8 +852,15 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "alive" }))
+/// Liveness: fails only when a background task died or stopped making progress, which a restart
+/// cures; an unreachable etcd never fails it.
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    let problems = state.liveness.problems();
+    if problems.is_empty() {
+        Json(json!({ "status": "alive" })).into_response()
+    } else {
+        ApiError::NotAlive(problems.join("; ")).into_response()
+    }
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
@@ -835,7 +885,10 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    let checks = state.checks(&snapshot, &probes);
     let body = json!({
+        "status": health::overall(&checks),
+        "checks": checks,
         "mode": state.mode.mode(),
         "health": state.mode.health(),
         "ready": state.ready(&snapshot),

@@ -12,6 +12,8 @@
 //! - [`render`]: prefix listings and tree views, cached by revision in a weight-bounded moka cache.
 //! - [`mode`]: the serving mode (`full` / `read-only` / `cache-only`), its pure state machine with
 //!   hysteresis, and the handle every response reads it from.
+//! - [`health`]: the layered checks of `/v1/status` and the liveness watchdog over the
+//!   background tasks (`/healthz`).
 //! - [`probe`]: periodic health probes of every member (status, serializable, linearizable).
 //! - [`persist`]: the disk snapshot (atomic write, checksum) and its debounced writer.
 //! - [`write`]: writes through to etcd as one transaction each (compare-and-swap included).
@@ -32,6 +34,7 @@
 pub mod config;
 pub mod error;
 pub mod etcd;
+pub mod health;
 pub mod http;
 pub mod keys;
 pub mod metrics;
@@ -63,6 +66,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::etcd::EndpointPool;
+use crate::health::{Heartbeat, Liveness};
 use crate::mode::{Hysteresis, ModeHandle, ModeTask, Signal};
 use crate::persist::SnapshotWriter;
 use crate::probe::ProbeTask;
@@ -81,20 +85,24 @@ pub async fn serve(
     let store = Arc::new(Store::new());
     let mode = Arc::new(ModeHandle::default());
     let (signals, signals_rx) = mpsc::channel(256);
+    let liveness = Arc::new(Liveness::default());
     let mut tasks = Vec::new();
+    let mut spawn = |name, task: JoinHandle<()>, heartbeat: Option<Arc<Heartbeat>>| {
+        liveness.watch(name, task.abort_handle(), heartbeat);
+        tasks.push(task);
+    };
 
     let webhook = config.mode.webhook.clone().map(|url| {
         let (task, sender) = WebhookTask::new(url, config.sync.backoff_min);
-        tasks.push(tokio::spawn(task.run()));
+        spawn("webhook", tokio::spawn(task.run()), None);
         sender
     });
     let hysteresis = Hysteresis {
         degrade_after: config.mode.degrade_after,
         recover_after: config.mode.recover_after,
     };
-    tasks.push(tokio::spawn(
-        ModeTask::new(hysteresis, mode.clone(), signals_rx, webhook).run(),
-    ));
+    let mode_task = ModeTask::new(hysteresis, mode.clone(), signals_rx, webhook);
+    spawn("mode", tokio::spawn(mode_task.run()), None);
 
     let prefixes = config.sync.prefixes.as_slice().to_vec();
     let writer = config.snapshot.as_ref().map(|snap| {
@@ -117,7 +125,14 @@ pub async fn serve(
             Ok(None) => tracing::info!(path = %snap.path.display(), "no snapshot yet"),
             Err(e) => tracing::warn!(path = %snap.path.display(), error = %e, "snapshot ignored"),
         }
-        SnapshotWriter::new(store.clone(), snap.path.clone(), prefixes.clone(), mode.clone(), on_disk)
+        SnapshotWriter::new(
+            store.clone(),
+            snap.path.clone(),
+            prefixes.clone(),
+            mode.clone(),
+            on_disk,
+            snap.write_timeout,
+        )
     });
 
     let pool = Arc::new(EndpointPool::new(
@@ -140,15 +155,21 @@ pub async fn serve(
         prefixes[0].clone(),
     );
     let state = http::AppState::new(&config, store, pool, sync.status(), mode, probes.results())
-        .with_snapshot_stats(writer.as_ref().map(|w| w.stats()));
+        .with_snapshot_stats(writer.as_ref().map(|w| w.stats()))
+        .with_liveness(liveness.clone());
     let closer = state.clone();
-    tasks.push(tokio::spawn(sync.run()));
-    tasks.push(tokio::spawn(probes.run()));
+    let beat = sync.heartbeat();
+    spawn("sync", tokio::spawn(sync.run()), Some(beat));
+    let beat = probes.heartbeat();
+    spawn("probes", tokio::spawn(probes.run()), Some(beat));
     let (stop_writer, writer_stopped) = oneshot::channel::<()>();
     let writer = writer.map(|w| {
-        tokio::spawn(w.run(async {
+        let beat = w.heartbeat();
+        let task = tokio::spawn(w.run(async {
             let _ = writer_stopped.await;
-        }))
+        }));
+        liveness.watch("snapshot-writer", task.abort_handle(), Some(beat));
+        task
     });
 
     let service = http::service(state);
@@ -171,10 +192,16 @@ pub async fn serve(
     for task in &tasks {
         task.abort();
     }
-    // The last write at shutdown: the mirror as it was when serving stopped.
+    // The last write at shutdown: the mirror as it was when serving stopped. A write that hangs
+    // (a wedged disk) must not hang the exit too.
     let _ = stop_writer.send(());
     if let Some(writer) = writer {
-        let _ = writer.await;
+        if tokio::time::timeout(config.http.shutdown_grace, writer)
+            .await
+            .is_err()
+        {
+            tracing::error!("the last snapshot write did not finish within the shutdown grace");
+        }
     }
     result
 }

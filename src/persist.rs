@@ -25,12 +25,15 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::health::Heartbeat;
 use crate::mode::{unix_ms, ModeHandle};
 use crate::store::{Entry, Snapshot, Store};
 
 const MAGIC: &[u8; 8] = b"CSSNAP\0\x01";
 /// Debounce of snapshot writes: at most about one per this period.
 pub const WRITE_EVERY: Duration = Duration::from_secs(1);
+/// How often the writer shows it is alive while there is nothing to write.
+const IDLE_BEAT: Duration = Duration::from_secs(1);
 
 /// The JSON header.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -301,6 +304,9 @@ pub struct SnapshotWriter {
     written: i64,
     /// Writes and failures, for metrics and health.
     stats: Arc<WriterStats>,
+    /// Beaten while idle and after each write: a write that hangs (a wedged disk or network file
+    /// system) silences it, and liveness fails.
+    heartbeat: Arc<Heartbeat>,
 }
 
 /// What the snapshot writer has done, shared with metrics and health checks.
@@ -338,13 +344,15 @@ impl WriterStats {
 }
 
 impl SnapshotWriter {
-    /// A writer for `store` to `path`; `written` is the revision already on disk.
+    /// A writer for `store` to `path`; `written` is the revision already on disk; a write that
+    /// takes longer than `write_timeout` counts as a stalled task.
     pub fn new(
         store: Arc<Store>,
         path: PathBuf,
         prefixes: Vec<String>,
         mode: Arc<ModeHandle>,
         written: i64,
+        write_timeout: Duration,
     ) -> Self {
         SnapshotWriter {
             store,
@@ -353,7 +361,13 @@ impl SnapshotWriter {
             mode,
             written,
             stats: Arc::default(),
+            heartbeat: Heartbeat::new(write_timeout + WRITE_EVERY + IDLE_BEAT),
         }
+    }
+
+    /// Its sign of life.
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.heartbeat.clone()
     }
 
     /// Its record of writes and failures.
@@ -402,8 +416,11 @@ impl SnapshotWriter {
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         let mut stop = std::pin::pin!(stop);
         let mut revisions = self.store.subscribe();
+        let mut idle = tokio::time::interval(IDLE_BEAT);
         loop {
+            self.heartbeat.beat();
             tokio::select! {
+                _ = idle.tick() => {}
                 changed = revisions.changed() => {
                     if changed.is_err() {
                         break;

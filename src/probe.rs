@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, MissedTickBehavior};
 
 use crate::etcd::EndpointPool;
+use crate::health::Heartbeat;
 use crate::mode::{unix_ms, Observation, Signal};
 
 /// What one member answered in the last round.
@@ -34,6 +35,9 @@ pub struct MemberProbe {
     pub raft_index: u64,
     /// etcd version.
     pub version: String,
+    /// The cluster's revision as the linearizable read reported it (0: no answer); the watch
+    /// check compares the mirror's with it.
+    pub revision: i64,
     /// Time the slowest of the three checks took, in milliseconds.
     pub latency_ms: f64,
     /// The first error, if any check failed.
@@ -57,6 +61,8 @@ pub struct ProbeTask {
     signals: mpsc::Sender<Signal>,
     /// Last answers per member.
     results: ProbeResults,
+    /// Beaten every round, for the liveness watchdog.
+    heartbeat: Arc<Heartbeat>,
     /// The key the reads ask for (count only: the answer's success is the point, not the value):
     /// the first mirrored prefix itself, a key the sidecar may read when etcd has authentication on.
     key: String,
@@ -77,12 +83,15 @@ impl ProbeTask {
                 ..MemberProbe::default()
             })
             .collect();
+        // A round takes at most a connection attempt and the checks' timeout.
+        let heartbeat = Heartbeat::new(3 * (interval + pool.dial_timeout() + timeout));
         ProbeTask {
             pool,
             interval,
             timeout,
             signals,
             results: Arc::new(Mutex::new(results)),
+            heartbeat,
             key,
         }
     }
@@ -92,12 +101,18 @@ impl ProbeTask {
         self.results.clone()
     }
 
+    /// Its sign of life: one beat per round.
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.heartbeat.clone()
+    }
+
     /// Probes forever.
     pub async fn run(self) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
+            self.heartbeat.beat();
             let round = join_all((0..self.pool.len()).map(|i| self.probe(i))).await;
             let observation = verdict(&round);
             *self.results.lock().unwrap_or_else(|e| e.into_inner()) = round;
@@ -160,7 +175,10 @@ impl ProbeTask {
             Err(_) => note("serializable read: timed out".into()),
         }
         match linearizable {
-            Ok(Ok(_)) => answer.quorum = true,
+            Ok(Ok(r)) => {
+                answer.quorum = true;
+                answer.revision = r.header().map(|h| h.revision()).unwrap_or_default();
+            }
             Ok(Err(e)) => note(format!("linearizable read: {e}")),
             Err(_) => note("linearizable read: timed out".into()),
         }

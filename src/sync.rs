@@ -23,6 +23,7 @@ use tokio::time::{sleep, timeout, Instant};
 
 use crate::config::SyncConfig;
 use crate::etcd::{EndpointPool, MAX_DECODE_BYTES};
+use crate::health::Heartbeat;
 use crate::keys::prefix_range_end;
 use crate::mode::{ModeHandle, Observation, Signal};
 use crate::store::{Entry, Event, Store};
@@ -159,6 +160,8 @@ pub struct WatchTask {
     mode: Arc<ModeHandle>,
     /// Tells the mode machine about loads and the watch starting and stopping.
     signals: tokio::sync::mpsc::Sender<Signal>,
+    /// Beaten at every attempt, page and watch message, for the liveness watchdog.
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl WatchTask {
@@ -172,7 +175,13 @@ impl WatchTask {
         signals: tokio::sync::mpsc::Sender<Signal>,
     ) -> Self {
         let (status, _) = watch::channel(SyncStatus::default());
+        // The longest the task waits between beats: a backoff, a connection, one call, or a
+        // silent watch before it is declared stuck. Twice that is a task that stopped.
+        let longest_wait =
+            config.backoff_max + pool.dial_timeout() + request_timeout + config.watch_deadline;
+        let heartbeat = Heartbeat::new(2 * longest_wait);
         WatchTask {
+            heartbeat,
             pool,
             store,
             config,
@@ -186,6 +195,11 @@ impl WatchTask {
     async fn signal(&self, signal: Signal) {
         // The mode task lives as long as the sidecar; if it is gone we are shutting down.
         let _ = self.signals.send(signal).await;
+    }
+
+    /// Its sign of life.
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.heartbeat.clone()
     }
 
     /// A receiver of the task's status.
@@ -202,6 +216,7 @@ impl WatchTask {
         let mut must_load = !self.store.is_loaded();
         let mut cluster_checked = must_load;
         loop {
+            self.heartbeat.beat();
             let chosen = match self.pool.choose(previous).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -331,6 +346,7 @@ impl WatchTask {
                     revision = resp.header().map(|h| h.revision()).unwrap_or_default();
                     cluster = resp.header().map(|h| h.cluster_id()).unwrap_or_default();
                 }
+                self.heartbeat.beat();
                 let more = resp.more();
                 let kvs = resp.take_kvs();
                 let Some(last) = kvs.last() else { break };
@@ -391,6 +407,7 @@ impl WatchTask {
             tokio::select! {
                 message = stream.message() => {
                     let response = message?.ok_or(SessionError::Closed)?;
+                    self.heartbeat.beat();
                     silence.as_mut().reset(Instant::now() + deadline);
                     let created = self.handle(response, from, index, backoff)?;
                     if created {
@@ -398,6 +415,7 @@ impl WatchTask {
                     }
                 }
                 _ = ask_progress.tick() => {
+                    self.heartbeat.beat();
                     stream.request_progress().await?;
                 }
                 _ = &mut silence => return Err(SessionError::Stuck(deadline)),

@@ -23,10 +23,7 @@ fn ladder_config(
     config.mode.webhook = webhook;
     config.writes.allowed = true;
     config.writes.token = Some("s3cret".into());
-    config.snapshot = Some(SnapshotConfig {
-        path: snapshot.to_path_buf(),
-        ready_requires_etcd: false,
-    });
+    config.snapshot = Some(SnapshotConfig::at(snapshot.to_path_buf()));
     config
 }
 

@@ -57,10 +57,9 @@ async fn a_scrape_reports_what_the_sidecar_did() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mut config = sidecar_config(&cluster.endpoints(), &["/app/"]);
-    config.snapshot = Some(config_sidecar::config::SnapshotConfig {
-        path: dir.path().join("mirror.snap"),
-        ready_requires_etcd: false,
-    });
+    config.snapshot = Some(config_sidecar::config::SnapshotConfig::at(
+        dir.path().join("mirror.snap"),
+    ));
     let sidecar = start_sidecar(config).await;
     eventually(Duration::from_secs(10), "mode full", || async {
         sidecar.json("/v1/status").await["mode"] == "full"

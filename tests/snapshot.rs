@@ -172,10 +172,7 @@ async fn a_snapshot_from_another_cluster_is_replaced_wholesale() {
         etcd.put(format!("/snap/old{i}"), "a", None).await.unwrap();
     }
     let mut config = common::sidecar_config(&first.endpoints(), &["/snap/"]);
-    config.snapshot = Some(config_sidecar::config::SnapshotConfig {
-        path: path.clone(),
-        ready_requires_etcd: false,
-    });
+    config.snapshot = Some(config_sidecar::config::SnapshotConfig::at(path.clone()));
     let sidecar = common::start_sidecar(config.clone()).await;
     let old_revision: i64 = sidecar.get("/v1/kv/snap/old0").await.headers()["x-config-revision"]
         .to_str()
