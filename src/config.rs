@@ -383,6 +383,30 @@ pub struct Config {
     pub memory_budget: Option<u64>,
 }
 
+/// The configuration as it stands now. SIGHUP may change its live settings while running (the
+/// log level, the webhook, the probe interval and timeout, the etcd request timeout, the
+/// connection timeouts and the shutdown grace); the parts that read those settings read them
+/// here each time, the rest was fixed at start.
+#[derive(Clone)]
+pub struct Live(tokio::sync::watch::Receiver<Config>);
+
+impl Live {
+    /// Follows `receiver`, which the reload publishes into.
+    pub fn new(receiver: tokio::sync::watch::Receiver<Config>) -> Live {
+        Live(receiver)
+    }
+
+    /// A configuration that never changes (tests, embedders without reload).
+    pub fn fixed(config: Config) -> Live {
+        Live(tokio::sync::watch::channel(config).1)
+    }
+
+    /// Reads the current configuration through `f`.
+    pub fn get<T>(&self, f: impl FnOnce(&Config) -> T) -> T {
+        f(&self.0.borrow())
+    }
+}
+
 /// A setting that is wrong, named so the operator knows what to fix.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {setting}: {reason}")]

@@ -28,8 +28,9 @@ pub struct Heartbeat {
     origin: Instant,
     /// Milliseconds after `origin` of the last beat.
     last_ms: AtomicU64,
-    /// Longest silence that is still progress: a few times the longest wait the task can be in.
-    allowance: Duration,
+    /// Longest silence that is still progress, in milliseconds: a few times the longest wait the
+    /// task can be in (which a reload may change).
+    allowance_ms: AtomicU64,
 }
 
 impl Heartbeat {
@@ -38,7 +39,7 @@ impl Heartbeat {
         Arc::new(Heartbeat {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
-            allowance,
+            allowance_ms: AtomicU64::new(allowance.as_millis() as u64),
         })
     }
 
@@ -56,7 +57,13 @@ impl Heartbeat {
 
     /// The silence allowed.
     pub fn allowance(&self) -> Duration {
-        self.allowance
+        Duration::from_millis(self.allowance_ms.load(Ordering::Relaxed))
+    }
+
+    /// Allows `allowance` of silence from now on (the task's own waits changed).
+    pub fn set_allowance(&self, allowance: Duration) {
+        self.allowance_ms
+            .store(allowance.as_millis() as u64, Ordering::Relaxed);
     }
 }
 

@@ -28,7 +28,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::config::{Config, WriteConfig};
+use crate::config::{Config, Live, WriteConfig};
 use crate::error::ApiError;
 use crate::etcd::EndpointPool;
 use crate::health::{self, Check, Liveness, WatchFacts};
@@ -85,8 +85,8 @@ pub struct AppState {
     pub writes: WriteConfig,
     /// Whether readiness waits for etcd when the mirror came from the disk snapshot.
     pub ready_requires_etcd: bool,
-    /// Deadline of one etcd call made for a request.
-    pub etcd_timeout: Duration,
+    /// The settings SIGHUP may change (the deadline of etcd calls made for requests), read per use.
+    pub live: Live,
     /// Seconds a refused write should wait before retrying: about one recovery.
     pub retry_after: u64,
     /// Becomes true at shutdown, so that streams and blocking queries end and the drain finishes.
@@ -105,8 +105,6 @@ pub struct AppState {
     pub liveness: Arc<Liveness>,
     /// Where the disk snapshot goes, for its health check.
     pub snapshot_path: Option<PathBuf>,
-    /// The memory budget, for its health check.
-    pub memory_budget: Option<u64>,
     /// The watch's silence deadline: confirmations of freshness come well within it.
     pub watch_deadline: Duration,
 }
@@ -136,7 +134,7 @@ impl AppState {
                 .snapshot
                 .as_ref()
                 .is_some_and(|s| s.ready_requires_etcd),
-            etcd_timeout: config.etcd.request_timeout,
+            live: Live::fixed(config.clone()),
             retry_after: recovery.as_secs().max(1),
             closing,
             close: Arc::new(close),
@@ -146,9 +144,19 @@ impl AppState {
             snapshot_stats: None,
             liveness: Arc::default(),
             snapshot_path: config.snapshot.as_ref().map(|s| s.path.clone()),
-            memory_budget: config.memory_budget,
             watch_deadline: config.sync.watch_deadline,
         }
+    }
+
+    /// The same state, following `live` for the settings SIGHUP may change.
+    pub fn with_live(mut self, live: Live) -> Self {
+        self.live = live;
+        self
+    }
+
+    /// The deadline of one etcd call made for a request, now.
+    pub fn etcd_timeout(&self) -> Duration {
+        self.live.get(|c| c.etcd.request_timeout)
     }
 
     /// The same state, watching these tasks for `/healthz`.
@@ -173,7 +181,7 @@ impl AppState {
         }
         checks.push(health::memory_check(
             health::resident_bytes(),
-            self.memory_budget,
+            self.live.get(|c| c.memory_budget),
         ));
         checks.push(health::tasks_check(&self.liveness));
         checks
@@ -440,7 +448,7 @@ async fn consistent_snapshot(
     if prefix {
         options = options.with_prefix();
     }
-    let response = tokio::time::timeout(state.etcd_timeout, client.get(key, Some(options)))
+    let response = tokio::time::timeout(state.etcd_timeout(), client.get(key, Some(options)))
         .await
         .map_err(|_| ApiError::NoQuorum("the quorum read timed out".into()))?
         .map_err(|e| ApiError::NoQuorum(e.to_string()))?;
@@ -470,7 +478,7 @@ async fn consistent_snapshot(
                 .all(|(h, w)| h.0 == &w.0[..] && h.1 == w.1)
     };
     let mut revisions = state.store.subscribe();
-    let deadline = tokio::time::Instant::now() + state.etcd_timeout;
+    let deadline = tokio::time::Instant::now() + state.etcd_timeout();
     loop {
         let snapshot = state.store.snapshot();
         // The keys asked for are exactly as the quorum read saw them.
@@ -731,10 +739,10 @@ async fn forward_write(
             message: e.to_string(),
         })?;
     let mut client = chosen.client;
-    let result = write::apply(&mut client, op, cas, state.etcd_timeout).await?;
+    let result = write::apply(&mut client, op, cas, state.etcd_timeout()).await?;
     let mut revisions = state.store.subscribe();
     let visible = tokio::time::timeout(
-        state.etcd_timeout,
+        state.etcd_timeout(),
         revisions.wait_for(|r| *r >= result.revision),
     )
     .await

@@ -25,8 +25,9 @@
 //! - [`http`]: routes, handlers and the middleware chain ([`http::app`]).
 //! - [`service`]: what each connection runs: plain key reads answered on the spot, the rest
 //!   through the router.
-//! - [`reload`]: SIGHUP reads the configuration again; the log level changes live, the rest is
-//!   refused with a log line.
+//! - [`reload`]: SIGHUP reads the configuration again and publishes its live settings (log level,
+//!   webhook, timeouts, memory budget) through [`config::Live`]; the rest is refused with a log
+//!   line.
 //! - [`selfcheck`]: the `--healthcheck` client that container health checks run.
 //! - [`server`]: accept loop and graceful drain ([`server::run`]).
 //! - [`telemetry`]: logging setup.
@@ -64,7 +65,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, Live};
 use crate::etcd::EndpointPool;
 use crate::health::{Heartbeat, Liveness};
 use crate::mode::{Hysteresis, ModeHandle, ModeTask, Signal};
@@ -82,6 +83,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    serve_live(Live::fixed(config), listener, shutdown).await
+}
+
+/// [`serve`], following `live` for the settings a reload may change (see [`Live`]); everything
+/// else is taken from it once, at start.
+pub async fn serve_live(
+    live: Live,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let config = live.get(Config::clone);
     let store = Arc::new(Store::new());
     let mode = Arc::new(ModeHandle::default());
     let (signals, signals_rx) = mpsc::channel(256);
@@ -92,16 +104,14 @@ pub async fn serve(
         tasks.push(task);
     };
 
-    let webhook = config.mode.webhook.clone().map(|url| {
-        let (task, sender) = WebhookTask::new(url, config.sync.backoff_min);
-        spawn("webhook", tokio::spawn(task.run()), None);
-        sender
-    });
+    // Always running, so that a webhook configured by a reload gets the transitions after it.
+    let (webhook, transitions) = WebhookTask::new(live.clone(), config.sync.backoff_min);
+    spawn("webhook", tokio::spawn(webhook.run()), None);
     let hysteresis = Hysteresis {
         degrade_after: config.mode.degrade_after,
         recover_after: config.mode.recover_after,
     };
-    let mode_task = ModeTask::new(hysteresis, mode.clone(), signals_rx, webhook);
+    let mode_task = ModeTask::new(hysteresis, mode.clone(), signals_rx, Some(transitions));
     spawn("mode", tokio::spawn(mode_task.run()), None);
 
     let prefixes = config.sync.prefixes.as_slice().to_vec();
@@ -143,20 +153,15 @@ pub async fn serve(
         pool.clone(),
         store.clone(),
         config.sync.clone(),
-        config.etcd.request_timeout,
+        live.clone(),
         mode.clone(),
         signals.clone(),
     );
-    let probes = ProbeTask::new(
-        pool.clone(),
-        config.mode.probe_interval,
-        config.mode.probe_timeout,
-        signals,
-        prefixes[0].clone(),
-    );
+    let probes = ProbeTask::new(pool.clone(), live.clone(), signals, prefixes[0].clone());
     let state = http::AppState::new(&config, store, pool, sync.status(), mode, probes.results())
         .with_snapshot_stats(writer.as_ref().map(|w| w.stats()))
-        .with_liveness(liveness.clone());
+        .with_liveness(liveness.clone())
+        .with_live(live.clone());
     let closer = state.clone();
     let beat = sync.heartbeat();
     spawn("sync", tokio::spawn(sync.run()), Some(beat));
@@ -178,16 +183,13 @@ pub async fn serve(
         // Streams and blocking queries end now; ordinary requests finish within the grace.
         closer.close();
     };
-    let result = server::run(
-        listener,
-        service,
-        shutdown,
-        server::ConnectionLimits {
-            header_read_timeout: config.http.header_read_timeout,
-            idle_timeout: config.http.idle_timeout,
-            shutdown_grace: config.http.shutdown_grace,
-        },
-    )
+    let result = server::run(listener, service, shutdown, || {
+        live.get(|c| server::ConnectionLimits {
+            header_read_timeout: c.http.header_read_timeout,
+            idle_timeout: c.http.idle_timeout,
+            shutdown_grace: c.http.shutdown_grace,
+        })
+    })
     .await;
     for task in &tasks {
         task.abort();
@@ -196,10 +198,8 @@ pub async fn serve(
     // (a wedged disk) must not hang the exit too.
     let _ = stop_writer.send(());
     if let Some(writer) = writer {
-        if tokio::time::timeout(config.http.shutdown_grace, writer)
-            .await
-            .is_err()
-        {
+        let grace = live.get(|c| c.http.shutdown_grace);
+        if tokio::time::timeout(grace, writer).await.is_err() {
             tracing::error!("the last snapshot write did not finish within the shutdown grace");
         }
     }

@@ -44,8 +44,10 @@ fn main() -> ExitCode {
             prefixes = ?config.sync.prefixes,
             "config-sidecar starting"
         );
-        tokio::spawn(config_sidecar::reload::on_sighup(cli, config.clone(), log));
-        match config_sidecar::serve(config, listener, shutdown_signal()).await {
+        let (reloaded, live) = tokio::sync::watch::channel(config);
+        tokio::spawn(config_sidecar::reload::on_sighup(cli, reloaded, log));
+        let live = config_sidecar::config::Live::new(live);
+        match config_sidecar::serve_live(live, listener, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "server failed");

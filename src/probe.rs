@@ -10,8 +10,9 @@ use etcd_client::GetOptions;
 use futures_util::future::join_all;
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tokio::time::{timeout, MissedTickBehavior};
+use tokio::time::timeout;
 
+use crate::config::Live;
 use crate::etcd::EndpointPool;
 use crate::health::Heartbeat;
 use crate::mode::{unix_ms, Observation, Signal};
@@ -53,10 +54,8 @@ pub type ProbeResults = Arc<Mutex<Vec<MemberProbe>>>;
 pub struct ProbeTask {
     /// Members.
     pool: Arc<EndpointPool>,
-    /// Time between rounds.
-    interval: Duration,
-    /// Timeout of each check.
-    timeout: Duration,
+    /// The interval between rounds and each check's timeout, read every round.
+    live: Live,
     /// Where verdicts go.
     signals: mpsc::Sender<Signal>,
     /// Last answers per member.
@@ -69,11 +68,11 @@ pub struct ProbeTask {
 }
 
 impl ProbeTask {
-    /// A prober over `pool`.
+    /// A prober over `pool`, at the interval and with the timeout `live` says (read each round:
+    /// SIGHUP may change them).
     pub fn new(
         pool: Arc<EndpointPool>,
-        interval: Duration,
-        timeout: Duration,
+        live: Live,
         signals: mpsc::Sender<Signal>,
         key: String,
     ) -> Self {
@@ -83,17 +82,28 @@ impl ProbeTask {
                 ..MemberProbe::default()
             })
             .collect();
-        // A round takes at most a connection attempt and the checks' timeout.
-        let heartbeat = Heartbeat::new(3 * (interval + pool.dial_timeout() + timeout));
-        ProbeTask {
+        let heartbeat = Heartbeat::new(Duration::ZERO);
+        let task = ProbeTask {
             pool,
-            interval,
-            timeout,
+            live,
             signals,
             results: Arc::new(Mutex::new(results)),
             heartbeat,
             key,
-        }
+        };
+        task.settings();
+        task
+    }
+
+    /// The interval and timeout now; the heartbeat's allowance follows them (a round takes at
+    /// most a connection attempt and the checks' timeout, after the interval).
+    fn settings(&self) -> (Duration, Duration) {
+        let (interval, timeout) = self
+            .live
+            .get(|c| (c.mode.probe_interval, c.mode.probe_timeout));
+        self.heartbeat
+            .set_allowance(3 * (interval + self.pool.dial_timeout() + timeout));
+        (interval, timeout)
     }
 
     /// The shared results.
@@ -108,21 +118,22 @@ impl ProbeTask {
 
     /// Probes forever.
     pub async fn run(self) {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
+            let started = tokio::time::Instant::now();
+            let (interval, timeout) = self.settings();
             self.heartbeat.beat();
-            let round = join_all((0..self.pool.len()).map(|i| self.probe(i))).await;
+            let round = join_all((0..self.pool.len()).map(|i| self.probe(i, timeout))).await;
             let observation = verdict(&round);
             *self.results.lock().unwrap_or_else(|e| e.into_inner()) = round;
             if self.signals.send(Signal::Probe(observation)).await.is_err() {
                 return;
             }
+            // Rounds start an interval apart; a round that ran long starts the next at once.
+            tokio::time::sleep_until(started + interval).await;
         }
     }
 
-    async fn probe(&self, index: usize) -> MemberProbe {
+    async fn probe(&self, index: usize, limit: Duration) -> MemberProbe {
         let started = Instant::now();
         let mut answer = MemberProbe {
             url: self.pool.url(index),
@@ -137,7 +148,6 @@ impl ProbeTask {
             }
         };
         let (mut c1, mut c2, mut c3) = (client.clone(), client.clone(), client);
-        let limit = self.timeout;
         let (status, serializable, linearizable) = tokio::join!(
             timeout(limit, c1.status()),
             timeout(
@@ -268,12 +278,12 @@ mod timing {
         while handle.mode() != Mode::Full {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        // The defaults: rounds every 1 s, checks time out after 800 ms.
         let probes = ProbeTask::new(
             pool,
-            Duration::from_secs(1),
-            Duration::from_millis(800),
+            crate::config::Live::fixed(config),
             signals,
-            "/a/".into(),
+            "/p/".into(),
         );
         tokio::spawn(probes.run());
         while handle.mode() == Mode::Full {

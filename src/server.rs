@@ -47,12 +47,13 @@ pub struct ConnectionLimits {
 }
 
 /// Serves `service` on `listener` until `shutdown` completes, then stops accepting and gives
-/// in-flight requests up to `limits.shutdown_grace` to finish.
+/// in-flight requests up to the shutdown grace to finish. `limits` is asked at each accepted
+/// connection and at shutdown, so a reload can change them for the connections that follow.
 pub async fn run(
     listener: TcpListener,
     service: SidecarService,
     shutdown: impl Future<Output = ()>,
-    limits: ConnectionLimits,
+    limits: impl Fn() -> ConnectionLimits,
 ) -> io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // No timer for HTTP/1: the watchdog below keeps the header-read deadline.
@@ -91,6 +92,7 @@ pub async fn run(
                 // The watchdog runs as a task of its own: in the connection's task it would be
                 // polled (and its timer re-registered) on every request.
                 let stop = served.abort_handle();
+                let limits = limits();
                 tokio::spawn(async move {
                     tokio::select! {
                         expired = watchdog(&activity, limits) => {
@@ -106,7 +108,7 @@ pub async fn run(
     }
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
-    let grace = limits.shutdown_grace;
+    let grace = limits().shutdown_grace;
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing remaining connections"),

@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::config::SyncConfig;
+use crate::config::{Live, SyncConfig};
 use crate::etcd::{EndpointPool, MAX_DECODE_BYTES};
 use crate::health::Heartbeat;
 use crate::keys::prefix_range_end;
@@ -152,8 +152,8 @@ pub struct WatchTask {
     store: Arc<Store>,
     /// What to mirror and how patiently.
     config: SyncConfig,
-    /// Deadline of one unary etcd call.
-    request_timeout: Duration,
+    /// The deadline of one unary etcd call, read at each call (SIGHUP may change it).
+    live: Live,
     /// Published progress.
     status: watch::Sender<SyncStatus>,
     /// Where freshness is confirmed: every message on a live watch (which requires a leader).
@@ -170,26 +170,36 @@ impl WatchTask {
         pool: Arc<EndpointPool>,
         store: Arc<Store>,
         config: SyncConfig,
-        request_timeout: Duration,
+        live: Live,
         mode: Arc<ModeHandle>,
         signals: tokio::sync::mpsc::Sender<Signal>,
     ) -> Self {
         let (status, _) = watch::channel(SyncStatus::default());
-        // The longest the task waits between beats: a backoff, a connection, one call, or a
-        // silent watch before it is declared stuck. Twice that is a task that stopped.
-        let longest_wait =
-            config.backoff_max + pool.dial_timeout() + request_timeout + config.watch_deadline;
-        let heartbeat = Heartbeat::new(2 * longest_wait);
-        WatchTask {
-            heartbeat,
+        let task = WatchTask {
+            heartbeat: Heartbeat::new(Duration::ZERO),
             pool,
             store,
             config,
-            request_timeout,
+            live,
             status,
             mode,
             signals,
-        }
+        };
+        task.request_timeout();
+        task
+    }
+
+    /// The deadline of one etcd call now. The heartbeat's allowance follows it: the longest the
+    /// task waits between beats is a backoff, a connection, one call, or a silent watch before
+    /// it is declared stuck; twice that is a task that stopped.
+    fn request_timeout(&self) -> Duration {
+        let request_timeout = self.live.get(|c| c.etcd.request_timeout);
+        let longest_wait = self.config.backoff_max
+            + self.pool.dial_timeout()
+            + request_timeout
+            + self.config.watch_deadline;
+        self.heartbeat.set_allowance(2 * longest_wait);
+        request_timeout
     }
 
     async fn signal(&self, signal: Signal) {
@@ -274,7 +284,8 @@ impl WatchTask {
     ) -> SessionError {
         if !*cluster_checked {
             let probe = GetOptions::new().with_count_only();
-            let response = match timeout(self.request_timeout, client.get("/", Some(probe))).await {
+            let response = match timeout(self.request_timeout(), client.get("/", Some(probe))).await
+            {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => return e.into(),
                 Err(_) => return SessionError::Timeout("cluster check"),
@@ -339,7 +350,7 @@ impl WatchTask {
                 if revision > 0 {
                     opts = opts.with_revision(revision);
                 }
-                let mut resp = timeout(self.request_timeout, kv.get(start.clone(), Some(opts)))
+                let mut resp = timeout(self.request_timeout(), kv.get(start.clone(), Some(opts)))
                     .await
                     .map_err(|_| SessionError::Timeout("range read"))??;
                 if revision == 0 {
@@ -393,9 +404,12 @@ impl WatchTask {
         let mut watch_client = client
             .watch_client()
             .max_decoding_message_size(MAX_DECODE_BYTES);
-        let mut stream = timeout(self.request_timeout, watch_client.watch(key, Some(options)))
-            .await
-            .map_err(|_| SessionError::Timeout("opening the watch"))??;
+        let mut stream = timeout(
+            self.request_timeout(),
+            watch_client.watch(key, Some(options)),
+        )
+        .await
+        .map_err(|_| SessionError::Timeout("opening the watch"))??;
 
         let deadline = self.config.watch_deadline;
         // Asking often keeps the staleness of a quiet mirror near zero; answers are tiny.

@@ -25,7 +25,11 @@ pub fn init(format: LogFormat, level: &str) -> LogControl {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
-    let plain = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: a log shipper or a file would keep the escapes.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let plain = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     match format {
         LogFormat::Plain => registry.with(plain).init(),
         LogFormat::Json => registry.with(plain.json().flatten_event(true)).init(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::config::Live;
 use crate::mode::Transition;
 use crate::sync::Backoff;
 
@@ -18,8 +19,9 @@ pub const WEBHOOK_ATTEMPTS: u32 = 5;
 
 /// The posting task.
 pub struct WebhookTask {
-    /// Where to post.
-    url: String,
+    /// Where to post: the configured URL, read at each transition since SIGHUP may change it
+    /// (no URL: the transition is not posted).
+    live: Live,
     /// What to post.
     queue: mpsc::Receiver<Transition>,
     /// HTTP client (plain HTTP).
@@ -29,8 +31,8 @@ pub struct WebhookTask {
 }
 
 impl WebhookTask {
-    /// A task posting to `url`, and the sender that feeds it.
-    pub fn new(url: String, backoff_min: Duration) -> (Self, mpsc::Sender<Transition>) {
+    /// A task posting to the webhook `live` names, and the sender that feeds it.
+    pub fn new(live: Live, backoff_min: Duration) -> (Self, mpsc::Sender<Transition>) {
         let (tx, queue) = mpsc::channel(WEBHOOK_QUEUE);
         let client = reqwest::Client::builder()
             .timeout(WEBHOOK_TIMEOUT)
@@ -38,7 +40,7 @@ impl WebhookTask {
             .expect("a plain HTTP client builds");
         (
             WebhookTask {
-                url,
+                live,
                 queue,
                 client,
                 backoff_min,
@@ -50,12 +52,15 @@ impl WebhookTask {
     /// Posts every transition in order until the sender is gone.
     pub async fn run(mut self) {
         while let Some(transition) = self.queue.recv().await {
+            let Some(url) = self.live.get(|c| c.mode.webhook.clone()) else {
+                continue;
+            };
             let body = serde_json::to_vec(&transition).expect("transitions serialise");
             let mut backoff = Backoff::new(self.backoff_min, self.backoff_min * 16);
             for attempt in 1..=WEBHOOK_ATTEMPTS {
                 let result = self
                     .client
-                    .post(&self.url)
+                    .post(&url)
                     .header("content-type", "application/json")
                     .body(body.clone())
                     .send()
@@ -89,6 +94,14 @@ mod tests {
     use axum::{Json, Router};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
+
+    /// A fixed configuration posting to `url`.
+    fn posting_to(url: String) -> Live {
+        let mut config =
+            crate::config::Config::for_endpoints(&["http://127.0.0.1:1".into()], &["/a/"]).unwrap();
+        config.mode.webhook = Some(url);
+        Live::fixed(config)
+    }
 
     fn transition(i: u64) -> Transition {
         Transition {
@@ -124,7 +137,7 @@ mod tests {
         let url = format!("http://{}/", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
 
-        let (task, tx) = WebhookTask::new(url, Duration::from_millis(5));
+        let (task, tx) = WebhookTask::new(posting_to(url), Duration::from_millis(5));
         let running = tokio::spawn(task.run());
         for i in 0..3 {
             tx.try_send(transition(i)).unwrap();
@@ -143,8 +156,8 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let (task, tx) =
-            WebhookTask::new(format!("http://127.0.0.1:{port}/"), Duration::from_secs(60));
+        let live = posting_to(format!("http://127.0.0.1:{port}/"));
+        let (task, tx) = WebhookTask::new(live, Duration::from_secs(60));
         let running = tokio::spawn(task.run());
         let accepted = (0..WEBHOOK_QUEUE as u64 * 2)
             .filter(|i| tx.try_send(transition(*i)).is_ok())

@@ -167,10 +167,12 @@ async fn sigterm_stops_the_binary_with_exit_0() {
 }
 
 /// SIGHUP reads the file again: a new log level takes effect at once (debug lines appear), a
-/// changed prefix is refused with a log line naming its section, and serving goes on.
+/// changed prefix is refused with a log line naming its section, and serving goes on. A second
+/// reload sets a webhook and a 1 s header-read timeout: a new connection that trickles its head
+/// is cut after that, and the next mode transition is posted to the new webhook.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_applies_the_log_level_and_refuses_what_needs_a_restart() {
-    let cluster = EtcdCluster::start(1).await;
+async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
+    let mut cluster = EtcdCluster::start(1).await;
     cluster
         .client()
         .await
@@ -179,17 +181,17 @@ async fn sighup_applies_the_log_level_and_refuses_what_needs_a_restart() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("config.toml");
-    let write_config = |level: &str, prefix: &str| {
+    let endpoint = cluster.endpoint(0);
+    let write_config = |level: &str, prefix: &str, more: &str| {
         std::fs::write(
             &file,
             format!(
-                "endpoints = [\"{}\"]\nprefixes = [\"{prefix}\"]\nlog_level = \"{level}\"\n",
-                cluster.endpoint(0)
+                "endpoints = [\"{endpoint}\"]\nprefixes = [\"{prefix}\"]\nlog_level = \"{level}\"\n{more}"
             ),
         )
         .unwrap();
     };
-    write_config("info", "/hup/");
+    write_config("info", "/hup/", "");
     let listen = format!("127.0.0.1:{}", free_port());
     let mut child = Command::new(BIN)
         .args(["--config", file.to_str().unwrap(), "--listen", &listen])
@@ -228,13 +230,17 @@ async fn sighup_applies_the_log_level_and_refuses_what_needs_a_restart() {
         !logged("answered from the fast path")().await,
         "no debug lines at info"
     );
+    assert!(
+        !lines.lock().unwrap().iter().any(|l| l.contains('\x1b')),
+        "no terminal colour codes when stderr is not a terminal"
+    );
 
-    write_config("debug", "/other/");
+    write_config("debug", "/other/", "");
     signal(&child, libc::SIGHUP);
     eventually(
         Duration::from_secs(10),
         "the new level is logged",
-        logged("log level changed"),
+        logged("log_level"),
     )
     .await;
     eventually(
@@ -257,6 +263,71 @@ async fn sighup_applies_the_log_level_and_refuses_what_needs_a_restart() {
         Duration::from_secs(10),
         "debug lines appear",
         logged("answered from the fast path"),
+    )
+    .await;
+
+    // A webhook that records what it is sent.
+    let posted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let hook = {
+        let posted = posted.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(t): axum::Json<serde_json::Value>| {
+                let posted = posted.clone();
+                async move { posted.lock().unwrap().push(t) }
+            }),
+        )
+    };
+    let hook_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", hook_listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(hook_listener, hook).await });
+    write_config(
+        "debug",
+        "/hup/",
+        &format!("webhook = \"{hook_url}\"\nheader_read_timeout = \"1s\"\n"),
+    );
+    signal(&child, libc::SIGHUP);
+    eventually(
+        Duration::from_secs(10),
+        "the webhook change is logged",
+        logged("setting=\"webhook\""),
+    )
+    .await;
+    assert!(
+        !lines.lock().unwrap().iter().any(|l| l.contains(&hook_url)),
+        "the webhook URL is not logged"
+    );
+    // New connections get the new header-read timeout: a trickled head is cut within 1-1.5 s.
+    let mut slow = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"GET /v1/kv/hup/k HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut slow, &mut buf),
+    )
+    .await
+    .expect("the connection is cut well before the old 10 s timeout")
+    .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut after the timeout, not before"
+    );
+    // The next transition goes to the new webhook.
+    cluster.kill(0);
+    eventually(
+        Duration::from_secs(20),
+        "the transition is posted",
+        || async {
+            posted
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|t| t["to"] == "cache-only")
+        },
     )
     .await;
     signal(&child, libc::SIGTERM);
