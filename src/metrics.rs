@@ -5,7 +5,7 @@
 //! sums them. One shared counter would be one cache line every core fights over on the read path
 //! the benchmark measures. Everything else — mode, revision, keys, resyncs, probes, snapshot
 //! writes, subscribers — already lives with the part that owns it and is read at scrape time by
-//! [`Collector`], so nothing is counted twice.
+//! the scrape's collector, so nothing is counted twice.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};

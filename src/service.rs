@@ -4,7 +4,7 @@
 //! A plain read (`GET /v1/kv/<key>`, no query, key present) is what an application does most, so
 //! it skips the router's matching, extensions, boxed futures and boxed body: the answer is one
 //! lookup in the current snapshot plus header values prepared when the revision was applied
-//! ([`crate::http::key_response`], which the router's handler uses too, so both say the same).
+//! (`http::key_response`, which the router's handler uses too, so both say the same).
 //! Anything unusual — a query, an escape that does not decode, a missing key, an error — falls
 //! through to the router, which stays the one place that maps errors to responses.
 
