@@ -46,6 +46,15 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time an HTTP connection may sit with no request in flight and no bytes moving before it
 /// is closed. Long, because closing a pooled connection races with the client reusing it.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time a request body (a write's value) must arrive in, once its head has.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default most connections open at once; more are answered 503 and closed. Room for an app
+/// with a thousand change streams open, and a bound on what a runaway client can hold.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default most change streams open at once (each holds a connection and a buffer).
+pub const DEFAULT_MAX_STREAMS: usize = 2048;
+/// Default most blocking queries waiting at once.
+pub const DEFAULT_MAX_BLOCKING_QUERIES: usize = 2048;
 /// Default time between health probe rounds.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Default timeout of each probe check.
@@ -79,9 +88,18 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub prefixes: Vec<String>,
-    /// Address to serve HTTP on [default: 127.0.0.1:7379].
+    /// Address to serve HTTP on [default: 127.0.0.1:7379]; a non-loopback address needs
+    /// --allow-remote.
     #[arg(long, env = "CONFIG_SIDECAR_LISTEN")]
     pub listen: Option<String>,
+    /// Allow --listen on an address other hosts can reach (the sidecar is meant for the app
+    /// beside it; a warning is logged).
+    #[arg(long, env = "CONFIG_SIDECAR_ALLOW_REMOTE", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_remote: Option<bool>,
+    /// More names the app may use for the sidecar in its Host header (comma-separated), beside
+    /// localhost, 127.0.0.1 and [::1].
+    #[arg(long, env = "CONFIG_SIDECAR_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
     /// TOML configuration file.
     #[arg(long, env = "CONFIG_SIDECAR_CONFIG")]
     pub config: Option<PathBuf>,
@@ -173,6 +191,12 @@ pub struct FileConfig {
     cache_bytes: Option<u64>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    body_read_timeout: Option<String>,
+    allow_remote: Option<bool>,
+    allowed_hosts: Option<Vec<String>>,
+    max_connections: Option<usize>,
+    max_streams: Option<usize>,
+    max_blocking_queries: Option<usize>,
     snapshot: Option<PathBuf>,
     allow_writes: Option<bool>,
     write_token_file: Option<PathBuf>,
@@ -312,6 +336,18 @@ pub struct HttpConfig {
     pub header_read_timeout: Duration,
     /// Time a connection may idle (nothing in flight, no bytes moving) before it is closed.
     pub idle_timeout: Duration,
+    /// Time a request body gets to arrive, once its head has.
+    pub body_read_timeout: Duration,
+    /// Whether a non-loopback listen address was allowed explicitly.
+    pub allow_remote: bool,
+    /// Extra names accepted in the Host header.
+    pub allowed_hosts: Vec<String>,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// Most change streams open at once.
+    pub max_streams: usize,
+    /// Most blocking queries waiting at once.
+    pub max_blocking_queries: usize,
 }
 
 /// The degradation ladder: probes, hysteresis, the webhook.
@@ -490,6 +526,53 @@ impl Config {
                 format!("{listen_text:?} is not an address such as 127.0.0.1:7379"),
             )
         })?;
+
+        let allow_remote = cli.allow_remote.or(file.allow_remote).unwrap_or(false);
+        if !listen.ip().is_loopback() && !allow_remote {
+            return Err(invalid(
+                "--listen",
+                format!(
+                    "{listen} is reachable from other hosts; the sidecar serves the app beside it \
+                     on loopback. Give --allow-remote to listen there anyway"
+                ),
+            ));
+        }
+        let allowed_hosts = if !cli.allowed_hosts.is_empty() {
+            cli.allowed_hosts
+        } else {
+            file.allowed_hosts.unwrap_or_default()
+        };
+        let allowed_hosts: Vec<String> = allowed_hosts
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        for host in &allowed_hosts {
+            let plain_name = host.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':')
+            });
+            if !plain_name || host.contains("://") {
+                return Err(invalid(
+                    "--allowed-hosts",
+                    format!("{host:?} is not a host name or address (no scheme, no path)"),
+                ));
+            }
+        }
+        let limit = |name: &str, value: Option<usize>, default: usize| match value {
+            Some(0) => Err(invalid(name, "must be at least 1")),
+            v => Ok(v.unwrap_or(default)),
+        };
+        let max_connections = limit(
+            "max_connections",
+            file.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+        )?;
+        let max_streams = limit("max_streams", file.max_streams, DEFAULT_MAX_STREAMS)?;
+        let max_blocking_queries = limit(
+            "max_blocking_queries",
+            file.max_blocking_queries,
+            DEFAULT_MAX_BLOCKING_QUERIES,
+        )?;
 
         let log_format = match pick(cli.log_format, file.log_format).as_deref() {
             None | Some("plain") => LogFormat::Plain,
@@ -728,6 +811,17 @@ impl Config {
                     file.idle_timeout,
                     DEFAULT_IDLE_TIMEOUT,
                 )?,
+                body_read_timeout: duration(
+                    "body_read_timeout",
+                    None,
+                    file.body_read_timeout,
+                    DEFAULT_BODY_READ_TIMEOUT,
+                )?,
+                allow_remote,
+                allowed_hosts,
+                max_connections,
+                max_streams,
+                max_blocking_queries,
             },
             log_format,
             log_level,
@@ -1025,5 +1119,31 @@ mod tests {
         ])
         .unwrap_err();
         assert!(mixed.contains("mixes"), "{mixed}");
+    }
+
+    #[test]
+    fn listening_beyond_loopback_must_be_asked_for() {
+        let e = cli(&["--prefix", "/c/", "--listen", "0.0.0.0:7379"]).unwrap_err();
+        assert!(e.contains("--allow-remote"), "{e}");
+        let c = cli(&[
+            "--prefix",
+            "/c/",
+            "--listen",
+            "0.0.0.0:7379",
+            "--allow-remote",
+        ])
+        .unwrap();
+        assert!(c.http.allow_remote);
+        assert!(cli(&["--prefix", "/c/", "--listen", "[::1]:7379"]).is_ok());
+        let c = cli(&[
+            "--prefix",
+            "/c/",
+            "--allowed-hosts",
+            "Config.Local, sidecar",
+        ])
+        .unwrap();
+        assert_eq!(c.http.allowed_hosts, ["config.local", "sidecar"]);
+        let e = cli(&["--prefix", "/c/", "--allowed-hosts", "http://x/"]).unwrap_err();
+        assert!(e.contains("--allowed-hosts"), "{e}");
     }
 }

@@ -97,6 +97,24 @@ pub enum ApiError {
     /// restarts the sidecar.
     #[error("{0}")]
     NotAlive(String),
+    /// The request has no `Host` (nor HTTP/2 authority).
+    #[error("the request has no Host header")]
+    MissingHost,
+    /// The `Host` does not name this sidecar as a local client would (DNS rebinding guard).
+    #[error("Host {0:?} is not one of this sidecar's names; add it with --allowed-hosts if it should be")]
+    HostNotAllowed(String),
+    /// A browser sent the request from another origin.
+    #[error("cross-origin requests are refused (origin {0:?})")]
+    CrossOrigin(String),
+    /// Too many streams or blocking queries are open.
+    #[error("too many {0} are open; retry later")]
+    TooManySubscribers(&'static str),
+    /// The request body did not arrive in time.
+    #[error("the request body did not arrive within {0} ms")]
+    BodyTimeout(u64),
+    /// The request body could not be read (a malformed chunk, a dropped connection).
+    #[error("the request body could not be read: {0}")]
+    BadBody(String),
     /// A handler panicked; the panic was caught and the server keeps serving.
     #[error("internal error")]
     Internal,
@@ -111,7 +129,12 @@ impl ApiError {
             | ApiError::NoQuorum(_)
             | ApiError::WritesRefused { .. }
             | ApiError::WriteFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::WritesDisabled => StatusCode::FORBIDDEN,
+            ApiError::WritesDisabled | ApiError::HostNotAllowed(_) | ApiError::CrossOrigin(_) => {
+                StatusCode::FORBIDDEN
+            }
+            ApiError::MissingHost | ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooManySubscribers(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::OutsideMirror { .. }
@@ -146,6 +169,12 @@ impl ApiError {
             ApiError::PreconditionFailed { .. } => "precondition_failed",
             ApiError::WriteFailed { .. } => "write_failed",
             ApiError::Internal => "internal",
+            ApiError::MissingHost => "missing_host",
+            ApiError::HostNotAllowed(_) => "host_not_allowed",
+            ApiError::CrossOrigin(_) => "cross_origin",
+            ApiError::TooManySubscribers(_) => "too_many_subscribers",
+            ApiError::BodyTimeout(_) => "body_timeout",
+            ApiError::BadBody(_) => "bad_body",
         }
     }
 
@@ -199,7 +228,7 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/json"),
         );
         let retry_after = match &self {
-            ApiError::NotReady | ApiError::NoQuorum(_) => Some(1),
+            ApiError::NotReady | ApiError::NoQuorum(_) | ApiError::TooManySubscribers(_) => Some(1),
             ApiError::WritesRefused { retry_after, .. } => Some(*retry_after),
             _ => None,
         };

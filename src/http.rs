@@ -31,6 +31,7 @@ use tracing::Level;
 use crate::config::{Config, Live, WriteConfig};
 use crate::error::ApiError;
 use crate::etcd::EndpointPool;
+use crate::gate::Gate;
 use crate::health::{self, Check, Liveness, WatchFacts};
 use crate::keys::{decode_key_path, Prefixes};
 use crate::metrics::{RequestMetrics, SubscriberKind, Subscribers};
@@ -140,7 +141,10 @@ impl AppState {
             close: Arc::new(close),
             started: Instant::now(),
             requests: Arc::new(RequestMetrics::new(route_paths())),
-            subscribers: Arc::default(),
+            subscribers: Arc::new(Subscribers::new(
+                config.http.max_streams,
+                config.http.max_blocking_queries,
+            )),
             snapshot_stats: None,
             liveness: Arc::default(),
             snapshot_path: config.snapshot.as_ref().map(|s| s.path.clone()),
@@ -211,9 +215,10 @@ impl AppState {
 }
 
 /// What each connection runs: the fast path for plain key reads, then the router.
-pub fn service(state: AppState) -> SidecarService {
+/// The whole service: `gate` first, then the fast path, then the router.
+pub fn service(state: AppState, gate: Gate) -> SidecarService {
     let state = Arc::new(state);
-    SidecarService::new(state.clone(), router(state))
+    SidecarService::new(state.clone(), router(state), gate)
 }
 
 /// The router alone (routes and middleware), for tests that drive it with `oneshot`.
@@ -409,7 +414,7 @@ async fn readable_snapshot(
             Scope::Key(Bytes::copy_from_slice(key.as_bytes()))
         };
         let wait = query.wait.unwrap_or(DEFAULT_WAIT);
-        let _waiting = state.subscribers.enter(SubscriberKind::Blocking);
+        let _waiting = state.subscribers.enter(SubscriberKind::Blocking)?;
         snapshot = wait_for_change(&state.store, &scope, index, wait, state.closing.clone()).await;
     }
     if let Some(max) = query.max_stale {
@@ -766,9 +771,18 @@ async fn kv_put(
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let (key, _, cas) = admit_write(&state, &parts.uri, &parts.headers)?;
-    let value = axum::body::to_bytes(body, MAX_BODY_BYTES)
+    let limit = state.live.get(|c| c.http.body_read_timeout);
+    let value = tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY_BYTES))
         .await
-        .map_err(|_| ApiError::PayloadTooLarge)?;
+        .map_err(|_| ApiError::BodyTimeout(limit.as_millis() as u64))?
+        .map_err(|e| {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadBody(e.to_string())
+            }
+        })?;
     forward_write(
         &state,
         WriteOp::Put {
@@ -829,7 +843,7 @@ async fn watch(State(state): State<Arc<AppState>>, request: Request) -> Result<R
         }
     }
     let scope = Scope::Prefix(Bytes::from(prefix.into_owned().into_bytes()));
-    let subscriber = state.subscribers.enter(SubscriberKind::Stream);
+    let subscriber = state.subscribers.enter(SubscriberKind::Stream)?;
     let stream = event_stream(
         state.store.clone(),
         &state.mode,

@@ -12,6 +12,8 @@
 //! - [`render`]: prefix listings and tree views, cached by revision in a weight-bounded moka cache.
 //! - [`mode`]: the serving mode (`full` / `read-only` / `cache-only`), its pure state machine with
 //!   hysteresis, and the handle every response reads it from.
+//! - [`gate`]: who may talk to the sidecar: the Host allow-list (DNS rebinding) and the refusal
+//!   of cross-origin browser requests.
 //! - [`health`]: the layered checks of `/v1/status` and the liveness watchdog over the
 //!   background tasks (`/healthz`).
 //! - [`probe`]: periodic health probes of every member (status, serializable, linearizable).
@@ -35,6 +37,7 @@
 pub mod config;
 pub mod error;
 pub mod etcd;
+pub mod gate;
 pub mod health;
 pub mod http;
 pub mod keys;
@@ -177,7 +180,11 @@ pub async fn serve_live(
         task
     });
 
-    let service = http::service(state);
+    let gate = gate::Gate::new(listener.local_addr()?, &config.http.allowed_hosts);
+    if !config.http.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.http.listen, "listening on an address other hosts can reach (--allow-remote)");
+    }
+    let service = http::service(state, gate);
     let shutdown = async move {
         shutdown.await;
         // Streams and blocking queries end now; ordinary requests finish within the grace.
@@ -188,6 +195,7 @@ pub async fn serve_live(
             header_read_timeout: c.http.header_read_timeout,
             idle_timeout: c.http.idle_timeout,
             shutdown_grace: c.http.shutdown_grace,
+            max_connections: c.http.max_connections,
         })
     })
     .await;

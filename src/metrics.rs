@@ -18,6 +18,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::error::ApiError;
 use crate::http::AppState;
 use crate::mode::Mode;
 
@@ -175,13 +176,16 @@ impl RequestMetrics {
     }
 }
 
-/// Open change streams and blocking queries.
-#[derive(Default)]
+/// Open change streams and blocking queries, and how many of each may be open.
 pub struct Subscribers {
     /// `GET /v1/watch` streams open now.
     streams: AtomicI64,
     /// Blocking queries (`?index=`) waiting now.
     blocking: AtomicI64,
+    /// Most streams at once.
+    max_streams: i64,
+    /// Most blocking queries at once.
+    max_blocking: i64,
 }
 
 /// Which kind of subscriber.
@@ -202,6 +206,16 @@ pub struct SubscriberGuard {
 }
 
 impl Subscribers {
+    /// Counters allowing at most `max_streams` streams and `max_blocking` blocking queries.
+    pub fn new(max_streams: usize, max_blocking: usize) -> Self {
+        Subscribers {
+            streams: AtomicI64::new(0),
+            blocking: AtomicI64::new(0),
+            max_streams: i64::try_from(max_streams).unwrap_or(i64::MAX),
+            max_blocking: i64::try_from(max_blocking).unwrap_or(i64::MAX),
+        }
+    }
+
     fn counter(&self, kind: SubscriberKind) -> &AtomicI64 {
         match kind {
             SubscriberKind::Stream => &self.streams,
@@ -209,13 +223,21 @@ impl Subscribers {
         }
     }
 
-    /// Counts a subscriber of `kind` until the guard drops.
-    pub fn enter(self: &Arc<Self>, kind: SubscriberKind) -> SubscriberGuard {
-        self.counter(kind).fetch_add(1, Relaxed);
-        SubscriberGuard {
+    /// Counts a subscriber of `kind` until the guard drops, or refuses it when as many as
+    /// allowed are open.
+    pub fn enter(self: &Arc<Self>, kind: SubscriberKind) -> Result<SubscriberGuard, ApiError> {
+        let (max, what) = match kind {
+            SubscriberKind::Stream => (self.max_streams, "change streams"),
+            SubscriberKind::Blocking => (self.max_blocking, "blocking queries"),
+        };
+        if self.counter(kind).fetch_add(1, Relaxed) >= max {
+            self.counter(kind).fetch_sub(1, Relaxed);
+            return Err(ApiError::TooManySubscribers(what));
+        }
+        Ok(SubscriberGuard {
             subscribers: self.clone(),
             kind,
-        }
+        })
     }
 
     /// How many of `kind` are open now.

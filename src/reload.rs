@@ -64,6 +64,7 @@ fn take_live_settings(into: &mut Config, from: &Config) {
     into.http.header_read_timeout = from.http.header_read_timeout;
     into.http.idle_timeout = from.http.idle_timeout;
     into.http.shutdown_grace = from.http.shutdown_grace;
+    into.http.body_read_timeout = from.http.body_read_timeout;
     into.memory_budget = from.memory_budget;
 }
 
@@ -109,6 +110,11 @@ fn live_changes(current: &Config, next: &Config) -> Vec<(&'static str, String, S
         "shutdown_grace",
         current.http.shutdown_grace,
         next.http.shutdown_grace,
+    );
+    duration(
+        "body_read_timeout",
+        current.http.body_read_timeout,
+        next.http.body_read_timeout,
     );
     if current.memory_budget != next.memory_budget {
         let text = |b: Option<u64>| b.map_or("none".into(), |b| format!("{b} bytes"));

@@ -44,6 +44,8 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// Time in-flight requests get to finish at shutdown.
     pub shutdown_grace: Duration,
+    /// Most connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
 }
 
 /// Serves `service` on `listener` until `shutdown` completes, then stops accepting and gives
@@ -63,6 +65,7 @@ pub async fn run(
         .max_headers(MAX_HEADERS);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    let open = Arc::new(AtomicUsize::new(0));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
@@ -77,6 +80,13 @@ pub async fn run(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let limits = limits();
+                if open.load(Ordering::Relaxed) >= limits.max_connections {
+                    tracing::warn!(%peer, max = limits.max_connections, "too many connections; refusing one");
+                    tokio::spawn(refuse(stream));
+                    continue;
+                }
+                let counted = OpenConnection::new(open.clone());
                 let activity = Arc::new(Activity::default());
                 let io = CountingIo { inner: stream, activity: activity.clone() };
                 let service = GuardedService { inner: service.clone(), activity: activity.clone() };
@@ -85,6 +95,7 @@ pub async fn run(
                     .into_owned();
                 let connection = graceful.watch(connection);
                 let mut served = tokio::spawn(async move {
+                    let _counted = counted;
                     if let Err(e) = connection.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
@@ -92,7 +103,6 @@ pub async fn run(
                 // The watchdog runs as a task of its own: in the connection's task it would be
                 // polled (and its timer re-registered) on every request.
                 let stop = served.abort_handle();
-                let limits = limits();
                 tokio::spawn(async move {
                     tokio::select! {
                         expired = watchdog(&activity, limits) => {
@@ -114,6 +124,42 @@ pub async fn run(
         () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
     }
     Ok(())
+}
+
+/// Counts one open connection until it is dropped (when the connection's task ends, however).
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(open)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The answer to a connection over the cap: a 503 in the sidecar's JSON error form, then close.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    const BODY: &str = r#"{"error":"too_many_connections","message":"the sidecar has as many connections open as it allows; retry later"}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    // Answer, then read what the client sent until it closes: closing with its request unread
+    // would reset the connection and could lose the answer on the way.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), io::Error>(())
+    })
+    .await;
 }
 
 /// What a connection's watchdog looks at. Written by the connection as it works (relaxed
@@ -352,6 +398,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(1),
+            max_connections: 16,
         }
     }
 

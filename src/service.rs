@@ -1,5 +1,5 @@
-//! The service each connection runs: plain key reads are answered on the spot, everything else
-//! goes through the axum router.
+//! The service each connection runs: the [`Gate`] first (Host allow-list, cross-origin refusal),
+//! then plain key reads answered on the spot, everything else through the axum router.
 //!
 //! A plain read (`GET /v1/kv/<key>`, no query, key present) is what an application does most, so
 //! it skips the router's matching, extensions, boxed futures and boxed body: the answer is one
@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use tower::ServiceExt;
 
 use crate::error::ApiError;
+use crate::gate::Gate;
 use crate::http::{key_response, AppState, KV_ROUTE, MAX_URI_BYTES};
 use crate::keys::decode_key_path;
 use crate::metrics::RouteIndex;
@@ -43,11 +44,13 @@ pub struct SidecarService {
     router: Router,
     /// The key route's index in the request metrics: what the fast path counts under.
     kv_route: RouteIndex,
+    /// Who may ask: checked before anything else looks at a request.
+    gate: Arc<Gate>,
 }
 
 impl SidecarService {
     /// The service over `state`, with `router` (built on the same state) for the other requests.
-    pub fn new(state: Arc<AppState>, router: Router) -> Self {
+    pub fn new(state: Arc<AppState>, router: Router, gate: Gate) -> Self {
         let kv_route = state
             .requests
             .route(KV_ROUTE)
@@ -56,6 +59,7 @@ impl SidecarService {
             state,
             router,
             kv_route,
+            gate: Arc::new(gate),
         }
     }
 }
@@ -67,6 +71,14 @@ impl hyper::service::Service<Request<Incoming>> for SidecarService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let started = Instant::now();
+        if let Err(refused) = self.gate.check(&request) {
+            let response = refused.into_response();
+            let route = self.state.requests.route_of(request.uri().path());
+            self.state
+                .requests
+                .record(route, response.status().as_u16(), started.elapsed());
+            return EitherFuture::Left(ready(Ok(response.map(Either::Right))));
+        }
         // The fast path never awaits, so catching a panic here costs nothing until one happens;
         // the router has its own catch-panic layer.
         let response = match std::panic::catch_unwind(AssertUnwindSafe(|| {

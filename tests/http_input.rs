@@ -260,3 +260,232 @@ async fn slow_heads_and_idle_connections_are_closed_and_busy_ones_kept() {
     assert_eq!(sidecar.value("/v1/kv/cfg/k").await.as_deref(), Some("1"));
     sidecar.stop().await;
 }
+
+/// Hostile requests: foreign Host names and origins (DNS rebinding, cross-site requests), missing
+/// Host, header floods, request smuggling shapes, TRACE and CONNECT, bodies that never end or
+/// never parse. Each gets the right 4xx — a JSON error where the sidecar answers, the HTTP
+/// parser's own status where the request is not HTTP it accepts — and serving goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_are_refused_and_serving_goes_on() {
+    let cluster = EtcdCluster::start(1).await;
+    cluster
+        .client()
+        .await
+        .put("/cfg/ok", "fine", None)
+        .await
+        .unwrap();
+    let mut config = sidecar_config(&cluster.endpoints(), &["/cfg/"]);
+    config.writes.allowed = true;
+    config.http.body_read_timeout = Duration::from_secs(1);
+    let sidecar = start_sidecar(config).await;
+    let addr = sidecar.addr();
+    let get_with =
+        |headers: &str| format!("GET /v1/kv/cfg/ok HTTP/1.1\r\n{headers}Connection: close\r\n\r\n");
+    let port_host = format!("Host: 127.0.0.1:{}\r\n", addr.port());
+    let json_cases: Vec<(String, u16, &str)> = vec![
+        (get_with("Host: evil.example\r\n"), 403, "host_not_allowed"),
+        (get_with("Host: localhost.evil.example\r\n"), 403, "host_not_allowed"),
+        (get_with("Host: localhost:1\r\n"), 403, "host_not_allowed"),
+        (get_with(""), 400, "missing_host"),
+        (
+            "GET /v1/kv/cfg/ok HTTP/1.0\r\n\r\n".to_string(),
+            400,
+            "missing_host",
+        ),
+        (
+            get_with("Host: localhost\r\nOrigin: http://evil.example\r\n"),
+            403,
+            "cross_origin",
+        ),
+        (
+            get_with("Host: localhost\r\nOrigin: null\r\n"),
+            403,
+            "cross_origin",
+        ),
+        (
+            get_with("Host: localhost\r\nSec-Fetch-Site: cross-site\r\n"),
+            403,
+            "cross_origin",
+        ),
+        (
+            "TRACE /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".into(),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "CONNECT localhost:7379 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                .into(),
+            404,
+            "unknown_route",
+        ),
+        // A chunked body that is not chunked encoding.
+        (
+            "PUT /v1/kv/cfg/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".into(),
+            400,
+            "bad_body",
+        ),
+    ];
+    for (request, status, code) in &json_cases {
+        let (got, body) = raw(addr, request.as_bytes()).await;
+        let body: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|_| panic!("{request:?}: body is not JSON: {body:?}"));
+        assert_eq!(
+            (got, body["error"].as_str().unwrap_or_default()),
+            (*status, *code),
+            "{request:?}: {body}"
+        );
+    }
+    // The same request with a proper Host passes the gate.
+    let (status, body) = raw(addr, get_with(&port_host).as_bytes()).await;
+    assert_eq!((status, body.as_str()), (200, "fine"));
+
+    // Refused by the HTTP parser before any handler: its own status, no body to speak of.
+    let many_headers: String = (0..10_000).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let long_line = format!("X-Long: {}\r\n", "a".repeat(1 << 20));
+    let parser_cases: Vec<(String, u16)> = vec![
+        (get_with(&format!("Host: localhost\r\n{many_headers}")), 431),
+        (get_with(&format!("Host: localhost\r\n{long_line}")), 431),
+        (
+            "GET /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nab".into(),
+            400,
+        ),
+    ];
+    for (request, status) in &parser_cases {
+        let (got, _) = raw(addr, request.as_bytes()).await;
+        assert_eq!(got, *status, "{}", &request[..request.len().min(80)]);
+    }
+
+    // Two framings, Content-Length and chunked: the parser goes by the chunked encoding alone
+    // and drops the length (RFC 9112 6.3), so the bytes after the chunks are the next request,
+    // answered on their own; nothing is smuggled inside the value.
+    let (status, _) = raw(
+        addr,
+        b"PUT /v1/kv/cfg/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let stored = cluster.client().await.get("/cfg/x", None).await.unwrap();
+    assert_eq!(
+        stored.kvs()[0].value(),
+        b"hello",
+        "the chunked body, nothing else"
+    );
+    cluster.client().await.delete("/cfg/x", None).await.unwrap();
+
+    // A body that never ends: the write is refused once the body timeout passes.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"PUT /v1/kv/cfg/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n1\r\na\r\n",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("answered within the body timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // Too large a value.
+    let big = sidecar
+        .http
+        .put(sidecar.url("/v1/kv/cfg/big"))
+        .body(vec![b'x'; 2 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+
+    assert_eq!(
+        sidecar.value("/v1/kv/cfg/ok").await.as_deref(),
+        Some("fine")
+    );
+    assert_eq!(
+        cluster
+            .client()
+            .await
+            .get("/cfg/x", None)
+            .await
+            .unwrap()
+            .count(),
+        0,
+        "no refused write reached etcd"
+    );
+    sidecar.stop().await;
+}
+
+/// Caps: streams beyond `max_streams` get 429, connections beyond `max_connections` a 503, and
+/// both work again once one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_and_connections_are_capped() {
+    let cluster = EtcdCluster::start(1).await;
+    cluster
+        .client()
+        .await
+        .put("/cfg/ok", "fine", None)
+        .await
+        .unwrap();
+    let mut config = sidecar_config(&cluster.endpoints(), &["/cfg/"]);
+    config.http.max_streams = 2;
+    config.http.max_connections = 8;
+    let sidecar = start_sidecar(config).await;
+    let url = sidecar.url("/v1/watch/cfg/");
+    let first = SseClient::connect(&sidecar.http, &url, None).await;
+    let _second = SseClient::connect(&sidecar.http, &url, None).await;
+    let third = sidecar.get("/v1/watch/cfg/").await;
+    assert_eq!(third.status(), 429);
+    assert_eq!(third.headers()["retry-after"], "1");
+    let body: serde_json::Value = third.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_subscribers");
+    drop(first);
+    eventually(Duration::from_secs(5), "a stream slot frees", || async {
+        sidecar.get("/v1/watch/cfg/").await.status() == 200
+    })
+    .await;
+    drop(sidecar.http.clone());
+
+    // Fill the connection table with idle connections (plus the client's own pooled ones).
+    let mut held = Vec::new();
+    let refused = loop {
+        let mut s = TcpStream::connect(sidecar.addr()).await.unwrap();
+        s.write_all(b"GET /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        if text.starts_with("HTTP/1.1 503") {
+            break text;
+        }
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        held.push(s);
+        assert!(held.len() <= 8, "the cap holds");
+    };
+    assert!(refused.contains("too_many_connections"), "{refused}");
+    held.pop();
+    eventually(
+        Duration::from_secs(5),
+        "a connection slot frees",
+        || async {
+            let Ok(mut s) = TcpStream::connect(sidecar.addr()).await else {
+                return false;
+            };
+            let req = b"GET /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+            if s.write_all(req).await.is_err() {
+                return false;
+            }
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+            buf.starts_with(b"HTTP/1.1 200")
+        },
+    )
+    .await;
+    drop(held);
+    sidecar.stop().await;
+}
