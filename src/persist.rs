@@ -29,7 +29,8 @@ use crate::health::Heartbeat;
 use crate::mode::{unix_ms, ModeHandle};
 use crate::store::{Entry, Snapshot, Store};
 
-const MAGIC: &[u8; 8] = b"CSSNAP\0\x01";
+/// The first bytes of every snapshot file: the format's name and version.
+pub const MAGIC: &[u8; 8] = b"CSSNAP\0\x01";
 /// Debounce of snapshot writes: at most about one per this period.
 pub const WRITE_EVERY: Duration = Duration::from_secs(1);
 /// How often the writer shows it is alive while there is nothing to write.
