@@ -118,22 +118,14 @@ pub async fn serve_live(
     spawn("mode", tokio::spawn(mode_task.run()), None);
 
     let prefixes = config.sync.prefixes.as_slice().to_vec();
+    let mut fallback = None;
     let writer = config.snapshot.as_ref().map(|snap| {
         let mut on_disk = 0;
         match persist::load(&snap.path, &prefixes) {
             Ok(Some(file)) => {
-                let (revision, keys) = (file.revision, file.entries.len());
-                match store.replace_from(file.cluster_id, file.revision, file.entries) {
-                    Ok(_) => {
-                        on_disk = revision;
-                        mode.confirm(
-                            SystemTime::UNIX_EPOCH + Duration::from_millis(file.confirmed_at_unix_ms),
-                        );
-                        let _ = signals.try_send(Signal::LoadedFromSnapshot);
-                        tracing::info!(path = %snap.path.display(), revision, keys, "serving the disk snapshot until etcd answers");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "snapshot not loaded"),
-                }
+                on_disk = file.revision;
+                tracing::info!(path = %snap.path.display(), revision = file.revision, keys = file.entries.len(), "snapshot found; it is served unless etcd answers first");
+                fallback = Some(file);
             }
             Ok(None) => tracing::info!(path = %snap.path.display(), "no snapshot yet"),
             Err(e) => tracing::warn!(path = %snap.path.display(), error = %e, "snapshot ignored"),
@@ -160,7 +152,18 @@ pub async fn serve_live(
         mode.clone(),
         signals.clone(),
     );
+    let fallback_signals = signals.clone();
     let probes = ProbeTask::new(pool.clone(), live.clone(), signals, prefixes[0].clone());
+    // A short-lived task, so not watched by liveness; aborted at shutdown with the rest.
+    let fallback = fallback.map(|file| {
+        tokio::spawn(serve_snapshot_unless_etcd_answers(
+            store.clone(),
+            mode.clone(),
+            fallback_signals,
+            probes.results(),
+            file,
+        ))
+    });
     let state = http::AppState::new(&config, store, pool, sync.status(), mode, probes.results())
         .with_snapshot_stats(writer.as_ref().map(|w| w.stats()))
         .with_liveness(liveness.clone())
@@ -199,7 +202,7 @@ pub async fn serve_live(
         })
     })
     .await;
-    for task in &tasks {
+    for task in tasks.iter().chain(&fallback) {
         task.abort();
     }
     // The last write at shutdown: the mirror as it was when serving stopped. A write that hangs
@@ -212,6 +215,49 @@ pub async fn serve_live(
         }
     }
     result
+}
+
+/// How long a restarted sidecar waits for etcd before it serves its disk snapshot, when etcd's
+/// members answer but have not given it data yet. The snapshot may be older than what was served
+/// before the restart; etcd's data never is, so it is preferred whenever it comes quickly.
+pub const SNAPSHOT_FALLBACK_AFTER: Duration = Duration::from_secs(2);
+
+/// Serves the disk snapshot `file` unless etcd answers first: as soon as the first probe round
+/// finds no member with quorum (etcd cannot give current data), or after
+/// [`SNAPSHOT_FALLBACK_AFTER`]. If the sync loads from etcd before that, the snapshot is dropped.
+async fn serve_snapshot_unless_etcd_answers(
+    store: Arc<Store>,
+    mode: Arc<ModeHandle>,
+    signals: mpsc::Sender<Signal>,
+    probes: probe::ProbeResults,
+    file: persist::SnapshotFile,
+) {
+    let started = tokio::time::Instant::now();
+    while !store.is_loaded() && started.elapsed() < SNAPSHOT_FALLBACK_AFTER {
+        let no_quorum = {
+            let round = probes.lock().unwrap_or_else(|e| e.into_inner());
+            round.iter().all(|p| p.at_unix_ms != 0) && !round.iter().any(|p| p.quorum)
+        };
+        if no_quorum {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (revision, keys) = (file.revision, file.entries.len());
+    let confirmed = SystemTime::UNIX_EPOCH + Duration::from_millis(file.confirmed_at_unix_ms);
+    match store.load_fallback(file.cluster_id, file.revision, file.entries) {
+        Ok(true) => {
+            mode.confirm(confirmed);
+            let _ = signals.send(Signal::LoadedFromSnapshot).await;
+            tracing::info!(
+                revision,
+                keys,
+                "serving the disk snapshot until etcd answers"
+            );
+        }
+        Ok(false) => tracing::info!("etcd answered first; the disk snapshot is not needed"),
+        Err(e) => tracing::warn!(error = %e, "snapshot not loaded"),
+    }
 }
 
 /// A sidecar running in the background of this process: what tests and embedders use.

@@ -410,6 +410,32 @@ impl Store {
         entries: Vec<Entry>,
     ) -> Result<Vec<Change>, StoreError> {
         let mut history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.replace_locked(&mut history, cluster_id, revision, entries)
+    }
+
+    /// Publishes the disk snapshot's data, unless etcd's already is (then `Ok(false)`): the
+    /// check and the swap happen under the writer lock, so a load from etcd is never replaced.
+    pub fn load_fallback(
+        &self,
+        cluster_id: u64,
+        revision: i64,
+        entries: Vec<Entry>,
+    ) -> Result<bool, StoreError> {
+        let mut history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if self.current.load().loaded {
+            return Ok(false);
+        }
+        self.replace_locked(&mut history, cluster_id, revision, entries)?;
+        Ok(true)
+    }
+
+    fn replace_locked(
+        &self,
+        history: &mut History,
+        cluster_id: u64,
+        revision: i64,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<Change>, StoreError> {
         let old = self.current.load_full();
         let same_cluster = old.cluster_id == 0 || cluster_id == 0 || old.cluster_id == cluster_id;
         if old.loaded && same_cluster && revision < old.revision {
@@ -462,7 +488,7 @@ impl Store {
         } else {
             Origin::Restart
         };
-        self.publish(&mut history, next, changes.clone(), origin);
+        self.publish(history, next, changes.clone(), origin);
         Ok(changes)
     }
 

@@ -203,3 +203,54 @@ async fn a_snapshot_from_another_cluster_is_replaced_wholesale() {
     assert_eq!(status["sync"]["full_loads"], 1);
     sidecar.stop().await;
 }
+
+/// A restart while etcd is up serves etcd's data, not the snapshot, which may be older than what
+/// was served before the restart: revisions never go back across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_etcd_up_never_serves_an_older_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mirror.snap");
+    let cluster = common::EtcdCluster::start(1).await;
+    let mut etcd = cluster.client().await;
+    etcd.put("/snap/k", "old", None).await.unwrap();
+    let mut config = common::sidecar_config(&cluster.endpoints(), &["/snap/"]);
+    config.snapshot = Some(config_sidecar::config::SnapshotConfig::at(path.clone()));
+    let sidecar = common::start_sidecar(config.clone()).await;
+    sidecar.stop().await;
+    let on_disk = persist::load(&path, &["/snap/".to_string()])
+        .unwrap()
+        .unwrap()
+        .revision;
+    // etcd moves on while the sidecar is down.
+    let newer = etcd
+        .put("/snap/k", "new", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    assert!(newer > on_disk);
+
+    let running = config_sidecar::Running::start(config).await.unwrap();
+    let url = format!("http://{}/v1/kv/snap/k", running.addr);
+    let http = reqwest::Client::new();
+    // The first answer that is not "not ready" must already be etcd's.
+    let first = loop {
+        let r = http.get(&url).send().await.unwrap();
+        if r.status() != 503 {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let revision: i64 = first.headers()["x-config-revision"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        revision >= newer,
+        "served revision {revision}, etcd had {newer}"
+    );
+    assert_eq!(first.text().await.unwrap(), "new");
+    running.stop().await.unwrap();
+}
