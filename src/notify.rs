@@ -135,6 +135,14 @@ impl Subscriber {
         if set.revision <= self.last {
             return;
         }
+        if set.resync && set.changes.iter().any(|c| self.scope.matches(c.key())) {
+            // A reload after a compaction: the revisions in between are gone from etcd, and
+            // what follows sums them up. Say so, so a client never takes it for every change.
+            self.pending.push_back(Event::default().event("resync").data(
+                json!({ "from": self.last, "revision": set.revision, "reason": "etcd compacted the revisions in between; the changes that follow sum them up" })
+                    .to_string(),
+            ));
+        }
         let mut events: Vec<Event> = set
             .changes
             .iter()

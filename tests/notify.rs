@@ -431,6 +431,14 @@ async fn events_during_a_compaction_resync_are_correct() {
     );
     let deletes = events.iter().filter(|e| e.event == "delete").count();
     assert_eq!(deletes, 5, "the resync's deletions arrive as events");
+    let resync = events
+        .iter()
+        .position(|e| e.event == "resync")
+        .expect("the stream says the changes are summed up");
+    assert!(
+        events[..resync].iter().all(|e| e.event != "delete"),
+        "the resync marker comes before the summed-up changes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -408,6 +408,8 @@ pub enum Fault {
     Blackhole,
     /// Close every connection at once, and new ones on accept.
     Reset,
+    /// Forward both ways, each chunk held `base` ± up to `jitter` first (order kept).
+    Delay { base: Duration, jitter: Duration },
 }
 
 /// A fault-injecting TCP proxy in front of one address.
@@ -456,23 +458,64 @@ impl Proxy {
                 let _ = fault.changed().await;
                 return;
             }
-            Fault::Pass => {}
+            Fault::Pass | Fault::Delay { .. } => {}
         }
         let Ok(mut outbound) = TcpStream::connect(target).await else {
             let _ = inbound.set_zero_linger();
             return;
         };
-        tokio::select! {
-            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-            _ = async { while fault.changed().await.is_ok() && *fault.borrow() == Fault::Pass {} } => {
-                if *fault.borrow() == Fault::Blackhole {
-                    // Silence: keep both sockets open and idle until the fault changes again.
-                    let _ = fault.changed().await;
-                }
-                let _ = inbound.set_zero_linger();
-                let _ = outbound.shutdown().await;
+        let forwarding = |f: &Fault| matches!(f, Fault::Pass | Fault::Delay { .. });
+        let (mut in_read, mut in_write) = inbound.split();
+        let (mut out_read, mut out_write) = outbound.split();
+        let (up, down) = (fault.clone(), fault.clone());
+        let stopped = tokio::select! {
+            _ = async {
+                tokio::join!(
+                    Self::pump(&mut in_read, &mut out_write, up),
+                    Self::pump(&mut out_read, &mut in_write, down),
+                )
+            } => false,
+            _ = async { while fault.changed().await.is_ok() && forwarding(&fault.borrow()) {} } => true,
+        };
+        if stopped {
+            if *fault.borrow() == Fault::Blackhole {
+                // Silence: keep both sockets open and idle until the fault changes again.
+                let _ = fault.changed().await;
+            }
+            let _ = inbound.set_zero_linger();
+            let _ = outbound.shutdown().await;
+        }
+    }
+
+    /// Copies `from` to `to` until either ends, holding each chunk while the fault is a delay.
+    async fn pump(
+        from: &mut (impl tokio::io::AsyncRead + Unpin),
+        to: &mut (impl tokio::io::AsyncWrite + Unpin),
+        fault: watch::Receiver<Fault>,
+    ) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let delay = *fault.borrow();
+            if let Fault::Delay { base, jitter } = delay {
+                let spread = jitter.as_micros() as i64;
+                let offset = if spread > 0 {
+                    rand::random_range(-spread..=spread)
+                } else {
+                    0
+                };
+                let micros = (base.as_micros() as i64 + offset).max(0) as u64;
+                tokio::time::sleep(Duration::from_micros(micros)).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
             }
         }
+        let _ = to.shutdown().await;
     }
 }
 
