@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::config::{Config, Live, WriteConfig};
@@ -265,7 +265,10 @@ fn router(state: Arc<AppState>) -> Router {
                     DefaultOnResponse::new()
                         .level(Level::DEBUG)
                         .latency_unit(tower_http::LatencyUnit::Micros),
-                ),
+                )
+                // A 503 in a degraded mode is the sidecar doing its job, not an error to log per
+                // request; what went wrong is logged where it happened.
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
         // Applies to every extractor that reads a body; writes read theirs with the same bound.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));

@@ -719,6 +719,8 @@ pub struct SseClient {
         std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     buffer: String,
     pub headers: reqwest::header::HeaderMap,
+    /// The stream ended (closed, or failed) rather than fell quiet.
+    ended: bool,
 }
 
 impl SseClient {
@@ -734,12 +736,7 @@ impl SseClient {
         }
         let response = req.send().await.expect("stream request");
         assert_eq!(response.status(), 200, "GET {url}");
-        let headers = response.headers().clone();
-        SseClient {
-            stream: Box::pin(response.bytes_stream()),
-            buffer: String::new(),
-            headers,
-        }
+        SseClient::from_response(response)
     }
 
     /// The next event (comments skipped), or `None` after `within` or at the end of the stream.
@@ -772,8 +769,27 @@ impl SseClient {
             }
             match tokio::time::timeout_at(deadline, self.stream.next()).await {
                 Ok(Some(Ok(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
-                _ => return None,
+                Ok(_) => {
+                    self.ended = true;
+                    return None;
+                }
+                Err(_) => return None,
             }
+        }
+    }
+
+    /// Whether the stream has ended (as opposed to falling quiet for a while).
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// A client reading an answer already received.
+    pub fn from_response(response: reqwest::Response) -> SseClient {
+        SseClient {
+            headers: response.headers().clone(),
+            stream: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+            ended: false,
         }
     }
 }
