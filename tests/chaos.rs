@@ -120,6 +120,7 @@ enum Fault {
     KillFollower,
     KillLeader,
     KillTwo,
+    KillAll,
     BlackholeAll,
     FreezeLeader,
     IsolateSidecarsMember,
@@ -132,10 +133,11 @@ enum Fault {
 }
 
 impl Fault {
-    const ALL: [Fault; 12] = [
+    const ALL: [Fault; 13] = [
         Fault::KillFollower,
         Fault::KillLeader,
         Fault::KillTwo,
+        Fault::KillAll,
         Fault::BlackholeAll,
         Fault::FreezeLeader,
         Fault::IsolateSidecarsMember,
@@ -157,7 +159,7 @@ impl Fault {
             // An election, or a frozen leader, may cost quorum for a few probe rounds.
             Fault::KillLeader | Fault::FreezeLeader => &["full", "read-only"],
             Fault::KillTwo => &["read-only"],
-            Fault::BlackholeAll | Fault::CompactWhileCutOff => &["cache-only"],
+            Fault::KillAll | Fault::BlackholeAll | Fault::CompactWhileCutOff => &["cache-only"],
             // A restarted sidecar loads etcd before serving (etcd is up).
             Fault::KillSidecar | Fault::TruncatedSnapshot | Fault::BitFlippedSnapshot => &["full"],
         }
@@ -797,6 +799,7 @@ async fn chaos_history_is_consistent() {
                 cluster.kill(leader);
                 cluster.kill(follower);
             }
+            Fault::KillAll => (0..3).for_each(|i| cluster.kill(i)),
             Fault::BlackholeAll | Fault::CompactWhileCutOff => {
                 for p in &proxies {
                     p.set(common::Fault::Blackhole);
@@ -861,6 +864,7 @@ async fn chaos_history_is_consistent() {
                 cluster.restart(leader);
                 cluster.restart(follower);
             }
+            Fault::KillAll => (0..3).for_each(|i| cluster.restart(i)),
             Fault::FreezeLeader => cluster.thaw(leader),
             _ => {}
         }

@@ -334,3 +334,35 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     reader.join().unwrap();
 }
+
+/// A listen address beyond loopback is refused without `--allow-remote`, and with it the
+/// sidecar starts and warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listening_beyond_loopback_needs_a_flag_and_warns() {
+    let listen = format!("0.0.0.0:{}", free_port());
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let args = ["--listen", &listen, "--endpoints", &dead, "--prefix", "/a/"];
+    let (code, stderr) = run(&args, &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--allow-remote"), "{stderr}");
+
+    let mut child = Command::new(BIN)
+        .args(args)
+        .arg("--allow-remote")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port = listen.rsplit(':').next().unwrap();
+    let local = format!("127.0.0.1:{port}");
+    eventually(Duration::from_secs(10), "listening", || async {
+        tokio::net::TcpStream::connect(&local).await.is_ok()
+    })
+    .await;
+    signal(&child, libc::SIGTERM);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("other hosts can reach"), "{stderr}");
+}

@@ -65,6 +65,18 @@ async fn bad_input_gets_a_json_4xx_and_serving_goes_on() {
         ("/v1/kv", 400, "bad_key"),
         ("/v1/tree/cfg/%2e%2e", 400, "bad_key"),
         ("/v1/kv/cfg/ok?recurse=maybe", 400, "bad_query"),
+        // Revision parameters: negative, not a number, beyond i64, ahead of the mirror.
+        ("/v1/kv/cfg/ok?index=-1", 400, "bad_query"),
+        ("/v1/kv/cfg/ok?index=abc", 400, "bad_query"),
+        ("/v1/kv/cfg/ok?index=99999999999999999999", 400, "bad_query"),
+        ("/v1/kv/cfg/ok?index=1&wait=forever", 400, "bad_query"),
+        ("/v1/watch/cfg/?since=-1", 400, "bad_query"),
+        (
+            "/v1/watch/cfg/?since=99999999999999999999",
+            400,
+            "bad_query",
+        ),
+        ("/v1/watch/cfg/?since=9000000000", 400, "bad_query"),
         ("/v1/kv/other/x", 404, "outside_mirror"),
         ("/v1/kv/cfg%2F..%2Fother", 400, "bad_key"),
         ("/v1/nothing", 404, "unknown_route"),
@@ -430,6 +442,7 @@ async fn streams_and_connections_are_capped() {
         .unwrap();
     let mut config = sidecar_config(&cluster.endpoints(), &["/cfg/"]);
     config.http.max_streams = 2;
+    config.http.max_blocking_queries = 1;
     config.http.max_connections = 8;
     let sidecar = start_sidecar(config).await;
     let url = sidecar.url("/v1/watch/cfg/");
@@ -445,6 +458,27 @@ async fn streams_and_connections_are_capped() {
         sidecar.get("/v1/watch/cfg/").await.status() == 200
     })
     .await;
+    // One blocking query waits; a second is refused while it does.
+    let index = sidecar.get("/v1/kv/cfg/ok").await.headers()["x-config-index"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let blocking = sidecar.url(&format!("/v1/kv/cfg/ok?index={index}&wait=10s"));
+    let waiting = tokio::spawn(sidecar.http.get(blocking.clone()).send());
+    eventually(
+        Duration::from_secs(5),
+        "the first blocking query waits",
+        || async {
+            let metrics = sidecar.get("/metrics").await.text().await.unwrap();
+            metrics.contains("config_sidecar_subscribers{kind=\"blocking_query\"} 1")
+        },
+    )
+    .await;
+    let second = sidecar
+        .get(&format!("/v1/kv/cfg/ok?index={index}&wait=10s"))
+        .await;
+    assert_eq!(second.status(), 429);
+    waiting.abort();
     drop(sidecar.http.clone());
 
     // Fill the connection table with idle connections (plus the client's own pooled ones).

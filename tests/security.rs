@@ -110,6 +110,8 @@ async fn mirrors_watches_and_writes_over_tls_with_password_auth() {
 
     let status = sidecar.get("/v1/status").await.text().await.unwrap();
     assert!(!status.contains(PASSWORD), "/v1/status shows the password");
+    let metrics = sidecar.get("/metrics").await.text().await.unwrap();
+    assert!(!metrics.contains(PASSWORD), "/metrics shows the password");
     sidecar.stop().await;
 }
 
@@ -126,6 +128,9 @@ async fn passwords_never_reach_logs_or_status() {
     let dir = tempfile::tempdir().unwrap();
     let http = reqwest::Client::new();
     let wrong = "wrong-pw-Yx42-never-printed";
+    let token = "write-token-Qp7-never-printed";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
 
     for (password, serves) in [(wrong, false), (PASSWORD, true)] {
         let listen = format!("127.0.0.1:{}", free_port());
@@ -147,7 +152,9 @@ async fn passwords_never_reach_logs_or_status() {
             .arg(pki.path("sidecar.pem"))
             .arg("--etcd-key-file")
             .arg(pki.path("sidecar-key.pem"))
-            .args(["--etcd-username", USER])
+            .args(["--etcd-username", USER, "--allow-writes"])
+            .arg("--write-token-file")
+            .arg(&token_file)
             .env("CONFIG_SIDECAR_ETCD_PASSWORD", password)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -187,14 +194,27 @@ async fn passwords_never_reach_logs_or_status() {
             assert_eq!(ready.status(), 503, "ready without etcd access");
         }
         let text = status().await.expect("status answers");
-        assert!(!text.contains(password), "/v1/status shows the password");
+        let metrics = http
+            .get(format!("http://{listen}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for (what, body) in [("/v1/status", &text), ("/metrics", &metrics)] {
+            assert!(!body.contains(password), "{what} shows the password");
+            assert!(!body.contains(token), "{what} shows the write token");
+        }
         child.kill().unwrap();
         child.wait().unwrap();
         let logs = std::fs::read_to_string(&log_path).unwrap();
         assert!(logs.contains("DEBUG"), "debug logging is on");
+        let key_pem = std::fs::read_to_string(pki.path("sidecar-key.pem")).unwrap();
+        let key_line = key_pem.lines().nth(1).unwrap();
         assert!(
-            !logs.contains(password),
-            "the logs show the password ({} bytes of logs)",
+            !logs.contains(password) && !logs.contains(token) && !logs.contains(key_line),
+            "the logs show a secret ({} bytes of logs)",
             logs.len()
         );
     }
