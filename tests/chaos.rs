@@ -205,6 +205,9 @@ struct FaultWindow {
     injected: Instant,
     healed: Instant,
     converged: Option<Duration>,
+    /// With two members killed: when the test, asking the survivor directly, found it not
+    /// answering. A survivor that stops answering makes `cache-only` the honest mode.
+    survivor_silent: Vec<Instant>,
 }
 
 /// How many rounds, and how long faults hold (`CHAOS_SCALE`).
@@ -639,6 +642,42 @@ async fn converge(base: &str, revision: i64, within: Duration) -> Option<Duratio
     None
 }
 
+/// Asks member `i` for its status directly (not through the proxy) every quarter second for
+/// `hold`, and returns when it did not answer within half a second.
+async fn watch_member(cluster: &EtcdCluster, i: usize, hold: Duration) -> Vec<Instant> {
+    let mut silent = Vec::new();
+    let until = Instant::now() + hold;
+    while Instant::now() < until {
+        let asked = Instant::now();
+        let answered = tokio::time::timeout(Duration::from_millis(500), async {
+            let mut c = etcd_client::Client::connect([cluster.endpoint(i)], None)
+                .await
+                .ok()?;
+            c.status().await.ok()
+        })
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+        if !answered {
+            silent.push(asked);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    silent
+}
+
+/// Whether the sidecar at `base` says it is in `full` mode.
+async fn in_full_mode(http: &reqwest::Client, base: &str) -> bool {
+    match http.get(format!("{base}/v1/status")).send().await {
+        Ok(r) => r
+            .json::<serde_json::Value>()
+            .await
+            .is_ok_and(|s| s["mode"] == "full"),
+        Err(_) => false,
+    }
+}
+
 /// The member the sidecar's watch runs on, from its status.
 async fn sidecars_member(base: &str, proxies: &[Proxy]) -> Option<usize> {
     let status: serde_json::Value = reqwest::get(format!("{base}/v1/status"))
@@ -721,19 +760,9 @@ async fn chaos_history_is_consistent() {
     let mut sidecar = SidecarProcess::start(&listen, &config, &dir.path().join("sidecar.log"));
     let base = sidecar.base();
     let http = reqwest::Client::new();
-    eventually(
-        Duration::from_secs(20),
-        "sidecar ready and full",
-        || async {
-            match http.get(format!("{base}/v1/status")).send().await {
-                Ok(r) => r
-                    .json::<serde_json::Value>()
-                    .await
-                    .is_ok_and(|s| s["mode"] == "full"),
-                Err(_) => false,
-            }
-        },
-    )
+    eventually(Duration::from_secs(20), "sidecar ready and full", || {
+        in_full_mode(&http, &base)
+    })
     .await;
 
     // A subscriber that never reads: it must cost the others nothing.
@@ -792,6 +821,7 @@ async fn chaos_history_is_consistent() {
         eprintln!("chaos: {fault:?} (leader m{leader})");
         let injected = Instant::now();
         let mut down_since = None;
+        let mut survivor_silent = Vec::new();
         match fault {
             Fault::KillFollower => cluster.kill(follower),
             Fault::KillLeader => cluster.kill(leader),
@@ -850,6 +880,9 @@ async fn chaos_history_is_consistent() {
             .await;
             compact_to(&mut c, mark).await;
             tokio::time::sleep(hold / 2).await;
+        } else if fault == Fault::KillTwo {
+            let survivor = (0..3).find(|i| *i != leader && *i != follower).unwrap();
+            survivor_silent = watch_member(&cluster, survivor, hold).await;
         } else {
             tokio::time::sleep(hold).await;
         }
@@ -880,16 +913,11 @@ async fn chaos_history_is_consistent() {
             injected,
             healed,
             converged,
+            survivor_silent,
         });
         // Let the mode recover before the next fault, so windows do not overlap.
-        eventually(Duration::from_secs(15), "mode full again", || async {
-            match http.get(format!("{base}/v1/status")).send().await {
-                Ok(r) => r
-                    .json::<serde_json::Value>()
-                    .await
-                    .is_ok_and(|s| s["mode"] == "full"),
-                Err(_) => false,
-            }
+        eventually(Duration::from_secs(15), "mode full again", || {
+            in_full_mode(&http, &base)
         })
         .await;
     }
@@ -1089,7 +1117,13 @@ async fn chaos_history_is_consistent() {
             .filter(|r| r.started >= from && r.ended <= f.healed && r.status == 200)
         {
             mode_checked += 1;
-            if !f.fault.modes().contains(&r.mode.as_str()) {
+            // cache-only is right if the survivor itself stopped answering within the last
+            // three probe rounds and their timeout.
+            let survivor_was_silent = r.mode == "cache-only"
+                && f.survivor_silent
+                    .iter()
+                    .any(|t| *t <= r.started && r.started - *t <= Duration::from_secs(4));
+            if !f.fault.modes().contains(&r.mode.as_str()) && !survivor_was_silent {
                 wrong_modes += 1;
                 if wrong_modes <= 5 {
                     note(format!(
@@ -1134,7 +1168,8 @@ async fn chaos_history_is_consistent() {
     let figures = format!(
         "chaos figures: seed {seed}, scale {scale}: {} faults injected; {} reads checked ({:.2}% \
          succeeded from memory, {} checked for their fault's mode); {} stream events checked; {} direct writes and {} sidecar \
-         writes acknowledged ({} refused); {} etcd revisions recorded; violations: {}; \
+         writes acknowledged ({} refused); {} etcd revisions recorded; the surviving member \
+         silent {} times when asked directly; violations: {}; \
          convergence p99 {} ms, max {} ms",
         record.faults.len(),
         checked_reads,
@@ -1145,6 +1180,11 @@ async fn chaos_history_is_consistent() {
         record.sidecar_writes.len(),
         record.sidecar_refusals,
         truth.revisions.len(),
+        record
+            .faults
+            .iter()
+            .map(|f| f.survivor_silent.len())
+            .sum::<usize>(),
         violations.len(),
         p99.as_millis(),
         convergence.last().copied().unwrap_or_default().as_millis()

@@ -31,6 +31,18 @@ async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
     (status, body)
 }
 
+/// A one-member cluster holding `/cfg/ok` = `fine`.
+async fn cluster_with_ok() -> EtcdCluster {
+    let cluster = EtcdCluster::start(1).await;
+    cluster
+        .client()
+        .await
+        .put("/cfg/ok", "fine", None)
+        .await
+        .unwrap();
+    cluster
+}
+
 async fn get(addr: std::net::SocketAddr, target: &str) -> (u16, serde_json::Value) {
     let req = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     let (status, body) = raw(addr, req.as_bytes()).await;
@@ -41,13 +53,7 @@ async fn get(addr: std::net::SocketAddr, target: &str) -> (u16, serde_json::Valu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_json_4xx_and_serving_goes_on() {
-    let cluster = EtcdCluster::start(1).await;
-    cluster
-        .client()
-        .await
-        .put("/cfg/ok", "fine", None)
-        .await
-        .unwrap();
+    let cluster = cluster_with_ok().await;
     let sidecar = start_sidecar(sidecar_config(&cluster.endpoints(), &["/cfg/"])).await;
     let addr = sidecar.addr();
 
@@ -279,13 +285,7 @@ async fn slow_heads_and_idle_connections_are_closed_and_busy_ones_kept() {
 /// parser's own status where the request is not HTTP it accepts — and serving goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_are_refused_and_serving_goes_on() {
-    let cluster = EtcdCluster::start(1).await;
-    cluster
-        .client()
-        .await
-        .put("/cfg/ok", "fine", None)
-        .await
-        .unwrap();
+    let cluster = cluster_with_ok().await;
     let mut config = sidecar_config(&cluster.endpoints(), &["/cfg/"]);
     config.writes.allowed = true;
     config.http.body_read_timeout = Duration::from_secs(1);
@@ -433,13 +433,7 @@ async fn hostile_requests_are_refused_and_serving_goes_on() {
 /// both work again once one closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_and_connections_are_capped() {
-    let cluster = EtcdCluster::start(1).await;
-    cluster
-        .client()
-        .await
-        .put("/cfg/ok", "fine", None)
-        .await
-        .unwrap();
+    let cluster = cluster_with_ok().await;
     let mut config = sidecar_config(&cluster.endpoints(), &["/cfg/"]);
     config.http.max_streams = 2;
     config.http.max_blocking_queries = 1;

@@ -278,17 +278,21 @@ impl EtcdCluster {
 
     /// A client bound to member `i` alone.
     pub async fn client_for(&self, i: usize) -> Client {
-        let options = self.tls.as_ref().map(|tls| {
+        Client::connect([self.endpoint(i)], self.connect_options())
+            .await
+            .expect("etcd client")
+    }
+
+    /// How the harness's clients connect: with its client certificate on a TLS cluster.
+    fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
+        self.tls.as_ref().map(|tls| {
             let (ca, cert, key) = &tls.client;
             etcd_client::ConnectOptions::new().with_tls(
                 etcd_client::TlsOptions::new()
                     .ca_certificate(etcd_client::Certificate::from_pem(ca))
                     .identity(etcd_client::Identity::from_pem(cert, key)),
             )
-        });
-        Client::connect([self.endpoint(i)], options)
-            .await
-            .expect("etcd client")
+        })
     }
 
     /// A client on the first member that is running.
@@ -325,23 +329,44 @@ impl EtcdCluster {
         }
     }
 
-    /// The member id → index of the current leader, asked of member `via`.
+    /// The index of the current leader, once the running members agree there is one (a member
+    /// just restarted may not answer yet, and an election may be under way).
     pub async fn leader_index(&self) -> usize {
-        let mut c = self.client().await;
-        let status = c.status().await.expect("status");
-        let leader = status.leader();
-        for i in 0..self.members.len() {
-            if self.members[i].child.is_none() {
-                continue;
-            }
-            let mut ci = self.client_for(i).await;
-            if let Ok(s) = ci.status().await {
-                if s.header().map(|h| h.member_id()) == Some(leader) {
-                    return i;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut ids = Vec::new();
+            let mut leader = 0;
+            for i in 0..self.members.len() {
+                if self.members[i].child.is_none() {
+                    continue;
+                }
+                let status = async {
+                    let mut c = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        Client::connect([self.endpoint(i)], self.connect_options()),
+                    )
+                    .await
+                    .ok()?
+                    .ok()?;
+                    tokio::time::timeout(Duration::from_secs(1), c.status())
+                        .await
+                        .ok()?
+                        .ok()
+                };
+                if let Some(s) = status.await {
+                    ids.push((i, s.header().map(|h| h.member_id()).unwrap_or_default()));
+                    leader = leader.max(s.leader());
                 }
             }
+            if let Some((i, _)) = ids.iter().find(|(_, id)| leader != 0 && *id == leader) {
+                return *i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader among the running members"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("leader not found");
     }
 
     /// SIGKILLs member `i`.
