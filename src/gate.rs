@@ -58,34 +58,42 @@ impl Gate {
     }
 
     /// Refuses a request whose `Host` (or authority) is missing or not the sidecar's, or that a
-    /// browser sent from another origin.
+    /// browser sent from another origin. One pass over the headers: this runs before every read.
     pub fn check<B>(&self, request: &Request<B>) -> Result<(), ApiError> {
-        let host = match request.headers().get(HOST) {
-            Some(h) => h.as_bytes(),
-            // HTTP/2 carries the authority in the URI instead.
-            None => match request.uri().authority() {
-                Some(a) => a.as_str().as_bytes(),
-                None => return Err(ApiError::MissingHost),
-            },
+        let (mut host, mut origin, mut cross_site) = (None, None, false);
+        for (name, value) in request.headers() {
+            if *name == HOST {
+                if host.is_some() {
+                    return Err(ApiError::HostNotAllowed("more than one Host header".into()));
+                }
+                host = Some(value.as_bytes());
+            } else if *name == ORIGIN {
+                origin = Some(value.as_bytes());
+            } else if *name == SEC_FETCH_SITE {
+                cross_site |= value.as_bytes().eq_ignore_ascii_case(b"cross-site");
+            }
+        }
+        // HTTP/2 carries the authority in the URI instead.
+        let host = match (host, request.uri().authority()) {
+            (Some(h), _) => h,
+            (None, Some(a)) => a.as_str().as_bytes(),
+            (None, None) => return Err(ApiError::MissingHost),
         };
         if !self.allowed_host(host) {
             return Err(ApiError::HostNotAllowed(
                 String::from_utf8_lossy(host).into_owned(),
             ));
         }
-        if let Some(site) = request.headers().get(&SEC_FETCH_SITE) {
-            if site.as_bytes().eq_ignore_ascii_case(b"cross-site") {
-                return Err(ApiError::CrossOrigin("Sec-Fetch-Site: cross-site".into()));
-            }
+        if cross_site {
+            return Err(ApiError::CrossOrigin("Sec-Fetch-Site: cross-site".into()));
         }
-        if let Some(origin) = request.headers().get(ORIGIN) {
-            let text = origin.as_bytes();
-            let ok = text
+        if let Some(origin) = origin {
+            let ok = origin
                 .strip_prefix(b"http://")
                 .is_some_and(|host| self.allowed_host(host));
             if !ok {
                 return Err(ApiError::CrossOrigin(
-                    String::from_utf8_lossy(text).into_owned(),
+                    String::from_utf8_lossy(origin).into_owned(),
                 ));
             }
         }
@@ -133,6 +141,8 @@ mod tests {
             gate.check(&request(&[])).unwrap_err().code(),
             "missing_host"
         );
+        let two = request(&[("host", "localhost:7379"), ("host", "evil.example")]);
+        assert_eq!(gate.check(&two).unwrap_err().code(), "host_not_allowed");
         // HTTP/2: the authority stands in for Host.
         let h2 = Request::builder()
             .uri("http://localhost:7379/v1/kv/a")
