@@ -367,15 +367,19 @@ async fn hostile_requests_are_refused_and_serving_goes_on() {
         assert_eq!(got, *status, "{}", &request[..request.len().min(80)]);
     }
 
-    // Two framings, Content-Length and chunked: the parser goes by the chunked encoding alone
-    // and drops the length (RFC 9112 6.3), so the bytes after the chunks are the next request,
-    // answered on their own; nothing is smuggled inside the value.
-    let (status, _) = raw(
+    // Two framings, Content-Length and chunked: the parser goes by the chunked encoding alone,
+    // drops the length and closes the connection after answering (RFC 9112 6.3): what follows
+    // the chunks is never read as a request, and nothing is smuggled into the value.
+    let (status, rest) = raw(
         addr,
         b"PUT /v1/kv/cfg/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert_eq!(status, 200);
+    assert!(
+        !rest.contains("HTTP/1.1"),
+        "one answer, then close: {rest:?}"
+    );
     let stored = cluster.client().await.get("/cfg/x", None).await.unwrap();
     assert_eq!(
         stored.kvs()[0].value(),
