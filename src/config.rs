@@ -476,17 +476,11 @@ impl Config {
             }
         };
 
-        let endpoints = if !cli.endpoints.is_empty() {
-            cli.endpoints
-        } else {
-            file.endpoints
-                .unwrap_or_else(|| vec![DEFAULT_ENDPOINTS.to_string()])
-        };
-        let endpoints: Vec<String> = endpoints
-            .into_iter()
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
-            .collect();
+        let default_endpoints = || vec![DEFAULT_ENDPOINTS.to_string()];
+        let endpoints = list_setting(
+            cli.endpoints,
+            Some(file.endpoints.unwrap_or_else(default_endpoints)),
+        );
         if endpoints.is_empty() {
             return Err(invalid("--endpoints", "no etcd endpoint given"));
         }
@@ -494,16 +488,7 @@ impl Config {
             validate_endpoint(e)?;
         }
 
-        let prefixes = if !cli.prefixes.is_empty() {
-            cli.prefixes
-        } else {
-            file.prefixes.unwrap_or_default()
-        };
-        let prefixes: Vec<String> = prefixes
-            .into_iter()
-            .map(|p| p.trim().to_string())
-            .filter(|p| !p.is_empty())
-            .collect();
+        let prefixes = list_setting(cli.prefixes, file.prefixes);
         if prefixes.is_empty() {
             return Err(invalid(
                 "--prefix",
@@ -537,15 +522,9 @@ impl Config {
                 ),
             ));
         }
-        let allowed_hosts = if !cli.allowed_hosts.is_empty() {
-            cli.allowed_hosts
-        } else {
-            file.allowed_hosts.unwrap_or_default()
-        };
-        let allowed_hosts: Vec<String> = allowed_hosts
+        let allowed_hosts: Vec<String> = list_setting(cli.allowed_hosts, file.allowed_hosts)
             .iter()
-            .map(|h| h.trim().to_ascii_lowercase())
-            .filter(|h| !h.is_empty())
+            .map(|h| h.to_ascii_lowercase())
             .collect();
         for host in &allowed_hosts {
             let plain_name = host.bytes().all(|b| {
@@ -845,6 +824,21 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         .map_err(|e| invalid("--config", format!("cannot read {}: {e}", path.display())))?;
     toml::from_str(&text)
         .map_err(|e| invalid("--config", format!("{}: {}", path.display(), e.message())))
+}
+
+/// A list setting: the flag's (or environment variable's) values when given, else the file's;
+/// each trimmed, empty ones dropped.
+fn list_setting(flag: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
+    let values = if flag.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flag
+    };
+    values
+        .iter()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect()
 }
 
 /// Reads a token, password or key from `path`; surrounding whitespace (a trailing newline) is
