@@ -86,10 +86,8 @@ pub struct AppState {
     pub writes: WriteConfig,
     /// Whether readiness waits for etcd when the mirror came from the disk snapshot.
     pub ready_requires_etcd: bool,
-    /// The settings SIGHUP may change (the deadline of etcd calls made for requests), read per use.
+    /// The settings SIGHUP may change (etcd call deadline, retry hint, memory budget), read per use.
     pub live: Live,
-    /// Seconds a refused write should wait before retrying: about one recovery.
-    pub retry_after: u64,
     /// Becomes true at shutdown, so that streams and blocking queries end and the drain finishes.
     pub closing: watch::Receiver<bool>,
     /// Sets `closing`.
@@ -120,7 +118,6 @@ impl AppState {
         mode: Arc<ModeHandle>,
         probes: ProbeResults,
     ) -> Self {
-        let recovery = config.mode.probe_interval * config.mode.recover_after;
         let (close, closing) = watch::channel(false);
         AppState {
             store,
@@ -136,7 +133,6 @@ impl AppState {
                 .as_ref()
                 .is_some_and(|s| s.ready_requires_etcd),
             live: Live::fixed(config.clone()),
-            retry_after: recovery.as_secs().max(1),
             closing,
             close: Arc::new(close),
             started: Instant::now(),
@@ -156,6 +152,15 @@ impl AppState {
     pub fn with_live(mut self, live: Live) -> Self {
         self.live = live;
         self
+    }
+
+    /// Seconds a refused write should wait before retrying: about one recovery (the probe rounds
+    /// the mode needs to come back), from the settings as they are now.
+    pub fn retry_after(&self) -> u64 {
+        self.live
+            .get(|c| c.mode.probe_interval * c.mode.recover_after)
+            .as_secs()
+            .max(1)
     }
 
     /// The deadline of one etcd call made for a request, now.
@@ -725,7 +730,7 @@ fn admit_write(
     if mode != Mode::Full {
         return Err(ApiError::WritesRefused {
             mode,
-            retry_after: state.retry_after,
+            retry_after: state.retry_after(),
         });
     }
     Ok((key.into_owned(), query, cas))

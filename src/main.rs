@@ -20,6 +20,15 @@ fn main() -> ExitCode {
         }
     };
     let log = config_sidecar::telemetry::init(config.log_format, &config.log_level);
+    let open_files = raise_open_files_limit();
+    // Each connection is a file; etcd clients, the snapshot and the runtime need a few more.
+    if open_files.is_some_and(|n| n < config.http.max_connections as u64 + 64) {
+        tracing::warn!(
+            open_files,
+            max_connections = config.http.max_connections,
+            "the open-file limit is below max_connections: past it, connections are refused by the kernel, not answered 503"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,6 +67,24 @@ fn main() -> ExitCode {
     // A snapshot write wedged on a dead disk holds a blocking thread; it must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     code
+}
+
+/// Raises the soft limit on open files to the hard one, as Go and most servers do: the usual
+/// soft default (1024) is below `max_connections`. Returns the limit now in force (`None`:
+/// unlimited).
+fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return limit.maximum;
+        }
+    }
+    limit.current
 }
 
 /// `--healthcheck`: only the listen address matters, so a health check command needs no other

@@ -336,7 +336,8 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
 }
 
 /// A listen address beyond loopback is refused without `--allow-remote`, and with it the
-/// sidecar starts and warns.
+/// sidecar starts and warns. Started with a low soft limit on open files, it raises it to the
+/// hard limit (connections are files).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listening_beyond_loopback_needs_a_flag_and_warns() {
     let listen = format!("0.0.0.0:{}", free_port());
@@ -346,20 +347,45 @@ async fn listening_beyond_loopback_needs_a_flag_and_warns() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--allow-remote"), "{stderr}");
 
-    let mut child = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(args)
         .arg("--allow-remote")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls (getrlimit, setrlimit) between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = limit.rlim_max.min(256);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
     let port = listen.rsplit(':').next().unwrap();
     let local = format!("127.0.0.1:{port}");
     eventually(Duration::from_secs(10), "listening", || async {
         tokio::net::TcpStream::connect(&local).await.is_ok()
     })
     .await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        open_files[3], open_files[4],
+        "soft limit raised to hard: {open_files:?}"
+    );
+    assert_ne!(open_files[3], "256");
     signal(&child, libc::SIGTERM);
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let mut stderr = String::new();
