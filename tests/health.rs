@@ -94,6 +94,20 @@ async fn checks_and_liveness_follow_real_faults() {
         reader.join().unwrap().unwrap() > 0,
         "the snapshot went through the FIFO"
     );
+    // A FIFO cannot be synced to disk: that write failed, and the metrics count it.
+    eventually(
+        Duration::from_secs(5),
+        "the failed write counted",
+        || async {
+            let metrics = sidecar.get("/metrics").await.text().await.unwrap();
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("config_sidecar_snapshot_write_failures_total "))
+                .and_then(|n| n.parse::<f64>().ok())
+                .is_some_and(|n| n >= 1.0)
+        },
+    )
+    .await;
 
     // etcd gone: its member check fails and the watch is stale, but that is not the sidecar's
     // fault, so the whole is degraded and liveness holds.
