@@ -97,7 +97,7 @@ pub struct Cli {
     #[arg(long, env = "CONFIG_SIDECAR_ALLOW_REMOTE", num_args = 0..=1, default_missing_value = "true")]
     pub allow_remote: Option<bool>,
     /// More names the app may use for the sidecar in its Host header (comma-separated), beside
-    /// localhost, 127.0.0.1 and [::1].
+    /// `localhost`, `127.0.0.1` and `[::1]`.
     #[arg(long, env = "CONFIG_SIDECAR_ALLOWED_HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
     /// TOML configuration file.
