@@ -678,10 +678,7 @@ impl Config {
         let snapshot = match cli.snapshot.or(file.snapshot) {
             None => None,
             Some(path) => {
-                let dir = match path.parent() {
-                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                    _ => PathBuf::from("."),
-                };
+                let dir = crate::persist::directory_of(&path);
                 if !dir.is_dir() {
                     return Err(invalid(
                         "--snapshot",

@@ -10,7 +10,7 @@
 //! [`Heartbeat`] at points it passes at least every few seconds while it works). A wedged task is
 //! what a restart cures; an unreachable etcd is not, so it never fails liveness.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -274,10 +274,7 @@ fn ago(staleness: Option<Duration>) -> String {
 /// The snapshot directory: writable, with room for at least two more copies of the mirror (the
 /// new file is written beside the old one before it replaces it), and the last write succeeded.
 pub fn snapshot_check(path: &Path, mirror_bytes: u64, last_write_failed: bool) -> Check {
-    let dir: PathBuf = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = crate::persist::directory_of(path);
     let need = mirror_bytes.saturating_mul(2).max(1 << 20);
     let writable = rustix::fs::access(&dir, rustix::fs::Access::WRITE_OK).is_ok();
     let free = rustix::fs::statvfs(&dir)

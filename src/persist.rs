@@ -250,16 +250,22 @@ pub fn load(path: &Path, prefixes: &[String]) -> Result<Option<SnapshotFile>, Sn
     Ok(Some(file))
 }
 
+/// The directory a snapshot file at `path` lives in (`.` for a bare file name): where its temp
+/// file is written and what must be writable.
+pub fn directory_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Writes `path` atomically with what `fill` writes, readable by the owner only: a temp file in
 /// the same directory, fsync, rename over `path`, fsync of the directory.
 pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut io::BufWriter<&mut File>) -> io::Result<()>,
 ) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = directory_of(path);
     let name = path.file_name().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
