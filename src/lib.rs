@@ -114,7 +114,7 @@ pub async fn serve_live(
         degrade_after: config.mode.degrade_after,
         recover_after: config.mode.recover_after,
     };
-    let mode_task = ModeTask::new(hysteresis, mode.clone(), signals_rx, Some(transitions));
+    let mode_task = ModeTask::new(hysteresis, mode.clone(), signals_rx, transitions);
     spawn("mode", tokio::spawn(mode_task.run()), None);
 
     let prefixes = config.sync.prefixes.as_slice().to_vec();

@@ -424,8 +424,8 @@ pub struct ModeTask {
     handle: std::sync::Arc<ModeHandle>,
     /// Signals from probes, sync and the snapshot loader.
     signals: tokio::sync::mpsc::Receiver<Signal>,
-    /// Transitions for the webhook, if one is configured.
-    webhook: Option<tokio::sync::mpsc::Sender<Transition>>,
+    /// Transitions for the webhook task, which posts them when a webhook is configured.
+    webhook: tokio::sync::mpsc::Sender<Transition>,
 }
 
 impl ModeTask {
@@ -434,7 +434,7 @@ impl ModeTask {
         hysteresis: Hysteresis,
         handle: std::sync::Arc<ModeHandle>,
         signals: tokio::sync::mpsc::Receiver<Signal>,
-        webhook: Option<tokio::sync::mpsc::Sender<Transition>>,
+        webhook: tokio::sync::mpsc::Sender<Transition>,
     ) -> Self {
         ModeTask {
             machine: ModeMachine::new(hysteresis),
@@ -460,12 +460,8 @@ impl ModeTask {
                 tracing::info!(from = transition.from.as_str(), to = transition.to.as_str(), reason = %transition.reason, "mode changed");
             }
             self.handle.publish(&transition);
-            if let Some(webhook) = &self.webhook {
-                if webhook.try_send(transition).is_err() {
-                    tracing::warn!(
-                        "webhook queue full or closed; a mode transition was not posted"
-                    );
-                }
+            if self.webhook.try_send(transition).is_err() {
+                tracing::warn!("webhook queue full or closed; a mode transition was not posted");
             }
         }
     }

@@ -272,7 +272,9 @@ mod timing {
             degrade_after: 3,
             recover_after: 2,
         };
-        tokio::spawn(ModeTask::new(hysteresis, handle.clone(), rx, None).run());
+        // Transitions for a webhook task there is none of: kept, so sending never fails.
+        let (transitions, _unposted) = mpsc::channel(64);
+        tokio::spawn(ModeTask::new(hysteresis, handle.clone(), rx, transitions).run());
         signals.send(Signal::LoadedFromEtcd).await.unwrap();
         let start = tokio::time::Instant::now();
         while handle.mode() != Mode::Full {
