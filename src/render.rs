@@ -137,14 +137,26 @@ fn tree_value(bytes: &[u8]) -> Value {
     }
 }
 
+/// Deepest nesting of a tree: the segments of a key beyond it stay together as one member name.
+/// etcd takes keys up to its request size (1.5 MiB), hundreds of thousands of segments, and
+/// serialising (or dropping) nesting that deep would exhaust a thread's stack.
+pub const MAX_TREE_DEPTH: usize = 64;
+
 /// One nested object for the subtree under `dir` (which ends with `/`): each `/`-separated segment
 /// of the rest of a key is one level. Empty segments are skipped. A key that is both a value and a
-/// parent of other keys keeps its own value under the member `""`.
+/// parent of other keys keeps its own value under the member `""`. Below [`MAX_TREE_DEPTH`]
+/// levels the rest of a key is one member, its segments joined by `/`.
 pub fn render_tree(snapshot: &Snapshot, dir: &str) -> Bytes {
     let mut root = Map::new();
     for entry in snapshot.scan_prefix(dir.as_bytes()) {
         let rest = String::from_utf8_lossy(&entry.key[dir.len()..]);
-        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        let deepest: String;
+        let mut segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        if segments.len() > MAX_TREE_DEPTH {
+            deepest = segments[MAX_TREE_DEPTH - 1..].join("/");
+            segments.truncate(MAX_TREE_DEPTH - 1);
+            segments.push(&deepest);
+        }
         let value = tree_value(entry.value());
         let Some((leaf, parents)) = segments.split_last() else {
             // The key is the directory itself (`/config/app/`): its value sits under "".
@@ -219,6 +231,41 @@ mod tests {
                 "raw": {"encoding": "base64", "value": "/wA="},
             })
         );
+    }
+
+    /// A key hundreds of thousands of segments deep (etcd takes keys up to its 1.5 MiB request
+    /// size) and deeply nested JSON values render without exhausting the stack: the tree stops
+    /// nesting at `MAX_TREE_DEPTH` and values nested deeper than the JSON parser's limit stay
+    /// strings.
+    #[test]
+    fn hostile_depth_renders_within_limits() {
+        let deep_key = format!("/c/{}", "a/".repeat(300_000));
+        let deep_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let snap = snapshot(&[
+            (deep_key.as_str(), b"bottom"),
+            ("/c/deep-json", deep_json.as_bytes()),
+            ("/c/bad-json", b"{\"a\": [1, 2"),
+        ]);
+        // Run on a thread with a worker thread's stack: an overflow aborts the whole test run.
+        let rendered = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || render_tree(&snap, "/c/"))
+            .unwrap()
+            .join()
+            .unwrap();
+        let tree: Value = serde_json::from_slice(&rendered).unwrap();
+        assert_eq!(tree["deep-json"], Value::String(deep_json));
+        assert_eq!(tree["bad-json"], "{\"a\": [1, 2");
+        let (mut node, mut depth) = (&tree["a"], 1);
+        while let Some(next) = node.get("a") {
+            (node, depth) = (next, depth + 1);
+        }
+        assert_eq!(depth + 1, MAX_TREE_DEPTH, "nesting stops at the limit");
+        let rest = node.as_object().unwrap();
+        assert_eq!(rest.len(), 1, "the rest of the key is one member: {rest:?}");
+        let (name, value) = rest.iter().next().unwrap();
+        assert_eq!(name.split('/').count(), 300_000 - depth);
+        assert_eq!(value, "bottom");
     }
 
     #[test]
