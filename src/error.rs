@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use crate::keys::KeyError;
 use crate::mode::Mode;
+use crate::screen::Refusal;
 
 /// Anything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +116,10 @@ pub enum ApiError {
     /// The request body could not be read (a malformed chunk, a dropped connection).
     #[error("the request body could not be read: {0}")]
     BadBody(String),
+    /// The request head was refused on the wire (see [`crate::screen`]); the connection closes
+    /// after this answer.
+    #[error("{}", .0.describe())]
+    RequestHead(Refusal),
     /// A handler panicked; the panic was caught and the server keeps serving.
     #[error("internal error")]
     Internal,
@@ -144,6 +149,10 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestHead(Refusal::TooManyHeaders | Refusal::HeadTooLarge) => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            ApiError::RequestHead(_) => StatusCode::BAD_REQUEST,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -175,6 +184,7 @@ impl ApiError {
             ApiError::TooManySubscribers(_) => "too_many_subscribers",
             ApiError::BodyTimeout(_) => "body_timeout",
             ApiError::BadBody(_) => "bad_body",
+            ApiError::RequestHead(refusal) => refusal.code(),
         }
     }
 

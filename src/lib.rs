@@ -32,6 +32,8 @@
 //!   line.
 //! - [`selfcheck`]: the `--healthcheck` client that container health checks run.
 //! - [`server`]: accept loop and graceful drain ([`server::run`]).
+//! - [`screen`]: HTTP/1 request heads screened on the wire, so the ones hyper would refuse
+//!   with an empty body, and two-framing requests, get the JSON error form.
 //! - [`telemetry`]: logging setup.
 
 pub mod config;
@@ -48,6 +50,7 @@ pub mod persist;
 pub mod probe;
 pub mod reload;
 pub mod render;
+pub mod screen;
 pub mod selfcheck;
 pub mod server;
 pub mod service;

@@ -30,6 +30,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
+use crate::screen::{HeadScreen, RefusalSlot};
 use crate::service::{ServiceBody, SidecarService};
 
 /// Most request headers accepted on one request.
@@ -88,8 +89,14 @@ pub async fn run(
                 }
                 let counted = OpenConnection::new(open.clone());
                 let activity = Arc::new(Activity::default());
+                let refusals = RefusalSlot::default();
                 let io = CountingIo { inner: stream, activity: activity.clone() };
-                let service = GuardedService { inner: service.clone(), activity: activity.clone() };
+                let io = HeadScreen::new(io, refusals.clone());
+                let service = GuardedService {
+                    inner: service.clone(),
+                    activity: activity.clone(),
+                    refusals,
+                };
                 let connection = builder
                     .serve_connection(TokioIo::new(io), service)
                     .into_owned();
@@ -298,11 +305,16 @@ impl<T> CountingIo<T> {
     }
 }
 
-/// The service, telling the watchdog when a head is complete and while a response is in flight.
+/// The service, telling the watchdog when a head is complete and while a response is in flight,
+/// and answering the stand-in for a head the screen refused.
 #[derive(Clone)]
 struct GuardedService {
+    /// What answers requests.
     inner: SidecarService,
+    /// What the watchdog looks at.
     activity: Arc<Activity>,
+    /// The connection's refused head, if any, by its position on the connection.
+    refusals: RefusalSlot,
 }
 
 /// One request in flight, until dropped with its response body (or its unfinished future).
@@ -328,10 +340,16 @@ impl hyper::service::Service<Request<Incoming>> for GuardedService {
         GuardedFuture<<SidecarService as hyper::service::Service<Request<Incoming>>>::Future>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        self.activity.heads.fetch_add(1, Ordering::Relaxed);
+        let position = self.activity.heads.fetch_add(1, Ordering::Relaxed) + 1;
         self.activity.reading.store(false, Ordering::Relaxed);
+        let inner = match self.refusals.get() {
+            // HTTP/1 hands requests over in order, so the stand-in is the request at the
+            // position the screen counted.
+            Some(&(refused, refusal)) if refused == position => self.inner.refused(refusal),
+            _ => self.inner.call(request),
+        };
         GuardedFuture {
-            inner: self.inner.call(request),
+            inner,
             in_flight: Some(InFlight::new(&self.activity)),
         }
     }

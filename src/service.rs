@@ -29,6 +29,7 @@ use crate::gate::Gate;
 use crate::http::{key_response, AppState, KV_ROUTE, MAX_URI_BYTES};
 use crate::keys::decode_key_path;
 use crate::metrics::RouteIndex;
+use crate::screen::Refusal;
 
 /// The body of any response: a prepared value, or whatever the router produced.
 pub type ServiceBody = Either<Full<Bytes>, axum::body::Body>;
@@ -109,6 +110,22 @@ impl hyper::service::Service<Request<Incoming>> for SidecarService {
             .requests
             .record(self.kv_route, response.status().as_u16(), started.elapsed());
         EitherFuture::Left(ready(Ok(response)))
+    }
+}
+
+impl SidecarService {
+    /// The answer to a request head refused on the wire (see [`crate::screen`]): the JSON error,
+    /// counted with the requests no route matched.
+    pub fn refused(
+        &self,
+        refusal: Refusal,
+    ) -> <Self as hyper::service::Service<Request<Incoming>>>::Future {
+        let response = ApiError::RequestHead(refusal).into_response();
+        let route = self.state.requests.unmatched();
+        self.state
+            .requests
+            .record(route, response.status().as_u16(), std::time::Duration::ZERO);
+        EitherFuture::Left(ready(Ok(response.map(Either::Right))))
     }
 }
 

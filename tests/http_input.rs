@@ -281,8 +281,8 @@ async fn slow_heads_and_idle_connections_are_closed_and_busy_ones_kept() {
 
 /// Hostile requests: foreign Host names and origins (DNS rebinding, cross-site requests), missing
 /// Host, header floods, request smuggling shapes, TRACE and CONNECT, bodies that never end or
-/// never parse. Each gets the right 4xx — a JSON error where the sidecar answers, the HTTP
-/// parser's own status where the request is not HTTP it accepts — and serving goes on.
+/// never parse. Each gets the right 4xx as a JSON error — heads the HTTP parser would refuse are
+/// refused on the wire by the screen first — and serving goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_are_refused_and_serving_goes_on() {
     let cluster = cluster_with_ok().await;
@@ -351,42 +351,66 @@ async fn hostile_requests_are_refused_and_serving_goes_on() {
     let (status, body) = raw(addr, get_with(&port_host).as_bytes()).await;
     assert_eq!((status, body.as_str()), (200, "fine"));
 
-    // Refused by the HTTP parser before any handler: its own status, no body to speak of.
+    // Heads the HTTP parser cannot take, refused on the wire before it sees them: the same
+    // statuses it would give, in the JSON error form, and the connection closed.
     let many_headers: String = (0..10_000).map(|i| format!("X-H{i}: v\r\n")).collect();
     let long_line = format!("X-Long: {}\r\n", "a".repeat(1 << 20));
-    let parser_cases: Vec<(String, u16)> = vec![
-        (get_with(&format!("Host: localhost\r\n{many_headers}")), 431),
-        (get_with(&format!("Host: localhost\r\n{long_line}")), 431),
+    let head_cases: Vec<(String, u16, &str)> = vec![
+        (get_with(&format!("Host: localhost\r\n{many_headers}")), 431, "too_many_headers"),
+        (get_with(&format!("Host: localhost\r\n{long_line}")), 431, "head_too_large"),
         (
             "GET /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nab".into(),
             400,
+            "bad_content_length",
         ),
+        (
+            "PUT /v1/kv/cfg/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n\r\nab".into(),
+            400,
+            "bad_transfer_encoding",
+        ),
+        ("GET /v1/kv/cfg/ok HTTP/1.1\r\nHost localhost\r\n\r\n".into(), 400, "malformed_request"),
+        // A TLS hello sent to the plain-text port.
+        ("\u{16}\u{3}\u{1}\u{2}\u{0}\u{1}\u{0}\r\n\r\n".into(), 400, "malformed_request"),
     ];
-    for (request, status) in &parser_cases {
-        let (got, _) = raw(addr, request.as_bytes()).await;
-        assert_eq!(got, *status, "{}", &request[..request.len().min(80)]);
+    for (request, status, code) in &head_cases {
+        let (got, body) = raw(addr, request.as_bytes()).await;
+        let shown = &request[..request.len().min(80)];
+        let body: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|_| panic!("{shown:?}: body is not JSON: {body:?}"));
+        assert_eq!(
+            (got, body["error"].as_str().unwrap_or_default()),
+            (*status, *code),
+            "{shown:?}: {body}"
+        );
     }
 
-    // Two framings, Content-Length and chunked: the parser goes by the chunked encoding alone,
-    // drops the length and closes the connection after answering (RFC 9112 6.3): what follows
-    // the chunks is never read as a request, and nothing is smuggled into the value.
-    let (status, rest) = raw(
-        addr,
-        b"PUT /v1/kv/cfg/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    // Two framings, Content-Length and chunked, the second request on a connection: the first is
+    // answered, the second refused (RFC 9112 6.3 allows refusing it), the connection closed
+    // after it, and what follows is never read as a request nor stored.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\n\r\n\
+          PUT /v1/kv/cfg/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
+          PUT /v1/kv/cfg/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\nhi",
     )
-    .await;
-    assert_eq!(status, 200);
+    .await
+    .unwrap();
+    let mut answers = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answers))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answers = String::from_utf8_lossy(&answers);
+    let statuses: Vec<&str> = answers
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &answers[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "400"], "{answers}");
+    assert!(answers.contains(r#""error":"two_framings""#), "{answers}");
     assert!(
-        !rest.contains("HTTP/1.1"),
-        "one answer, then close: {rest:?}"
+        answers.to_ascii_lowercase().contains("connection: close"),
+        "{answers}"
     );
-    let stored = cluster.client().await.get("/cfg/x", None).await.unwrap();
-    assert_eq!(
-        stored.kvs()[0].value(),
-        b"hello",
-        "the chunked body, nothing else"
-    );
-    cluster.client().await.delete("/cfg/x", None).await.unwrap();
 
     // A body that never ends: the write is refused once the body timeout passes.
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -519,5 +543,35 @@ async fn streams_and_connections_are_capped() {
     )
     .await;
     drop(held);
+    sidecar.stop().await;
+}
+
+/// HTTP/2 in the clear (prior knowledge) is served on the same port as HTTP/1: the wire screen
+/// lets a connection that opens with HTTP/2's preface through untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_served() {
+    let cluster = cluster_with_ok().await;
+    let sidecar = start_sidecar(sidecar_config(&cluster.endpoints(), &["/cfg/"])).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    // Several streams, one connection.
+    for _ in 0..3 {
+        let r = h2.get(sidecar.url("/v1/kv/cfg/ok")).send().await.unwrap();
+        assert_eq!(
+            (r.version(), r.status().as_u16()),
+            (reqwest::Version::HTTP_2, 200)
+        );
+        assert_eq!(r.text().await.unwrap(), "fine");
+    }
+    let r = h2
+        .get(sidecar.url("/v1/kv/cfg/missing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "key_not_found");
     sidecar.stop().await;
 }
