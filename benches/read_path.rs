@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the read path at 1k, 10k and 100k keys: one key through the fast path that
 //! serves plain reads (lookup + response build) and through the whole router, a prefix listing and a tree render (uncached), applying a watch
-//! batch, and encoding / decoding the disk snapshot. `cargo bench --bench read_path`; under
+//! batch, encoding / decoding the disk snapshot, and the wire screen over one request head. `cargo bench --bench read_path`; under
 //! `cargo test` each runs once as a smoke test.
 
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use config_sidecar::http::{app, AppState};
 use config_sidecar::mode::ModeHandle;
 use config_sidecar::persist;
 use config_sidecar::render::{render_list, render_tree};
+use config_sidecar::screen::Framing;
 use config_sidecar::service::plain_read;
 use config_sidecar::store::{Entry, Event, Store};
 use config_sidecar::sync::SyncStatus;
@@ -119,5 +120,17 @@ fn read_path(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, read_path);
+/// The wire screen over one request head as wrk sends it: what every HTTP/1 request pays before
+/// hyper parses it.
+fn screen_head(c: &mut Criterion) {
+    let head = b"GET /v1/kv/bench/app42/key000042 HTTP/1.1\r\nHost: 127.0.0.1:7379\r\n\r\n";
+    c.bench_function("screen_head", |b| {
+        b.iter(|| {
+            let mut framing = Framing::default();
+            framing.step(std::hint::black_box(head))
+        })
+    });
+}
+
+criterion_group!(benches, read_path, screen_head);
 criterion_main!(benches);

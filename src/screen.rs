@@ -475,23 +475,30 @@ impl<T> HeadScreen<T> {
         }
     }
 
-    /// Steps the framing over the bytes read and not yet cleared.
-    fn screen(&mut self) {
-        while self.ready < self.inbox.len() {
-            match self.framing.step(&self.inbox[self.ready..]) {
+    /// Steps the framing over `bytes` (the stream from where it stands): how many of them pass.
+    /// The rest is a head still arriving, or — when a refusal was recorded — dropped.
+    fn screen(&mut self, bytes: &[u8]) -> (usize, bool) {
+        let mut passed = 0;
+        while passed < bytes.len() {
+            match self.framing.step(&bytes[passed..]) {
                 Step::Pass(0) | Step::Hold => break,
-                Step::Pass(n) => self.ready += n,
+                Step::Pass(n) => passed += n,
                 Step::Refuse(refusal) => {
                     let position = self.framing.heads() + 1;
                     tracing::debug!(?refusal, position, "request head refused");
-                    self.inbox.truncate(self.ready);
-                    self.inbox.extend_from_slice(STAND_IN);
-                    self.ready = self.inbox.len();
                     let _ = self.refusals.set((position, refusal));
-                    break;
+                    return (passed, true);
                 }
             }
         }
+        (passed, false)
+    }
+
+    /// After a refusal: the stand-in is all hyper gets next.
+    fn stand_in(&mut self) {
+        self.inbox.clear();
+        self.inbox.extend_from_slice(STAND_IN);
+        self.ready = self.inbox.len();
     }
 }
 
@@ -514,15 +521,31 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadScreen<T> {
                 // hyper has the stand-in; it answers it and closes without reading again.
                 return Poll::Pending;
             }
-            if this.inbox.is_empty() && this.framing.is_passthrough() {
-                return Pin::new(&mut this.inner).poll_read(cx, buf);
-            }
-            if this.eof {
-                // A head cut short by the end: hyper sees what it would have seen unscreened.
-                this.ready = this.inbox.len();
-                if this.ready == 0 {
+            if this.inbox.is_empty() {
+                // Nothing held: read straight into hyper's buffer and screen it there. Only a
+                // head cut by the read's end, or a refusal, moves bytes out again.
+                let before = buf.filled().len();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                if this.framing.is_passthrough() || buf.filled().len() == before {
                     return Poll::Ready(Ok(()));
                 }
+                let (passed, refused) = this.screen(&buf.filled()[before..]);
+                if refused {
+                    this.stand_in();
+                } else {
+                    this.inbox
+                        .extend_from_slice(&buf.filled()[before + passed..]);
+                }
+                buf.set_filled(before + passed);
+                if passed > 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            // A head is arriving: read more behind it.
+            if this.eof {
+                // Cut short by the end: hyper sees what it would have seen unscreened.
+                this.ready = this.inbox.len();
                 continue;
             }
             this.inbox.reserve(READ_CHUNK);
@@ -533,8 +556,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadScreen<T> {
             ))?;
             if read == 0 {
                 this.eof = true;
+                continue;
+            }
+            let held = std::mem::take(&mut this.inbox);
+            let (passed, refused) = this.screen(&held);
+            this.inbox = held;
+            if refused {
+                this.inbox.truncate(passed);
+                this.inbox.extend_from_slice(STAND_IN);
+                this.ready = this.inbox.len();
             } else {
-                this.screen();
+                this.ready = passed;
             }
         }
     }
@@ -828,6 +860,77 @@ mod tests {
                     stream.starts_with(&handed),
                     "nothing changed, only held back"
                 );
+            }
+        }
+    }
+
+    /// A socket that yields `chunks` one read each, then its end.
+    struct Script(std::collections::VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Script {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(mut chunk) = self.0.pop_front() {
+                let n = chunk.len().min(buf.remaining());
+                buf.put_slice(&chunk[..n]);
+                if n < chunk.len() {
+                    self.0.push_front(chunk.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What hyper reads through the screen (in reads of `read_size`) until the end or until the
+    /// screen stops handing out bytes, and whether it reached the end.
+    fn read_through(stream: &[u8], piece: usize, read_size: usize) -> (Vec<u8>, bool, RefusalSlot) {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncReadExt;
+        let chunks = stream.chunks(piece).map(<[u8]>::to_vec).collect();
+        let refusals = RefusalSlot::default();
+        let mut screen = HeadScreen::new(Script(chunks), refusals.clone());
+        let mut out = Vec::new();
+        let mut buf = vec![0; read_size];
+        loop {
+            match screen.read(&mut buf).now_or_never() {
+                Some(Ok(0)) => return (out, true, refusals),
+                Some(Ok(n)) => out.extend_from_slice(&buf[..n]),
+                Some(Err(e)) => panic!("{e}"),
+                None => return (out, false, refusals),
+            }
+        }
+    }
+
+    #[test]
+    fn hyper_reads_screened_bytes_however_they_arrive() {
+        let good =
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPUT /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+                .to_vec();
+        let refused = b"PUT /c HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /d HTTP/1.1\r\n\r\n";
+        let cut = b"GET /e HTTP/1.1\r\nHo";
+        for piece in [1, 3, 7, 4096] {
+            for read_size in [5, 8192] {
+                let (out, ended, refusals) = read_through(&good, piece, read_size);
+                assert_eq!((out.as_slice(), ended), (good.as_slice(), true));
+                assert_eq!(refusals.get(), None);
+
+                let stream = [good.as_slice(), refused].concat();
+                let (out, ended, refusals) = read_through(&stream, piece, read_size);
+                assert_eq!(
+                    out,
+                    [good.as_slice(), STAND_IN].concat(),
+                    "{piece} {read_size}"
+                );
+                assert!(!ended, "nothing after the stand-in");
+                assert_eq!(refusals.get(), Some(&(3, Refusal::TwoFramings)));
+
+                // A head cut by the end is handed over as it is, then the end.
+                let stream = [good.as_slice(), cut].concat();
+                let (out, ended, _) = read_through(&stream, piece, read_size);
+                assert_eq!((out, ended), (stream, true));
             }
         }
     }
