@@ -3,15 +3,16 @@
 //!
 //! A 3-member etcd, a fault-injecting proxy between the sidecar (the real binary) and each member,
 //! a writer putting, deleting, compare-and-swapping and transacting ~10 keys directly on etcd, a
-//! second writer going through the sidecar, readers reading keys and the whole prefix through the
-//! sidecar, a change-stream subscriber and a stalled one that never reads. etcd's own watch, on
-//! a direct connection, records the truth: every revision's changes. Faults come one or two at a
+//! second writer going through the sidecar, readers reading keys and the whole prefix (as a list
+//! and as a tree) through the sidecar, a change-stream subscriber and a stalled one that never
+//! reads, and a compaction every 2 s to what the truth recorder has seen. etcd's own watch, on a
+//! direct connection, records the truth: every revision's changes. Faults come one or two at a
 //! time in an order drawn from a logged seed (`CHAOS_SEED` replays one); `CHAOS_SCALE=n` runs n
 //! rounds of every fault with longer holds, a soak.
 //!
 //! The checker then asserts over the whole history:
 //! 1. no phantom values: every key read equals etcd's state at the revision the answer names,
-//!    and every prefix read equals the whole prefix at its revision;
+//!    and every prefix (and tree) read equals the whole prefix at its revision;
 //! 2. revisions never go backwards: a read that starts after another ended names a revision at
 //!    least as high, across sidecar restarts too;
 //! 3. the stream is ordered and unique, each revision's events rebuild etcd's state at that
@@ -102,16 +103,28 @@ impl TruthIndex {
 struct Read {
     started: Instant,
     ended: Instant,
-    /// The key, or `None` for a read of the whole prefix.
-    key: Option<String>,
+    /// What was read.
+    target: Target,
     /// HTTP status, or 0 when the request failed (connection refused while the sidecar is down).
     status: u16,
-    /// What a key read found (200) or `None` (404); for a prefix read, the entries.
+    /// What a key read found (200) or `None` (404); for a prefix or tree read, the entries (a
+    /// tree does not carry revisions: -1).
     found: Vec<(String, String, i64)>,
     /// `X-Config-Revision`.
     revision: i64,
     /// `X-Config-Mode`.
     mode: String,
+}
+
+/// What a reader asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// One key (`/v1/kv/<key>`).
+    Key(String),
+    /// The whole prefix as a list (`/v1/kv/<prefix>?recurse`).
+    Prefix,
+    /// The whole prefix as a tree (`/v1/tree/<prefix>`).
+    Tree,
 }
 
 /// A fault, as the schedule names it.
@@ -392,6 +405,40 @@ async fn etcd_revision(cluster: &EtcdCluster, within: Duration) -> i64 {
 
 /// The direct writer: puts, deletes, compare-and-swaps and two-key transactions at about
 /// 100-200 operations a second, on a client that moves between members when one fails.
+/// Compacts etcd every couple of seconds, through whichever member answers, to the newest
+/// revision the truth recorder has seen (its watch is direct and current, so it never loses
+/// history): a sidecar that is behind when it reconnects then has to reload. Counts successes.
+async fn compact_periodically(
+    endpoints: Vec<String>,
+    seen: Arc<AtomicI64>,
+    compactions: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut member = 0usize;
+    let mut compacted = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let target = seen.load(Ordering::Relaxed);
+        if target <= compacted {
+            continue;
+        }
+        member = (member + 1) % endpoints.len();
+        let limit = Duration::from_millis(1500);
+        let Ok(Ok(mut c)) = tokio::time::timeout(
+            limit,
+            etcd_client::Client::connect([endpoints[member].as_str()], None),
+        )
+        .await
+        else {
+            continue;
+        };
+        if let Ok(Ok(_)) = tokio::time::timeout(limit, c.compact(target, None)).await {
+            compacted = target;
+            compactions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 async fn write_directly(
     endpoints: Vec<String>,
     seed: u64,
@@ -519,7 +566,8 @@ async fn write_through_sidecar(base: String, record: Arc<Mutex<Record>>, stop: A
     }
 }
 
-/// One reader: keys and the whole prefix, as fast as a few milliseconds' pause allows.
+/// One reader: keys, the whole prefix as a list and as a tree, as fast as a few milliseconds'
+/// pause allows.
 async fn read(base: String, seed: u64, record: Arc<Mutex<Record>>, stop: Arc<AtomicBool>) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
@@ -528,21 +576,22 @@ async fn read(base: String, seed: u64, record: Arc<Mutex<Record>>, stop: Arc<Ato
     let mut rng = StdRng::seed_from_u64(seed);
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1..5))).await;
-        let key = if rng.random_range(0..10) < 7 {
-            Some(format!("{PREFIX}k{}", rng.random_range(0..KEYS)))
-        } else {
-            None
+        let target = match rng.random_range(0..20) {
+            0..14 => Target::Key(format!("{PREFIX}k{}", rng.random_range(0..KEYS))),
+            14..17 => Target::Prefix,
+            _ => Target::Tree,
         };
-        let url = match &key {
-            Some(k) => format!("{base}/v1/kv{k}"),
-            None => format!("{base}/v1/kv{PREFIX}?recurse"),
+        let url = match &target {
+            Target::Key(k) => format!("{base}/v1/kv{k}"),
+            Target::Prefix => format!("{base}/v1/kv{PREFIX}?recurse"),
+            Target::Tree => format!("{base}/v1/tree{PREFIX}"),
         };
         let started = Instant::now();
         let answer = http.get(&url).send().await;
         let mut read = Read {
             started,
             ended: started,
-            key: key.clone(),
+            target: target.clone(),
             status: 0,
             found: Vec::new(),
             revision: -1,
@@ -563,14 +612,27 @@ async fn read(base: String, seed: u64, record: Arc<Mutex<Record>>, stop: Arc<Ato
             let etag = header("etag");
             let body = r.text().await.unwrap_or_default();
             if read.status == 200 {
-                match &key {
-                    Some(k) => {
+                match &target {
+                    Target::Key(k) => {
                         let m = etag
                             .and_then(|t| t.trim_matches('"').parse().ok())
                             .unwrap_or(-1);
                         read.found.push((k.clone(), body, m));
                     }
-                    None => {
+                    Target::Tree => {
+                        // The keys are flat under the prefix and their values never JSON, so
+                        // each member is one key and its string value.
+                        let tree: serde_json::Value =
+                            serde_json::from_str(&body).unwrap_or_default();
+                        for (name, value) in tree.as_object().into_iter().flatten() {
+                            let value = match value {
+                                serde_json::Value::String(s) => s.clone(),
+                                other => other.to_string(),
+                            };
+                            read.found.push((format!("{PREFIX}{name}"), value, -1));
+                        }
+                    }
+                    Target::Prefix => {
                         let list: serde_json::Value =
                             serde_json::from_str(&body).unwrap_or_default();
                         for e in list.as_array().into_iter().flatten() {
@@ -788,6 +850,7 @@ async fn chaos_history_is_consistent() {
 
     let record = Arc::new(Mutex::new(Record::default()));
     let ops = Arc::new(AtomicU64::new(0));
+    let compactions = Arc::new(AtomicU64::new(0));
     let mut workers = vec![
         tokio::spawn(write_directly(
             cluster.endpoints(),
@@ -802,6 +865,12 @@ async fn chaos_history_is_consistent() {
             stop.clone(),
         )),
         tokio::spawn(subscribe(base.clone(), record.clone(), stop.clone())),
+        tokio::spawn(compact_periodically(
+            cluster.endpoints(),
+            seen.clone(),
+            compactions.clone(),
+            stop.clone(),
+        )),
     ];
     for r in 0..2 {
         workers.push(tokio::spawn(read(
@@ -966,8 +1035,8 @@ async fn chaos_history_is_consistent() {
         .filter(|r| r.status == 200 || r.status == 404)
     {
         checked_reads += 1;
-        match &r.key {
-            Some(k) => {
+        match &r.target {
+            Target::Key(k) => {
                 let expected = index.key_at(k, r.revision);
                 let got = r.found.first().map(|(_, v, m)| (v.clone(), *m));
                 if got != expected {
@@ -977,7 +1046,27 @@ async fn chaos_history_is_consistent() {
                     ));
                 }
             }
-            None => {
+            Target::Tree => {
+                let expected: BTreeMap<String, String> = index
+                    .prefix_at(r.revision)
+                    .into_iter()
+                    .map(|(k, (v, _))| (k, v))
+                    .collect();
+                let got: BTreeMap<String, String> = r
+                    .found
+                    .iter()
+                    .map(|(k, v, _)| (k.clone(), v.clone()))
+                    .collect();
+                if got != expected {
+                    note(format!(
+                        "tree at revision {}: served {} keys that differ from etcd's {}",
+                        r.revision,
+                        got.len(),
+                        expected.len()
+                    ));
+                }
+            }
+            Target::Prefix => {
                 let expected = index.prefix_at(r.revision);
                 let got: BTreeMap<String, (String, i64)> = r
                     .found
@@ -1178,7 +1267,7 @@ async fn chaos_history_is_consistent() {
     let figures = format!(
         "chaos figures: seed {seed}, scale {scale}: {} faults injected; {} reads checked ({:.2}% \
          succeeded from memory, {} checked for their fault's mode); {} stream events checked; {} direct writes and {} sidecar \
-         writes acknowledged ({} refused); {} etcd revisions recorded; the surviving member \
+         writes acknowledged ({} refused); {} etcd revisions recorded, {} compactions; the surviving member \
          silent {} times when asked directly; violations: {}; \
          convergence p99 {} ms, max {} ms",
         record.faults.len(),
@@ -1190,6 +1279,7 @@ async fn chaos_history_is_consistent() {
         record.sidecar_writes.len(),
         record.sidecar_refusals,
         truth.revisions.len(),
+        compactions.load(Ordering::Relaxed),
         record
             .faults
             .iter()
