@@ -895,6 +895,13 @@ async fn chaos_history_is_consistent() {
         } else {
             hold.max(fault.grace() + Duration::from_secs(2))
         };
+        // The leader stays stopped for 10 s at least: long past an election, so the cluster
+        // moves on and the stopped member returns to a newer term.
+        let hold = if fault == Fault::FreezeLeader {
+            hold.max(Duration::from_secs(10))
+        } else {
+            hold
+        };
         let leader = cluster.leader_index().await;
         let follower = (leader + 1 + rng.random_range(0..2)) % 3;
         eprintln!("chaos: {fault:?} (leader m{leader})");

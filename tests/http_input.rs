@@ -97,6 +97,25 @@ async fn bad_input_gets_a_json_4xx_and_serving_goes_on() {
         );
     }
 
+    // Revision 0 is valid: a blocking query from index 0 answers at once (the key changed after
+    // it), and a stream resumed from 0 (before any history the sidecar holds, as a compacted
+    // revision is) starts with a reset and the whole state.
+    let started = std::time::Instant::now();
+    let (status, body) = raw(
+        addr,
+        b"GET /v1/kv/cfg/ok?index=0&wait=5s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "fine"));
+    assert!(started.elapsed() < Duration::from_secs(2), "did not block");
+    let mut stream =
+        SseClient::connect(&sidecar.http, &sidecar.url("/v1/watch/cfg/?since=0"), None).await;
+    let first = stream.next(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.event, "reset");
+    let put = stream.next(Duration::from_secs(5)).await.unwrap();
+    assert!(put.data.contains("/cfg/ok"), "{put:?}");
+    drop(stream);
+
     let long = format!("/v1/kv/cfg/{}", "a".repeat(10_000));
     let (status, body) = get(addr, &long).await;
     assert_eq!(
