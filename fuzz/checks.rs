@@ -1,10 +1,11 @@
 //! What the fuzz targets assert, shared with `tests/fuzz_corpus.rs`, which replays the committed
 //! corpora on the stable toolchain so every input ever found stays a regression test.
-// Each fuzz target uses one of the two checks.
+// Each fuzz target uses one of the checks.
 #![allow(dead_code)]
 
 use config_sidecar::keys::{decode_key_path, validate_key, Prefixes};
 use config_sidecar::persist;
+use config_sidecar::screen::Framing;
 
 /// A URL path after `/v1/kv`: decoding never panics, and whatever it accepts is a key that
 /// cannot leave its prefix: absolute, no NUL, no empty, `.` or `..` segment, and unchanged when
@@ -48,4 +49,37 @@ fn check_decoded(result: Result<persist::SnapshotFile, persist::SnapshotError>) 
     if let Ok(file) = result {
         assert!(file.entries.iter().all(|e| e.mod_revision <= file.revision));
     }
+}
+
+/// Bytes arriving on an HTTP/1 connection, the first byte choosing how they are split into
+/// reads: the wire screen never panics, hands over the stream unchanged up to where it holds or
+/// refuses, and reaches the same outcome (bytes handed over, refused head) however the stream
+/// is split.
+pub fn request_stream(data: &[u8]) {
+    let Some((&split, stream)) = data.split_first() else {
+        return;
+    };
+    let whole = screened(stream, stream.len().max(1));
+    let pieces = screened(stream, usize::from(split % 16) + 1);
+    assert_eq!(whole, pieces, "split into reads of {}", split % 16 + 1);
+    assert!(stream.starts_with(&whole.0));
+}
+
+/// What the screen hands over of `stream` read `piece` bytes at a time, and what it refused.
+fn screened(
+    stream: &[u8],
+    piece: usize,
+) -> (Vec<u8>, Option<(u64, config_sidecar::screen::Refusal)>) {
+    let mut framing = Framing::default();
+    let (mut held, mut handed) = (Vec::new(), Vec::new());
+    for part in stream.chunks(piece) {
+        held.extend_from_slice(part);
+        let (passed, refused) = framing.screen(&held);
+        handed.extend_from_slice(&held[..passed]);
+        if refused.is_some() {
+            return (handed, refused);
+        }
+        held.drain(..passed);
+    }
+    (handed, None)
 }

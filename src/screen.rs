@@ -198,6 +198,22 @@ impl Framing {
         self.stage == Stage::Passthrough
     }
 
+    /// Steps over `bytes` (the stream from where the framing stands) as far as they go: how
+    /// many of them pass, and the refused head's position and why if one was refused right
+    /// after them. Without a refusal, the rest is a head still arriving: give it again with more
+    /// after it.
+    pub fn screen(&mut self, bytes: &[u8]) -> (usize, Option<(u64, Refusal)>) {
+        let mut passed = 0;
+        while passed < bytes.len() {
+            match self.step(&bytes[passed..]) {
+                Step::Pass(0) | Step::Hold => break,
+                Step::Pass(n) => passed += n,
+                Step::Refuse(refusal) => return (passed, Some((self.heads + 1, refusal))),
+            }
+        }
+        (passed, None)
+    }
+
     /// Looks at `bytes` (the stream from where the previous step left off; after a `Hold`, the
     /// same bytes again with more after them) and says what to do with the front of them.
     pub fn step(&mut self, bytes: &[u8]) -> Step {
@@ -478,20 +494,12 @@ impl<T> HeadScreen<T> {
     /// Steps the framing over `bytes` (the stream from where it stands): how many of them pass.
     /// The rest is a head still arriving, or — when a refusal was recorded — dropped.
     fn screen(&mut self, bytes: &[u8]) -> (usize, bool) {
-        let mut passed = 0;
-        while passed < bytes.len() {
-            match self.framing.step(&bytes[passed..]) {
-                Step::Pass(0) | Step::Hold => break,
-                Step::Pass(n) => passed += n,
-                Step::Refuse(refusal) => {
-                    let position = self.framing.heads() + 1;
-                    tracing::debug!(?refusal, position, "request head refused");
-                    let _ = self.refusals.set((position, refusal));
-                    return (passed, true);
-                }
-            }
+        let (passed, refused) = self.framing.screen(bytes);
+        if let Some((position, refusal)) = refused {
+            tracing::debug!(?refusal, position, "request head refused");
+            let _ = self.refusals.set((position, refusal));
         }
-        (passed, false)
+        (passed, refused.is_some())
     }
 
     /// After a refusal: the stand-in is all hyper gets next.
@@ -639,23 +647,16 @@ mod tests {
     /// returns what hyper is handed and the refusal if any.
     fn screen(stream: &[u8], piece: usize) -> (Vec<u8>, Option<(u64, Refusal)>, Framing) {
         let mut framing = Framing::default();
-        let (mut inbox, mut handed) = (Vec::new(), Vec::new());
+        let (mut held, mut handed) = (Vec::new(), Vec::new());
         for part in stream.chunks(piece.max(1)) {
-            inbox.extend_from_slice(part);
-            let mut ready = 0;
-            while ready < inbox.len() {
-                match framing.step(&inbox[ready..]) {
-                    Step::Pass(0) | Step::Hold => break,
-                    Step::Pass(n) => ready += n,
-                    Step::Refuse(refusal) => {
-                        handed.extend_from_slice(&inbox[..ready]);
-                        handed.extend_from_slice(STAND_IN);
-                        return (handed, Some((framing.heads() + 1, refusal)), framing);
-                    }
-                }
+            held.extend_from_slice(part);
+            let (passed, refused) = framing.screen(&held);
+            handed.extend_from_slice(&held[..passed]);
+            if refused.is_some() {
+                handed.extend_from_slice(STAND_IN);
+                return (handed, refused, framing);
             }
-            handed.extend_from_slice(&inbox[..ready]);
-            inbox.drain(..ready);
+            held.drain(..passed);
         }
         (handed, None, framing)
     }

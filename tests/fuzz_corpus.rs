@@ -29,6 +29,11 @@ fn key_path_corpus_holds() {
 }
 
 #[test]
+fn request_stream_corpus_holds() {
+    assert!(replay("request_stream", checks::request_stream) >= 20);
+}
+
+#[test]
 fn snapshot_decode_corpus_holds() {
     assert!(replay("snapshot_decode", checks::snapshot) >= 6);
 }
