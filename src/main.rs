@@ -40,6 +40,12 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(async move {
+        // Signal handlers before the port: until they are registered SIGTERM and SIGHUP end the
+        // process on the spot, and a supervisor may send either as soon as the port answers.
+        let shutdown = shutdown_signal();
+        let (reloaded, live) = tokio::sync::watch::channel(config);
+        let reload = config_sidecar::reload::on_sighup(cli, reloaded, log);
+        let config = live.borrow().clone();
         let listener = match tokio::net::TcpListener::bind(config.http.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -53,10 +59,9 @@ fn main() -> ExitCode {
             prefixes = ?config.sync.prefixes,
             "config-sidecar starting"
         );
-        let (reloaded, live) = tokio::sync::watch::channel(config);
-        tokio::spawn(config_sidecar::reload::on_sighup(cli, reloaded, log));
+        tokio::spawn(reload);
         let live = config_sidecar::config::Live::new(live);
-        match config_sidecar::serve_live(live, listener, shutdown_signal()).await {
+        match config_sidecar::serve_live(live, listener, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "server failed");
@@ -104,23 +109,23 @@ fn healthcheck(listen: Option<&str>, path: &str) -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Completes at SIGINT or SIGTERM. Both are caught from the call on, not from the first poll.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        let received = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
             }
-            Err(_) => std::future::pending().await,
+        };
+        tokio::select! {
+            () = received(interrupt) => tracing::info!("SIGINT received"),
+            () = received(terminate) => tracing::info!("SIGTERM received"),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
     }
 }

@@ -14,15 +14,33 @@ use tokio::sync::watch;
 use crate::config::{Cli, Config};
 use crate::telemetry::LogControl;
 
-/// Handles SIGHUP until the process ends, publishing each applied configuration into `live`.
-pub async fn on_sighup(cli: Cli, live: watch::Sender<Config>, log: LogControl) {
-    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; configuration reload is off");
-            return;
-        }
-    };
+/// Catches SIGHUP from the call on (its default action would end the process) and returns the
+/// task that handles each until the process ends, publishing each applied configuration into
+/// `live`. Called inside the runtime.
+pub fn on_sighup(
+    cli: Cli,
+    live: watch::Sender<Config>,
+    log: LogControl,
+) -> impl std::future::Future<Output = ()> {
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        let mut hangups = match hangups {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; configuration reload is off");
+                return;
+            }
+        };
+        handle_hangups(&mut hangups, cli, live, log).await;
+    }
+}
+
+async fn handle_hangups(
+    hangups: &mut tokio::signal::unix::Signal,
+    cli: Cli,
+    live: watch::Sender<Config>,
+    log: LogControl,
+) {
     while hangups.recv().await.is_some() {
         tracing::info!("SIGHUP received: reading the configuration again");
         let next = match Config::from_cli(cli.clone()) {

@@ -392,3 +392,43 @@ async fn listening_beyond_loopback_needs_a_flag_and_warns() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("other hosts can reach"), "{stderr}");
 }
+
+/// A supervisor may signal the sidecar the moment its port answers: SIGTERM then still stops it
+/// with exit 0 and SIGHUP still reloads rather than ending it (both signals' default action).
+/// Before the handlers were registered ahead of the bind, about half of such signals killed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_sent_as_soon_as_the_port_answers_are_handled() {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    for round in 0..10 {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(BIN)
+            .args(["--listen", &listen, "--endpoints", &dead, "--prefix", "/a/"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // As soon as it answers: a tight loop, no polling interval to hide the window in.
+        let started = Instant::now();
+        while std::net::TcpStream::connect(&listen).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never listened"
+            );
+            std::thread::yield_now();
+        }
+        let hangup_first = round % 2 == 1;
+        if hangup_first {
+            signal(&child, libc::SIGHUP);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(child.try_wait().unwrap(), None, "SIGHUP ended the process");
+        }
+        signal(&child, libc::SIGTERM);
+        let status = child.wait().unwrap();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round} (SIGHUP first: {hangup_first}): {status:?}"
+        );
+    }
+}
