@@ -152,13 +152,21 @@ enum Chunk {
     EndLf,
 }
 
+/// A request head from its first byte.
+const NEXT_HEAD: Stage = Stage::Head {
+    blank: 0,
+    searched: 0,
+};
+
 /// Where the screen is in a connection's byte stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     /// The first bytes: HTTP/2's preface, or a request head.
     Start,
-    /// A request head; the first `searched` bytes were looked through for its end already.
-    Head { searched: usize },
+    /// A request head: its first `blank` bytes are blank lines before the request line (skipped,
+    /// as the parser skips them), and its first `searched` bytes were looked through for its end
+    /// already. Both only grow while a head arrives, so a trickled head costs linear time.
+    Head { blank: usize, searched: usize },
     /// A body framed by `Content-Length`: this many bytes left.
     Body(u64),
     /// A chunked body.
@@ -224,7 +232,7 @@ impl Framing {
             Stage::Start => {
                 let n = bytes.len().min(H2_PREFACE.len());
                 if bytes[..n] != H2_PREFACE[..n] {
-                    self.stage = Stage::Head { searched: 0 };
+                    self.stage = NEXT_HEAD;
                     self.step(bytes)
                 } else if n == H2_PREFACE.len() {
                     self.stage = Stage::Passthrough;
@@ -233,12 +241,12 @@ impl Framing {
                     Step::Hold
                 }
             }
-            Stage::Head { searched } => self.head(bytes, searched),
+            Stage::Head { blank, searched } => self.head(bytes, blank, searched),
             Stage::Body(left) => {
                 let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
                 let left = left - n as u64;
                 self.stage = if left == 0 {
-                    Stage::Head { searched: 0 }
+                    NEXT_HEAD
                 } else {
                     Stage::Body(left)
                 };
@@ -251,13 +259,15 @@ impl Framing {
     }
 
     /// A request head starting at `bytes[0]`.
-    fn head(&mut self, bytes: &[u8], searched: usize) -> Step {
-        let Some(end) = head_end(bytes, searched) else {
+    fn head(&mut self, bytes: &[u8], blank: usize, searched: usize) -> Step {
+        let (end, blank) = head_end(bytes, blank, searched);
+        let Some(end) = end else {
             if bytes.len() > MAX_HEAD_BYTES {
                 return self.refuse(too_large(bytes));
             }
             // Resume a few bytes back: the end may straddle what arrived so far.
             self.stage = Stage::Head {
+                blank,
                 searched: bytes.len().saturating_sub(3),
             };
             return Step::Hold;
@@ -339,7 +349,7 @@ impl Framing {
                 (Chunk::EndCr | Chunk::Trailer, _) => Some(Chunk::Trailer),
                 (Chunk::TrailerLf, b'\n') => Some(Chunk::EndCr),
                 (Chunk::EndLf, b'\n') => {
-                    self.stage = Stage::Head { searched: 0 };
+                    self.stage = NEXT_HEAD;
                     return Step::Pass(at);
                 }
                 _ => None,
@@ -376,23 +386,23 @@ fn hex(byte: u8) -> Option<u8> {
 }
 
 /// The end of the head at the front of `bytes` (just past its blank line), looking from
-/// `searched`. Blank lines before the request line are skipped, as the parser skips them.
-fn head_end(bytes: &[u8], searched: usize) -> Option<usize> {
-    let leading = bytes
-        .iter()
-        .position(|&b| b != b'\r' && b != b'\n')
-        .unwrap_or(bytes.len());
-    let mut from = searched.max(leading);
-    while let Some(i) = memchr::memchr(b'\n', bytes.get(from..)?) {
+/// `searched`, and how many bytes of blank lines come before its request line (counted on from
+/// `blank`): those are skipped, as the parser skips them.
+fn head_end(bytes: &[u8], mut blank: usize, searched: usize) -> (Option<usize>, usize) {
+    while bytes.get(blank).is_some_and(|&b| b == b'\r' || b == b'\n') {
+        blank += 1;
+    }
+    let mut from = searched.max(blank);
+    while let Some(i) = memchr::memchr(b'\n', &bytes[from..]) {
         let lf = from + i;
         match (bytes.get(lf + 1), bytes.get(lf + 2)) {
-            (Some(b'\n'), _) => return Some(lf + 2),
-            (Some(b'\r'), Some(b'\n')) => return Some(lf + 3),
-            (None, _) | (Some(b'\r'), None) => return None,
+            (Some(b'\n'), _) => return (Some(lf + 2), blank),
+            (Some(b'\r'), Some(b'\n')) => return (Some(lf + 3), blank),
+            (None, _) | (Some(b'\r'), None) => return (None, blank),
             _ => from = lf + 1,
         }
     }
-    None
+    (None, blank)
 }
 
 /// How the body after a parsed head is framed, by hyper's rules, or why the head is refused.
@@ -427,7 +437,7 @@ fn body_framing(version: Option<u8>, headers: &[httparse::Header<'_>]) -> Result
         // hyper's largest length (two values below the maximum mean "chunked" and "close").
         Some(n) if n >= u64::MAX - 1 => Err(Refusal::BadContentLength),
         Some(n) if n > 0 => Ok(Stage::Body(n)),
-        _ => Ok(Stage::Head { searched: 0 }),
+        _ => Ok(NEXT_HEAD),
     }
 }
 
@@ -688,7 +698,7 @@ mod tests {
         assert_eq!(handed, stream, "the stream is handed over unchanged");
         // Requests inside bodies are not counted as heads.
         assert_eq!(framing.heads, 4);
-        assert_eq!(framing.stage, Stage::Head { searched: 0 });
+        assert_eq!(framing.stage, NEXT_HEAD);
     }
 
     #[test]
@@ -795,10 +805,7 @@ mod tests {
         // Equal lengths repeated are one length, as hyper takes them.
         let (_, refusal, framing) =
             screen_all_ways(b"PUT / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab");
-        assert_eq!(
-            (refusal, framing.stage),
-            (None, Stage::Head { searched: 0 })
-        );
+        assert_eq!((refusal, framing.stage), (None, NEXT_HEAD));
     }
 
     #[test]
@@ -938,18 +945,27 @@ mod tests {
 
     #[test]
     fn a_trickled_head_is_searched_once() {
-        // Byte by byte, a long head costs a linear search: the resume point moves forward.
+        // Byte by byte, a long head (blank lines first, which the parser skips) costs a linear
+        // search: the resume points only move forward.
         let mut framing = Framing::default();
-        let head = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(10_000));
+        let head = format!(
+            "{}GET / HTTP/1.1\r\nX: {}\r\n",
+            "\r\n".repeat(5_000),
+            "a".repeat(10_000)
+        );
         let mut inbox = Vec::new();
+        let mut last = (0, 0);
         for &b in head.as_bytes() {
             inbox.push(b);
             assert_eq!(framing.step(&inbox), Step::Hold);
+            let Stage::Head { blank, searched } = framing.stage else {
+                panic!("{:?}", framing.stage)
+            };
+            assert!(blank >= last.0 && searched >= last.1);
+            assert!(blank.max(searched) + 3 >= inbox.len());
+            last = (blank, searched);
         }
-        let Stage::Head { searched } = framing.stage else {
-            panic!("{:?}", framing.stage)
-        };
-        assert!(searched + 3 >= inbox.len());
+        assert_eq!(last.0, 10_000, "the blank lines before the request line");
         inbox.extend_from_slice(b"\r\n");
         assert_eq!(framing.step(&inbox), Step::Pass(inbox.len()));
     }
