@@ -3,8 +3,9 @@
 //!
 //! hyper answers a head it cannot parse (too many headers, too long, malformed) with its own
 //! status and an empty body, and serves a request that carries both `Content-Length` and
-//! `Transfer-Encoding` by the chunked framing alone (RFC 9112 §6.3 allows that, but such a
-//! request is a smuggling attempt and the issue wants it refused). Neither case reaches a service.
+//! `Transfer-Encoding` by the chunked framing alone (RFC 9112 §6.3 allows that, and allows
+//! refusing it: such a request is a smuggling shape, and refusing it is the answer that cannot be
+//! misread by anything in between). Neither case reaches a service.
 //!
 //! [`HeadScreen`] sits between the socket and hyper and follows the byte stream exactly as
 //! hyper's HTTP/1 parser does: each request head is parsed with the same parser (`httparse`,
@@ -14,7 +15,8 @@
 //! replaced by a stand-in head (`GET / HTTP/1.1`, `Connection: close`) and its refusal is put in
 //! a [`RefusalSlot`] under its position on the connection; the connection's service answers the
 //! stand-in with the refusal as a JSON error, hyper closes the connection after it, and nothing
-//! after the refused head is read.
+//! after the refused head is read. (Were the positions ever to disagree, the stand-in reaching
+//! the service would be refused there for its missing Host: still a 4xx, never a served request.)
 //!
 //! The screen refuses only what hyper would refuse too (same parser, same limits, except a head
 //! larger than [`MAX_HEAD_BYTES`], far below hyper's buffer), plus the two-framings request.
