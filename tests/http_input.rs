@@ -31,6 +31,19 @@ async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
     (status, body)
 }
 
+/// Sends `request` raw and checks the answer: `status` with the JSON error `code`.
+async fn refused_with(addr: std::net::SocketAddr, request: &str, status: u16, code: &str) {
+    let (got, body) = raw(addr, request.as_bytes()).await;
+    let shown = &request[..request.len().min(80)];
+    let body: serde_json::Value = serde_json::from_str(&body)
+        .unwrap_or_else(|_| panic!("{shown:?}: body is not JSON: {body:?}"));
+    assert_eq!(
+        (got, body["error"].as_str().unwrap_or_default()),
+        (status, code),
+        "{shown:?}: {body}"
+    );
+}
+
 /// A one-member cluster holding `/cfg/ok` = `fine`.
 async fn cluster_with_ok() -> EtcdCluster {
     let cluster = EtcdCluster::start(1).await;
@@ -357,14 +370,7 @@ async fn hostile_requests_are_refused_and_serving_goes_on() {
         ),
     ];
     for (request, status, code) in &json_cases {
-        let (got, body) = raw(addr, request.as_bytes()).await;
-        let body: serde_json::Value = serde_json::from_str(&body)
-            .unwrap_or_else(|_| panic!("{request:?}: body is not JSON: {body:?}"));
-        assert_eq!(
-            (got, body["error"].as_str().unwrap_or_default()),
-            (*status, *code),
-            "{request:?}: {body}"
-        );
+        refused_with(addr, request, *status, code).await;
     }
     // The same request with a proper Host passes the gate.
     let (status, body) = raw(addr, get_with(&port_host).as_bytes()).await;
@@ -392,15 +398,7 @@ async fn hostile_requests_are_refused_and_serving_goes_on() {
         ("\u{16}\u{3}\u{1}\u{2}\u{0}\u{1}\u{0}\r\n\r\n".into(), 400, "malformed_request"),
     ];
     for (request, status, code) in &head_cases {
-        let (got, body) = raw(addr, request.as_bytes()).await;
-        let shown = &request[..request.len().min(80)];
-        let body: serde_json::Value = serde_json::from_str(&body)
-            .unwrap_or_else(|_| panic!("{shown:?}: body is not JSON: {body:?}"));
-        assert_eq!(
-            (got, body["error"].as_str().unwrap_or_default()),
-            (*status, *code),
-            "{shown:?}: {body}"
-        );
+        refused_with(addr, request, *status, code).await;
     }
 
     // Two framings, Content-Length and chunked, the second request on a connection: the first is
