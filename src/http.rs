@@ -689,9 +689,10 @@ fn json_type() -> HeaderValue {
 }
 
 /// Compares two byte strings in time that depends only on their lengths, so a wrong token
-/// reveals nothing about the right one through timing.
+/// reveals nothing about the right one through timing (`subtle` keeps the optimiser from
+/// turning the comparison back into an early exit).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 /// Checks that writes are on, the token (if any) is right, the key is mirrored and the mode
@@ -948,6 +949,17 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(
+            !constant_time_eq(b"s3cret", b"s3creT"),
+            "same length, last byte differs"
+        );
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"), "a prefix");
+        assert!(!constant_time_eq(b"", b"s3cret"));
+    }
     use crate::mode::Transition;
     use crate::store::Entry;
     use axum::body::to_bytes;
