@@ -514,9 +514,10 @@ impl<T> HeadScreen<T> {
         (passed, refused.is_some())
     }
 
-    /// After a refusal: the stand-in is all hyper gets next.
-    fn stand_in(&mut self) {
-        self.inbox.clear();
+    /// After a refusal: the first `keep` bytes of the inbox (requests before the refused head),
+    /// then the stand-in, are all hyper gets from here.
+    fn stand_in(&mut self, keep: usize) {
+        self.inbox.truncate(keep);
         self.inbox.extend_from_slice(STAND_IN);
         self.ready = self.inbox.len();
     }
@@ -551,7 +552,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadScreen<T> {
                 }
                 let (passed, refused) = this.screen(&buf.filled()[before..]);
                 if refused {
-                    this.stand_in();
+                    this.stand_in(0);
                 } else {
                     this.inbox
                         .extend_from_slice(&buf.filled()[before + passed..]);
@@ -582,9 +583,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadScreen<T> {
             let (passed, refused) = this.screen(&held);
             this.inbox = held;
             if refused {
-                this.inbox.truncate(passed);
-                this.inbox.extend_from_slice(STAND_IN);
-                this.ready = this.inbox.len();
+                this.stand_in(passed);
             } else {
                 this.ready = passed;
             }

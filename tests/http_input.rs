@@ -9,8 +9,9 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Sends raw request bytes and returns (status, body) of the answer.
-async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
+/// Sends raw request bytes on a new connection and returns everything the server answers
+/// before it closes.
+async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request).await.unwrap();
     let mut buf = Vec::new();
@@ -18,7 +19,12 @@ async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
         .await
         .expect("the server answers and closes")
         .unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
+    String::from_utf8_lossy(&buf).to_string()
+}
+
+/// Sends raw request bytes and returns (status, body) of the answer.
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
+    let text = exchange(addr, request).await;
     let status = text
         .split(' ')
         .nth(1)
@@ -404,20 +410,13 @@ async fn hostile_requests_are_refused_and_serving_goes_on() {
     // Two framings, Content-Length and chunked, the second request on a connection: the first is
     // answered, the second refused (RFC 9112 6.3 allows refusing it), the connection closed
     // after it, and what follows is never read as a request nor stored.
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(
+    let answers = exchange(
+        addr,
         b"GET /v1/kv/cfg/ok HTTP/1.1\r\nHost: localhost\r\n\r\n\
           PUT /v1/kv/cfg/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
           PUT /v1/kv/cfg/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\nhi",
     )
-    .await
-    .unwrap();
-    let mut answers = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answers))
-        .await
-        .expect("answered and closed")
-        .unwrap();
-    let answers = String::from_utf8_lossy(&answers);
+    .await;
     let statuses: Vec<&str> = answers
         .match_indices("HTTP/1.1 ")
         .map(|(i, _)| &answers[i + 9..i + 12])
