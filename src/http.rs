@@ -394,15 +394,27 @@ fn key_from_path<'u>(uri: &'u Uri, route: &str) -> Result<Cow<'u, str>, ApiError
     Ok(decode_key_path(raw)?)
 }
 
-fn ensure_mirrored(state: &AppState, key: &str) -> Result<(), ApiError> {
+/// The key a request names, or for a prefix request (`?recurse`, a watch) the prefix, once the
+/// mirror is known to hold everything it covers. A prefix request that names a mirrored prefix
+/// without its trailing slash means that directory, as `/v1/tree` does; any other prefix the
+/// mirror does not wholly hold is refused rather than answered in part.
+fn mirrored<'k>(
+    state: &AppState,
+    key: Cow<'k, str>,
+    prefix: bool,
+) -> Result<Cow<'k, str>, ApiError> {
     if state.prefixes.contains(key.as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::OutsideMirror {
-            key: key.to_string(),
-            prefixes: state.prefixes.as_slice().to_vec(),
-        })
+        return Ok(key);
     }
+    if prefix {
+        if let Some(directory) = state.prefixes.named_without_slash(&key) {
+            return Ok(Cow::Owned(directory.to_string()));
+        }
+    }
+    Err(ApiError::OutsideMirror {
+        key: key.into_owned(),
+        prefixes: state.prefixes.as_slice().to_vec(),
+    })
 }
 
 /// The snapshot to answer from, after the request's freshness conditions hold.
@@ -635,8 +647,7 @@ async fn kv_get(
 ) -> Result<Response, ApiError> {
     let (uri, headers) = (request.uri(), request.headers());
     let query = parse_query(uri)?;
-    let key = key_from_path(uri, "/v1/kv")?;
-    ensure_mirrored(&state, &key)?;
+    let key = mirrored(&state, key_from_path(uri, "/v1/kv")?, query.recurse)?;
     let snapshot = readable_snapshot(&state, &query, &key).await?;
     if !query.recurse {
         return Ok(match snapshot.get(key.as_bytes()) {
@@ -670,7 +681,7 @@ async fn tree_get(
     if !dir.ends_with('/') {
         dir.to_mut().push('/');
     }
-    ensure_mirrored(&state, &dir)?;
+    let dir = mirrored(&state, dir, true)?;
     query.recurse = true;
     let snapshot = readable_snapshot(&state, &query, &dir).await?;
     let response = not_modified_or(headers, list_etag(&snapshot), json_type(), || {
@@ -716,8 +727,7 @@ fn admit_write(
         }
     }
     let query = parse_query(uri)?;
-    let key = key_from_path(uri, "/v1/kv")?;
-    ensure_mirrored(state, &key)?;
+    let key = mirrored(state, key_from_path(uri, "/v1/kv")?, query.recurse)?;
     let if_match = match headers.get(header::IF_MATCH) {
         None => None,
         Some(v) => Some(parse_revision(
@@ -828,8 +838,7 @@ async fn kv_delete(
 async fn watch(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, ApiError> {
     let (uri, headers) = (request.uri(), request.headers());
     let query = parse_query(uri)?;
-    let prefix = key_from_path(uri, "/v1/watch")?;
-    ensure_mirrored(&state, &prefix)?;
+    let prefix = mirrored(&state, key_from_path(uri, "/v1/watch")?, true)?;
     let snapshot = state.store.snapshot();
     if !snapshot.loaded {
         return Err(ApiError::NotReady);

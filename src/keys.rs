@@ -151,6 +151,16 @@ impl Prefixes {
         self.list.iter().any(|p| key.starts_with(p.as_bytes()))
     }
 
+    /// The configured prefix that `path` names without its trailing slash (`/config/app/` for
+    /// `/config/app`): what a newcomer means by a prefix request for `path` when the mirror does
+    /// not hold everything starting with `path` itself (`/config/apple/` too).
+    pub fn named_without_slash(&self, path: &str) -> Option<&str> {
+        self.list
+            .iter()
+            .find(|p| p.strip_suffix('/') == Some(path))
+            .map(String::as_str)
+    }
+
     /// The single etcd key range `[start, end)` covering every prefix. One watch over this range
     /// delivers each revision's events, across all prefixes, in one response, which is what lets the
     /// store apply a transaction atomically; events for keys between the prefixes are dropped by
@@ -229,6 +239,20 @@ mod tests {
         );
         assert!(p.contains(b"/config/app/x"));
         assert!(!p.contains(b"/configx"));
+        assert_eq!(p.named_without_slash("/other"), Some("/other/"));
+        assert_eq!(p.named_without_slash("/config"), Some("/config/"));
+        assert_eq!(
+            p.named_without_slash("/config/app"),
+            None,
+            "covered, not named"
+        );
+        assert_eq!(
+            p.named_without_slash("/othe"),
+            None,
+            "shorter than a prefix"
+        );
+        assert_eq!(p.named_without_slash("/otherx"), None, "a different prefix");
+        assert_eq!(p.named_without_slash("/other/"), None);
         let (start, end) = p.covering_range();
         assert_eq!(start, b"/config/".to_vec());
         assert_eq!(end, Some(b"/other0".to_vec()));

@@ -128,6 +128,88 @@ async fn initial_load_serves_keys_listings_and_trees() {
     sidecar.stop().await;
 }
 
+/// A prefix request naming a mirrored prefix without its trailing slash (`/config/app` for
+/// `/config/app/`) means that directory for a listing, a stream and a recursive delete alike, as
+/// `/v1/tree` does; a shorter or different prefix stays refused, and the recursive delete leaves
+/// `/config/apple/` (outside the mirror, though it starts with `/config/app`) untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_named_without_its_slash_means_that_directory() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut etcd = cluster.client().await;
+    etcd.put("/config/app/a", "1", None).await.unwrap();
+    etcd.put("/config/apple/x", "outside", None).await.unwrap();
+    let mut config = sidecar_config(&cluster.endpoints(), &["/config/app/"]);
+    config.writes.allowed = true;
+    let sidecar = start_sidecar(config).await;
+
+    let with_slash = sidecar.get("/v1/kv/config/app/?recurse").await;
+    let revision = with_slash.headers()["x-config-index"].clone();
+    let with_slash: serde_json::Value = with_slash.json().await.unwrap();
+    let without = sidecar.get("/v1/kv/config/app?recurse").await;
+    assert_eq!(without.status(), 200);
+    assert_eq!(without.headers()["x-config-index"], revision);
+    assert_eq!(
+        without.json::<serde_json::Value>().await.unwrap(),
+        with_slash
+    );
+    assert_eq!(with_slash[0]["key"], "/config/app/a");
+    assert_eq!(with_slash.as_array().unwrap().len(), 1);
+
+    for refused in [
+        "/v1/kv/config/ap?recurse",
+        "/v1/kv/config/apple?recurse",
+        "/v1/kv/config/app",
+        "/v1/watch/config/ap",
+        "/v1/watch/config/apple",
+    ] {
+        let r = sidecar.get(refused).await;
+        assert_eq!(r.status(), 404, "{refused}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "outside_mirror", "{refused}");
+    }
+
+    let mut stream =
+        SseClient::connect(&sidecar.http, &sidecar.url("/v1/watch/config/app"), None).await;
+    let put = put_rev(&mut etcd, "/config/app/b", "2").await;
+    // The stream opens with the directory's current state, then its changes.
+    let mut keys = Vec::new();
+    loop {
+        let event = stream
+            .next(Duration::from_secs(5))
+            .await
+            .expect("the stream delivers the put");
+        if event.event == "put" {
+            keys.push(event.json()["key"].as_str().unwrap().to_string());
+        }
+        if event.id == Some(put.to_string()) {
+            break;
+        }
+    }
+    assert_eq!(keys.last().map(String::as_str), Some("/config/app/b"));
+    assert!(
+        keys.iter().all(|k| k.starts_with("/config/app/")),
+        "{keys:?}"
+    );
+
+    let r = sidecar
+        .http
+        .delete(sidecar.url("/v1/kv/config/app?recurse"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let left = etcd
+        .get(
+            "/config/app",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let left: Vec<&str> = left.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    assert_eq!(left, ["/config/apple/x"]);
+    sidecar.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn puts_and_deletes_are_visible_within_100ms() {
     let cluster = EtcdCluster::start(3).await;
