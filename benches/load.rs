@@ -91,7 +91,7 @@ fn wrk(url: &str, seconds: u64, script: Option<&Path>) -> Wrk {
     let out = cmd
         .arg(url)
         .output()
-        .expect("wrk runs (scripts/install-deps.sh wrk)");
+        .expect("wrk runs (scripts/install-deps.sh installs it)");
     let text = String::from_utf8_lossy(&out.stdout);
     let mut result = Wrk::default();
     for line in text.lines() {
@@ -188,7 +188,7 @@ impl Nginx {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("nginx runs (scripts/install-deps.sh nginx-light)");
+            .expect("nginx runs (scripts/install-deps.sh installs it)");
         Nginx {
             child,
             addr,

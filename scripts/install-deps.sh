@@ -1,30 +1,121 @@
 #!/usr/bin/env bash
-# Installs, from Debian's packages, what building and testing config-sidecar needs when it is
-# missing: etcd (the server the tests run), etcdctl (used to seed the local demo), protoc
-# (etcd-client's build needs it), and nginx and wrk (the load benchmark's reference server and
-# load generator; its smoke run is part of the test suite). Extra package names given as
-# arguments are installed too.
+# Makes sure this machine can build and test config-sidecar, installing from Debian's packages
+# what is missing. Each need is checked as a capability (the thing works), not as a command
+# name, because a command can be there while what it needs is not: protoc without the
+# well-known .proto files of libprotobuf-dev is what broke a fresh machine's build once.
+#
+#   need               package            checked by                                  used by
+#   C toolchain        gcc, libc6-dev     cc compiles and links a C program           ring's build, rustc's linker
+#   protoc             protobuf-compiler  protoc --version answers                    etcd-client's build
+#   well-known protos  libprotobuf-dev    protoc compiles a file importing            etcd-client's build
+#                                         google/protobuf/{descriptor,struct}.proto
+#   etcd               etcd-server        etcd --version answers 3.x                  every integration test
+#   etcdctl            etcd-client        etcdctl version answers                     scripts/run-local.sh's seed
+#   nginx              nginx-light        nginx -t accepts the benchmark's config     the load benchmark
+#   wrk                wrk                wrk -v prints its version                   the load benchmark
+#
+# Packages are installed with --no-install-recommends, so every package a need takes is named
+# above (protobuf-compiler only *recommends* libprotobuf-dev; gcc only recommends libc6-dev).
+# After installing, every check runs again, and a need still missing fails with its package named.
 set -euo pipefail
 
-declare -A want=([etcd]=etcd-server [etcdctl]=etcd-client [protoc]=protobuf-compiler [nginx]=nginx-light [wrk]=wrk)
-need=()
-for cmd in etcd etcdctl protoc nginx wrk; do
-  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("${want[$cmd]}")
-done
-for pkg in "$@"; do
-  cmd=""
-  for c in "${!want[@]}"; do [ "${want[$c]}" = "$pkg" ] && cmd=$c; done
-  if [ -z "$cmd" ] || ! command -v "$cmd" >/dev/null 2>&1; then need+=("$pkg"); fi
-done
-[ ${#need[@]} -eq 0 ] && exit 0
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/install-deps.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
+# Debian puts nginx in /usr/sbin, which not every user's PATH has.
+export PATH="$PATH:/usr/sbin:/sbin"
 
+has_c_toolchain() {
+  printf '#include <stdio.h>\nint main(void) { puts("ok"); return 0; }\n' >"$scratch/t.c"
+  cc -o "$scratch/t" "$scratch/t.c" >/dev/null 2>&1 && [ "$("$scratch/t")" = ok ]
+}
+
+has_protoc() {
+  "${PROTOC:-protoc}" --version >/dev/null 2>&1
+}
+
+# etcd-client's protos import these two; prost-build finds them through protoc's own include path.
+has_well_known_protos() {
+  cat >"$scratch/wkt.proto" <<'EOF'
+syntax = "proto3";
+import "google/protobuf/descriptor.proto";
+import "google/protobuf/struct.proto";
+message Probe { google.protobuf.Struct s = 1; google.protobuf.FieldDescriptorProto f = 2; }
+EOF
+  "${PROTOC:-protoc}" --proto_path="$scratch" --descriptor_set_out=/dev/null "$scratch/wkt.proto" >/dev/null 2>&1
+}
+
+has_etcd() {
+  [[ $("${ETCD_BIN:-etcd}" --version 2>/dev/null) == "etcd Version: 3."* ]]
+}
+
+has_etcdctl() {
+  [[ $(ETCDCTL_API=3 etcdctl version 2>/dev/null) == "etcdctl version: 3."* ]]
+}
+
+# The same directives the load benchmark's nginx.conf uses; -t parses and loads it, binds nothing.
+has_nginx() {
+  mkdir -p "$scratch/nginx"
+  cat >"$scratch/nginx/nginx.conf" <<EOF
+worker_processes auto;
+pid $scratch/nginx/nginx.pid;
+error_log $scratch/nginx/error.log;
+events { worker_connections 1024; }
+http { access_log off; sendfile on; tcp_nodelay on; keepalive_requests 1000000;
+  server { listen 127.0.0.1:8; location / { root $scratch/nginx; } } }
+EOF
+  nginx -t -q -p "$scratch/nginx" -c "$scratch/nginx/nginx.conf" >/dev/null 2>&1
+}
+
+# wrk -v prints its version (and exits 1); it runs only when its shared libraries (LuaJIT) load.
+has_wrk() {
+  [[ $(wrk -v 2>&1) == "wrk "*"Copyright"* ]]
+}
+
+needs=(c_toolchain protoc well_known_protos etcd etcdctl nginx wrk)
+declare -A packages=(
+  [c_toolchain]="gcc libc6-dev"
+  [protoc]=protobuf-compiler
+  [well_known_protos]=libprotobuf-dev
+  [etcd]=etcd-server
+  [etcdctl]=etcd-client
+  [nginx]=nginx-light
+  [wrk]=wrk
+)
+
+missing() {
+  local need
+  for need in "${needs[@]}"; do "has_$need" || echo "$need"; done
+}
+
+mapfile -t absent < <(missing)
+[ ${#absent[@]} -eq 0 ] && exit 0
+
+install=()
+for need in "${absent[@]}"; do read -ra pkgs <<<"${packages[$need]}"; install+=("${pkgs[@]}"); done
 sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-echo "install-deps: installing ${need[*]}" >&2
+if [ "$(id -u)" -ne 0 ]; then
+  if ! command -v sudo >/dev/null 2>&1; then
+    echo "install-deps: missing ${absent[*]}; install as root: apt-get install --no-install-recommends ${install[*]}" >&2
+    exit 1
+  fi
+  sudo="sudo"
+fi
+echo "install-deps: missing ${absent[*]}: installing ${install[*]}" >&2
 # A fresh machine has no package lists: update once first.
 $sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# Debian starts nginx's own service on install; the benchmark runs its own instance.
-if printf '%s\n' "${need[@]}" | grep -qx nginx-light; then
-  $sudo service nginx stop >/dev/null 2>&1 || true
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${install[@]}" >/dev/null
+# Debian starts the service of etcd-server and of nginx on install; the tests run their own.
+# Only a service this run installed is stopped: one the machine already ran is not ours.
+for need in etcd nginx; do
+  if printf '%s\n' "${absent[@]}" | grep -qx "$need"; then
+    $sudo service "$need" stop >/dev/null 2>&1 || true
+  fi
+done
+
+mapfile -t still < <(missing)
+if [ ${#still[@]} -gt 0 ]; then
+  for need in "${still[@]}"; do
+    echo "install-deps: '$need' still does not work after installing; check Debian's package ${packages[$need]}" >&2
+  done
+  exit 1
 fi

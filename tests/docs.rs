@@ -252,6 +252,22 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
         dockerfile.contains("USER nonroot"),
         "the image runs as non-root"
     );
+    // The build stage installs what scripts/install-deps.sh names for etcd-client's build
+    // (protoc, and the well-known protos that protoc alone lacks).
+    let install = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-deps.sh"),
+    )
+    .unwrap();
+    for need in ["[protoc]=", "[well_known_protos]="] {
+        let package = install
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(need))
+            .unwrap_or_else(|| panic!("install-deps.sh names a package for {need}"));
+        assert!(
+            dockerfile.contains(&format!(" {package} ")),
+            "the Dockerfile's build stage installs {package}"
+        );
+    }
 
     // compose: the sidecar service and the app sharing its network namespace.
     let compose = &load_yaml("docker/compose.yml")[0];
