@@ -13,6 +13,7 @@ mod common;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -148,7 +149,9 @@ fn start_ceiling(body: Bytes) -> SocketAddr {
     addr
 }
 
-/// nginx serving `value` at `/bench/key`, `worker_processes auto`.
+/// nginx serving `value` at `/bench/key`, `worker_processes auto`. Its master is our child and
+/// leads a process group of its own, which holds its workers too; stopping it (on drop, so also
+/// when the benchmark panics) leaves none of them behind.
 struct Nginx {
     child: Child,
     addr: SocketAddr,
@@ -185,6 +188,7 @@ impl Nginx {
             .arg(&conf)
             .arg("-p")
             .arg(dir.path())
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -198,9 +202,31 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGQUIT is nginx's graceful stop: the master stops its workers, waits for them, then exits.
+    /// Killing the master alone would orphan the workers, so the group is killed too, in case the
+    /// master did not exit within the grace time or left a worker behind. The master is reaped
+    /// only after that: until then its pid, which names the group, cannot be reused.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let group = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(group, libc::SIGQUIT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !exited(group) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: kill(2) on the group our unreaped child leads.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
         let _ = self.child.wait();
+    }
+}
+
+/// Whether our child `pid` has exited, without reaping it (`WNOWAIT`).
+fn exited(pid: libc::pid_t) -> bool {
+    // SAFETY: waitid(2) writes only into `info`, which is zeroed plain data.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) == 0 && info.si_pid() != 0
     }
 }
 

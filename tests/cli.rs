@@ -29,12 +29,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     )
 }
 
-/// Sends `signal` to our child process.
-fn signal(child: &std::process::Child, signal: libc::c_int) {
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
-}
-
 /// Whether `url` answers 200 with the body `v`.
 async fn serves_v(http: reqwest::Client, url: String) -> bool {
     match http.get(url).send().await {
@@ -118,15 +112,15 @@ async fn sigterm_stops_the_binary_with_exit_0() {
         .unwrap();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(BIN)
-        .args(["--listen", &listen, "--log-format", "json"])
-        .env("CONFIG_SIDECAR_ENDPOINTS", cluster.endpoint(0))
-        .env("CONFIG_SIDECAR_PREFIXES", "/bin/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Process::spawn(
+        Command::new(BIN)
+            .args(["--listen", &listen, "--log-format", "json"])
+            .env("CONFIG_SIDECAR_ENDPOINTS", cluster.endpoint(0))
+            .env("CONFIG_SIDECAR_PREFIXES", "/bin/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
     let http = reqwest::Client::new();
     let url = format!("http://{listen}/v1/kv/bin/k");
     eventually(Duration::from_secs(20), "binary serves the key", || {
@@ -138,7 +132,7 @@ async fn sigterm_stops_the_binary_with_exit_0() {
     assert_eq!(code, 0, "healthy sidecar: {stderr}");
     let (code, stderr) = run(&["--healthcheck", "/readyz", "--listen", &listen], &[]);
     assert_eq!(code, 0, "ready sidecar: {stderr}");
-    signal(&child, libc::SIGTERM);
+    child.signal(libc::SIGTERM);
     let started = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -193,13 +187,13 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
     };
     write_config("info", "/hup/", "");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(BIN)
-        .args(["--config", file.to_str().unwrap(), "--listen", &listen])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Process::spawn(
+        Command::new(BIN)
+            .args(["--config", file.to_str().unwrap(), "--listen", &listen])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
     // Collect stderr lines as they come.
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let reader = {
@@ -236,7 +230,7 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
     );
 
     write_config("debug", "/other/", "");
-    signal(&child, libc::SIGHUP);
+    child.signal(libc::SIGHUP);
     eventually(
         Duration::from_secs(10),
         "the new level is logged",
@@ -286,7 +280,7 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
         "/hup/",
         &format!("webhook = \"{hook_url}\"\nheader_read_timeout = \"1s\"\n"),
     );
-    signal(&child, libc::SIGHUP);
+    child.signal(libc::SIGHUP);
     eventually(
         Duration::from_secs(10),
         "the webhook change is logged",
@@ -330,7 +324,7 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
         },
     )
     .await;
-    signal(&child, libc::SIGTERM);
+    child.signal(libc::SIGTERM);
     assert_eq!(child.wait().unwrap().code(), Some(0));
     reader.join().unwrap();
 }
@@ -367,7 +361,7 @@ async fn listening_beyond_loopback_needs_a_flag_and_warns() {
             Ok(())
         });
     }
-    let mut child = command.spawn().unwrap();
+    let mut child = Process::spawn(&mut command);
     let port = listen.rsplit(':').next().unwrap();
     let local = format!("127.0.0.1:{port}");
     eventually(Duration::from_secs(10), "listening", || async {
@@ -386,7 +380,7 @@ async fn listening_beyond_loopback_needs_a_flag_and_warns() {
         "soft limit raised to hard: {open_files:?}"
     );
     assert_ne!(open_files[3], "256");
-    signal(&child, libc::SIGTERM);
+    child.signal(libc::SIGTERM);
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
@@ -401,13 +395,13 @@ async fn signals_sent_as_soon_as_the_port_answers_are_handled() {
     let dead = format!("http://127.0.0.1:{}", free_port());
     for round in 0..10 {
         let listen = format!("127.0.0.1:{}", free_port());
-        let mut child = Command::new(BIN)
-            .args(["--listen", &listen, "--endpoints", &dead, "--prefix", "/a/"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = Process::spawn(
+            Command::new(BIN)
+                .args(["--listen", &listen, "--endpoints", &dead, "--prefix", "/a/"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
         // As soon as it answers: a tight loop, no polling interval to hide the window in.
         let started = Instant::now();
         while std::net::TcpStream::connect(&listen).is_err() {
@@ -419,11 +413,11 @@ async fn signals_sent_as_soon_as_the_port_answers_are_handled() {
         }
         let hangup_first = round % 2 == 1;
         if hangup_first {
-            signal(&child, libc::SIGHUP);
+            child.signal(libc::SIGHUP);
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert_eq!(child.try_wait().unwrap(), None, "SIGHUP ended the process");
         }
-        signal(&child, libc::SIGTERM);
+        child.signal(libc::SIGTERM);
         let status = child.wait().unwrap();
         assert_eq!(
             status.code(),

@@ -136,31 +136,31 @@ async fn passwords_never_reach_logs_or_status() {
         let listen = format!("127.0.0.1:{}", free_port());
         let log_path = dir.path().join(format!("{serves}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(BIN)
-            .args([
-                "--listen",
-                &listen,
-                "--log-level",
-                "debug",
-                "--prefix",
-                "/app/",
-            ])
-            .args(["--endpoints", &cluster.endpoint(0)])
-            .arg("--etcd-ca-file")
-            .arg(pki.path("ca.pem"))
-            .arg("--etcd-cert-file")
-            .arg(pki.path("sidecar.pem"))
-            .arg("--etcd-key-file")
-            .arg(pki.path("sidecar-key.pem"))
-            .args(["--etcd-username", USER, "--allow-writes"])
-            .arg("--write-token-file")
-            .arg(&token_file)
-            .env("CONFIG_SIDECAR_ETCD_PASSWORD", password)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = Process::spawn(
+            Command::new(BIN)
+                .args([
+                    "--listen",
+                    &listen,
+                    "--log-level",
+                    "debug",
+                    "--prefix",
+                    "/app/",
+                ])
+                .args(["--endpoints", &cluster.endpoint(0)])
+                .arg("--etcd-ca-file")
+                .arg(pki.path("ca.pem"))
+                .arg("--etcd-cert-file")
+                .arg(pki.path("sidecar.pem"))
+                .arg("--etcd-key-file")
+                .arg(pki.path("sidecar-key.pem"))
+                .args(["--etcd-username", USER, "--allow-writes"])
+                .arg("--write-token-file")
+                .arg(&token_file)
+                .env("CONFIG_SIDECAR_ETCD_PASSWORD", password)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log),
+        );
         let status_url = format!("http://{listen}/v1/status");
         let status = || async {
             let r = http.get(&status_url).send().await.ok()?;
@@ -206,8 +206,7 @@ async fn passwords_never_reach_logs_or_status() {
             assert!(!body.contains(password), "{what} shows the password");
             assert!(!body.contains(token), "{what} shows the write token");
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        drop(child);
         let logs = std::fs::read_to_string(&log_path).unwrap();
         assert!(logs.contains("DEBUG"), "debug logging is on");
         let key_pem = std::fs::read_to_string(pki.path("sidecar-key.pem")).unwrap();

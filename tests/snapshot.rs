@@ -5,11 +5,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{eventually, free_port};
+use common::{eventually, free_port, Process};
 use config_sidecar::persist;
 use config_sidecar::store::{Entry, Store};
 
@@ -31,36 +31,35 @@ fn good_snapshot(prefixes: &[&str]) -> Vec<u8> {
 }
 
 /// Starts the binary on a free port against an etcd endpoint where nothing listens.
-fn start(snapshot: &Path, extra: &[&str]) -> (Child, String) {
+fn start(snapshot: &Path, extra: &[&str]) -> (Process, String) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let child = Command::new(BIN)
-        .args([
-            "--listen",
-            &listen,
-            "--endpoints",
-            &dead,
-            "--prefix",
-            "/snap/",
-        ])
-        .arg("--snapshot")
-        .arg(snapshot)
-        .args(extra)
-        .env_remove("CONFIG_SIDECAR_PREFIXES")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Process::spawn(
+        Command::new(BIN)
+            .args([
+                "--listen",
+                &listen,
+                "--endpoints",
+                &dead,
+                "--prefix",
+                "/snap/",
+            ])
+            .arg("--snapshot")
+            .arg(snapshot)
+            .args(extra)
+            .env_remove("CONFIG_SIDECAR_PREFIXES")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
     (child, format!("http://{listen}"))
 }
 
 /// SIGTERMs the child and returns its stderr.
-fn stop(child: Child) -> String {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+fn stop(child: Process) -> String {
+    child.signal(libc::SIGTERM);
+    let out = child.into_inner().wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     String::from_utf8_lossy(&out.stderr).to_string()
 }

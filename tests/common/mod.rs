@@ -120,7 +120,8 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
-    child: Option<Child>,
+    /// The running etcd, if any: dropping it kills it.
+    child: Option<Process>,
 }
 
 /// A real etcd cluster on loopback.
@@ -255,7 +256,7 @@ impl EtcdCluster {
                     etcd_bin()
                 )
             });
-        self.members[i].child = Some(child);
+        self.members[i].child = Some(Process(Some(child)));
     }
 
     /// Client URLs of every member, in order.
@@ -371,10 +372,7 @@ impl EtcdCluster {
 
     /// SIGKILLs member `i`.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.members[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.members[i].child = None;
     }
 
     /// Starts member `i` again on its old data dir.
@@ -384,10 +382,7 @@ impl EtcdCluster {
     }
 
     fn signal(&self, i: usize, sig: libc::c_int) {
-        let pid = self.members[i].child.as_ref().expect("running").id();
-        // SAFETY: plain kill(2) on a child we own.
-        let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
-        assert_eq!(rc, 0, "kill({pid}, {sig})");
+        self.members[i].child.as_ref().expect("running").signal(sig);
     }
 
     /// Freezes member `i` (SIGSTOP): its sockets stay open and silent.
@@ -415,11 +410,54 @@ impl Drop for EtcdCluster {
                 }
             }
         }
+        // Stopped here, before the fields drop: the data dir goes first in field order.
         for m in &mut self.members {
-            if let Some(mut child) = m.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            m.child = None;
+        }
+    }
+}
+
+/// A child process the test owns, killed and reaped when dropped: also when the test fails half
+/// way, so no test leaves a process running (`scripts/test.sh` checks that the suite leaves none).
+pub struct Process(Option<Child>);
+
+impl Process {
+    pub fn spawn(command: &mut Command) -> Process {
+        Process(Some(command.spawn().expect("spawn the process")))
+    }
+
+    /// Sends `signal` (kill(2)) to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.id();
+        // SAFETY: plain kill(2) on a child we own and have not reaped.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal})");
+    }
+
+    /// The child, no longer killed on drop (to wait for its output, say).
+    pub fn into_inner(mut self) -> Child {
+        self.0.take().expect("not yet taken")
+    }
+}
+
+impl std::ops::Deref for Process {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("not yet taken")
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("not yet taken")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
