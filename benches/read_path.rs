@@ -4,20 +4,18 @@
 //! `cargo test` each runs once as a smoke test.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
 use config_sidecar::config::Config;
-use config_sidecar::etcd::EndpointPool;
+use config_sidecar::http::fast_path::plain_read;
 use config_sidecar::http::{app, AppState};
-use config_sidecar::mode::ModeHandle;
-use config_sidecar::persist;
-use config_sidecar::render::{render_list, render_tree};
-use config_sidecar::screen::Framing;
-use config_sidecar::service::plain_read;
-use config_sidecar::store::{Entry, Event, Store};
-use config_sidecar::sync::SyncStatus;
+use config_sidecar::mirror::mode::ModeHandle;
+use config_sidecar::mirror::persist;
+use config_sidecar::mirror::render::{render_list, render_tree};
+use config_sidecar::mirror::store::{Entry, Event, Store};
+use config_sidecar::ops::run::standalone_state;
+use config_sidecar::server::screen::Framing;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::Request;
 use tower::ServiceExt;
@@ -40,13 +38,7 @@ fn filled_store(n: usize) -> Arc<Store> {
 
 fn state(store: Arc<Store>) -> AppState {
     let config = Config::for_endpoints(&["http://127.0.0.1:1".into()], &["/bench/"]).unwrap();
-    let pool = Arc::new(EndpointPool::new(
-        config.etcd.clone(),
-        Duration::from_secs(1),
-    ));
-    let (_, sync) = tokio::sync::watch::channel(SyncStatus::default());
-    let mode = Arc::new(ModeHandle::default());
-    AppState::new(&config, store, pool, sync, mode, Default::default())
+    standalone_state(&config, store, Arc::new(ModeHandle::default()))
 }
 
 fn read_path(c: &mut Criterion) {

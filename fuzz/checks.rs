@@ -3,9 +3,10 @@
 // Each fuzz target uses one of the checks.
 #![allow(dead_code)]
 
-use config_sidecar::keys::{decode_key_path, validate_key, Prefixes};
-use config_sidecar::persist;
-use config_sidecar::screen::Framing;
+use config_sidecar::config::Prefixes;
+use config_sidecar::http::path::{decode_key_path, validate_key};
+use config_sidecar::mirror::persist;
+use config_sidecar::server::screen::Framing;
 
 /// A URL path after `/v1/kv`: decoding never panics, and whatever it accepts is a key that
 /// cannot leave its prefix: absolute, no NUL, no empty, `.` or `..` segment, and unchanged when
@@ -69,7 +70,7 @@ pub fn request_stream(data: &[u8]) {
 fn screened(
     stream: &[u8],
     piece: usize,
-) -> (Vec<u8>, Option<(u64, config_sidecar::screen::Refusal)>) {
+) -> (Vec<u8>, Option<(u64, config_sidecar::http::error::Refusal)>) {
     let mut framing = Framing::default();
     let (mut held, mut handed) = (Vec::new(), Vec::new());
     for part in stream.chunks(piece) {

@@ -1,305 +1,34 @@
 //! config-sidecar: mirrors etcd v3 key prefixes into memory and serves them to the application
 //! beside it over localhost HTTP.
 //!
-//! Data flows one way: etcd → [`sync`] → [`store`] → [`http`]. Modules, one job each:
+//! Data flows one way, etcd → [`mirror`] (the sync, then one immutable snapshot per revision) →
+//! [`http`] handlers, and so do the imports: each folder below uses only those listed before it.
 //!
-//! - [`config`]: flags, environment variables and the TOML file, validated before anything binds.
-//! - [`keys`]: URL path → etcd key (decode once, validate), prefix ranges.
-//! - [`etcd`]: one client per etcd member, member health, and the choice of member.
-//! - [`sync`]: the [`sync::WatchTask`]: paged load at one revision, then a watch, reconnects,
-//!   compaction resyncs.
-//! - [`store`]: immutable [`store::Snapshot`] per revision, swapped atomically.
-//! - [`render`]: prefix listings and tree views, cached by revision in a weight-bounded moka cache.
-//! - [`mode`]: the serving mode (`full` / `read-only` / `cache-only`), its pure state machine with
-//!   hysteresis, and the handle every response reads it from.
-//! - [`gate`]: who may talk to the sidecar: the Host allow-list (DNS rebinding) and the refusal
-//!   of cross-origin browser requests.
-//! - [`health`]: the layered checks of `/v1/status` and the liveness watchdog over the
-//!   background tasks (`/healthz`).
-//! - [`probe`]: periodic health probes of every member (status, serializable, linearizable).
-//! - [`persist`]: the disk snapshot (atomic write, checksum) and its debounced writer.
-//! - [`write`]: writes through to etcd as one transaction each (compare-and-swap included).
-//! - [`notify`]: blocking queries and server-sent event streams fed by the store's change sets.
-//! - [`webhook`]: posts mode transitions to an operator's URL without ever blocking.
-//! - [`error`]: the one mapping from errors to JSON HTTP responses.
-//! - [`metrics`]: `GET /metrics` (Prometheus): request counts kept per thread, the rest read from
-//!   the parts that own it at scrape time.
-//! - [`http`]: routes, handlers and the middleware chain ([`http::app`]).
-//! - [`service`]: what each connection runs: plain key reads answered on the spot, the rest
-//!   through the router.
-//! - [`reload`]: SIGHUP reads the configuration again and publishes its live settings (log level,
-//!   webhook, timeouts, memory budget) through [`config::Live`]; the rest is refused with a log
-//!   line.
-//! - [`selfcheck`]: the `--healthcheck` client that container health checks run.
-//! - [`server`]: accept loop and graceful drain ([`server::run`]).
-//! - [`screen`]: HTTP/1 request heads screened on the wire, so the ones hyper would refuse
-//!   with an empty body, and two-framing requests, get the JSON error form.
-//! - [`telemetry`]: logging setup.
+//! - [`config`]: every setting, from flags, environment and the TOML file, validated before
+//!   anything binds; the live settings a reload may change; the mirrored [`config::Prefixes`].
+//! - [`liveness`]: each background task's heartbeat and the watchdog over them (`/healthz`);
+//!   a leaf that every layer's tasks beat into.
+//! - [`upstream`]: etcd as the sidecar reaches it: one client per member
+//!   ([`upstream::EndpointPool`]), health probes of every member, writes as transactions.
+//! - [`mirror`]: etcd → memory: the [`mirror::sync::WatchTask`] (load at one revision, then
+//!   watch), the [`mirror::store::Store`] of snapshots, the serving [`mirror::mode`] and the
+//!   state machine that sets it, the disk snapshot, rendered listings and trees.
+//! - [`http`]: memory → the app: routes and handlers, the fast path for plain key reads, change
+//!   streams and blocking queries, the gate on who may ask, and the one place errors become
+//!   responses.
+//! - [`server`]: sockets: the accept loop and drain, per-connection deadlines, and the wire
+//!   screen of HTTP/1 request heads.
+//! - [`ops`]: the operator's side, on top: [`ops::serve`] wires and runs the whole; status
+//!   checks, metrics, alerts (webhook), reload on SIGHUP, logging, the container health check.
+
+#![forbid(unsafe_code)]
 
 pub mod config;
-pub mod error;
-pub mod etcd;
-pub mod gate;
-pub mod health;
 pub mod http;
-pub mod keys;
-pub mod metrics;
-pub mod mode;
-pub mod notify;
-pub mod persist;
-pub mod probe;
-pub mod reload;
-pub mod render;
-pub mod screen;
-pub mod selfcheck;
+pub mod liveness;
+pub mod mirror;
+pub mod ops;
 pub mod server;
-pub mod service;
-pub mod store;
-pub mod sync;
-pub mod telemetry;
-pub mod webhook;
-pub mod write;
+pub mod upstream;
 
-use std::future::Future;
-use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
-
-use std::time::{Duration, SystemTime};
-
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
-
-use crate::config::{Config, Live};
-use crate::etcd::EndpointPool;
-use crate::health::{Heartbeat, Liveness};
-use crate::mode::{Hysteresis, ModeHandle, ModeTask, Signal};
-use crate::persist::SnapshotWriter;
-use crate::probe::ProbeTask;
-use crate::store::Store;
-use crate::sync::WatchTask;
-use crate::webhook::WebhookTask;
-
-/// Runs the sidecar on `listener` until `shutdown` completes: loads the disk snapshot if there is
-/// one, starts the sync, probe and mode tasks, serves HTTP, drains, then stops the tasks and
-/// writes the snapshot a last time.
-pub async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    serve_live(Live::fixed(config), listener, shutdown).await
-}
-
-/// [`serve`], following `live` for the settings a reload may change (see [`Live`]); everything
-/// else is taken from it once, at start.
-pub async fn serve_live(
-    live: Live,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    let config = live.get(Config::clone);
-    let store = Arc::new(Store::new());
-    let mode = Arc::new(ModeHandle::default());
-    let (signals, signals_rx) = mpsc::channel(256);
-    let liveness = Arc::new(Liveness::default());
-    let mut tasks = Vec::new();
-    let mut spawn = |name, task: JoinHandle<()>, heartbeat: Option<Arc<Heartbeat>>| {
-        liveness.watch(name, task.abort_handle(), heartbeat);
-        tasks.push(task);
-    };
-
-    // Always running, so that a webhook configured by a reload gets the transitions after it.
-    let (webhook, transitions) = WebhookTask::new(live.clone(), config.sync.backoff_min);
-    spawn("webhook", tokio::spawn(webhook.run()), None);
-    let hysteresis = Hysteresis {
-        degrade_after: config.mode.degrade_after,
-        recover_after: config.mode.recover_after,
-    };
-    let mode_task = ModeTask::new(hysteresis, mode.clone(), signals_rx, transitions);
-    spawn("mode", tokio::spawn(mode_task.run()), None);
-
-    let prefixes = config.sync.prefixes.as_slice().to_vec();
-    let mut fallback = None;
-    let writer = config.snapshot.as_ref().map(|snap| {
-        let mut on_disk = 0;
-        match persist::load(&snap.path, &prefixes) {
-            Ok(Some(file)) => {
-                on_disk = file.revision;
-                tracing::info!(path = %snap.path.display(), revision = file.revision, keys = file.entries.len(), "snapshot found; it is served unless etcd answers first");
-                fallback = Some(file);
-            }
-            Ok(None) => tracing::info!(path = %snap.path.display(), "no snapshot yet"),
-            Err(e) => tracing::warn!(path = %snap.path.display(), error = %e, "snapshot ignored"),
-        }
-        SnapshotWriter::new(
-            store.clone(),
-            snap.path.clone(),
-            prefixes.clone(),
-            mode.clone(),
-            on_disk,
-            snap.write_timeout,
-        )
-    });
-
-    let pool = Arc::new(EndpointPool::new(
-        config.etcd.clone(),
-        config.sync.endpoint_cooldown,
-    ));
-    let sync = WatchTask::new(
-        pool.clone(),
-        store.clone(),
-        config.sync.clone(),
-        live.clone(),
-        mode.clone(),
-        signals.clone(),
-    );
-    let fallback_signals = signals.clone();
-    let probes = ProbeTask::new(pool.clone(), live.clone(), signals, prefixes[0].clone());
-    // A short-lived task, so not watched by liveness; aborted at shutdown with the rest.
-    let fallback = fallback.map(|file| {
-        tokio::spawn(serve_snapshot_unless_etcd_answers(
-            store.clone(),
-            mode.clone(),
-            fallback_signals,
-            probes.results(),
-            file,
-        ))
-    });
-    let state = http::AppState::new(&config, store, pool, sync.status(), mode, probes.results())
-        .with_snapshot_stats(writer.as_ref().map(|w| w.stats()))
-        .with_liveness(liveness.clone())
-        .with_live(live.clone());
-    let closer = state.clone();
-    let beat = sync.heartbeat();
-    spawn("sync", tokio::spawn(sync.run()), Some(beat));
-    let beat = probes.heartbeat();
-    spawn("probes", tokio::spawn(probes.run()), Some(beat));
-    let (stop_writer, writer_stopped) = oneshot::channel::<()>();
-    let writer = writer.map(|w| {
-        let beat = w.heartbeat();
-        let task = tokio::spawn(w.run(async {
-            let _ = writer_stopped.await;
-        }));
-        liveness.watch("snapshot-writer", task.abort_handle(), Some(beat));
-        task
-    });
-
-    let gate = gate::Gate::new(listener.local_addr()?, &config.http.allowed_hosts);
-    if !config.http.listen.ip().is_loopback() {
-        tracing::warn!(listen = %config.http.listen, "listening on an address other hosts can reach (--allow-remote)");
-    }
-    let service = http::service(state, gate);
-    let shutdown = async move {
-        shutdown.await;
-        // Streams and blocking queries end now; ordinary requests finish within the grace.
-        closer.close();
-    };
-    let result = server::run(listener, service, shutdown, || {
-        live.get(|c| server::ConnectionLimits {
-            header_read_timeout: c.http.header_read_timeout,
-            idle_timeout: c.http.idle_timeout,
-            shutdown_grace: c.http.shutdown_grace,
-            max_connections: c.http.max_connections,
-        })
-    })
-    .await;
-    for task in tasks.iter().chain(&fallback) {
-        task.abort();
-    }
-    // The last write at shutdown: the mirror as it was when serving stopped. A write that hangs
-    // (a wedged disk) must not hang the exit too.
-    let _ = stop_writer.send(());
-    if let Some(writer) = writer {
-        let grace = live.get(|c| c.http.shutdown_grace);
-        if tokio::time::timeout(grace, writer).await.is_err() {
-            tracing::error!("the last snapshot write did not finish within the shutdown grace");
-        }
-    }
-    result
-}
-
-/// How long a restarted sidecar waits for etcd before it serves its disk snapshot, when etcd's
-/// members answer but have not given it data yet. The snapshot may be older than what was served
-/// before the restart; etcd's data never is, so it is preferred whenever it comes quickly.
-pub const SNAPSHOT_FALLBACK_AFTER: Duration = Duration::from_secs(2);
-
-/// Serves the disk snapshot `file` unless etcd answers first: as soon as the first probe round
-/// finds no member with quorum (etcd cannot give current data), or after
-/// [`SNAPSHOT_FALLBACK_AFTER`]. If the sync loads from etcd before that, the snapshot is dropped.
-async fn serve_snapshot_unless_etcd_answers(
-    store: Arc<Store>,
-    mode: Arc<ModeHandle>,
-    signals: mpsc::Sender<Signal>,
-    probes: probe::ProbeResults,
-    file: persist::SnapshotFile,
-) {
-    let started = tokio::time::Instant::now();
-    while !store.is_loaded() && started.elapsed() < SNAPSHOT_FALLBACK_AFTER {
-        let no_quorum = {
-            let round = probes.lock().unwrap_or_else(|e| e.into_inner());
-            round.iter().all(|p| p.at_unix_ms != 0) && !round.iter().any(|p| p.quorum)
-        };
-        if no_quorum {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let (revision, keys) = (file.revision, file.entries.len());
-    let confirmed = SystemTime::UNIX_EPOCH + Duration::from_millis(file.confirmed_at_unix_ms);
-    match store.load_fallback(file.cluster_id, file.revision, file.entries) {
-        Ok(true) => {
-            mode.confirm(confirmed);
-            let _ = signals.send(Signal::LoadedFromSnapshot).await;
-            tracing::info!(
-                revision,
-                keys,
-                "serving the disk snapshot until etcd answers"
-            );
-        }
-        Ok(false) => tracing::info!("etcd answered first; the disk snapshot is not needed"),
-        Err(e) => tracing::warn!(error = %e, "snapshot not loaded"),
-    }
-}
-
-/// A sidecar running in the background of this process: what tests and embedders use.
-pub struct Running {
-    /// The address it serves on.
-    pub addr: SocketAddr,
-    /// Fires the shutdown.
-    stop: Option<oneshot::Sender<()>>,
-    /// The server task.
-    task: JoinHandle<io::Result<()>>,
-}
-
-impl Running {
-    /// Binds `config.http.listen` (port 0 picks a free port) and starts serving.
-    pub async fn start(config: Config) -> io::Result<Running> {
-        let listener = TcpListener::bind(config.http.listen).await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(config, listener, async {
-            let _ = stopped.await;
-        }));
-        Ok(Running {
-            addr,
-            stop: Some(stop),
-            task,
-        })
-    }
-
-    /// Stops it and waits for the drain.
-    pub async fn stop(mut self) -> io::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        (&mut self.task).await.map_err(io::Error::other)?
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+pub use ops::run::{serve, serve_live, Running, SNAPSHOT_FALLBACK_AFTER};

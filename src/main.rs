@@ -19,7 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let log = config_sidecar::telemetry::init(config.log_format, &config.log_level);
+    let log = config_sidecar::ops::telemetry::init(config.log_format, &config.log_level);
     let open_files = raise_open_files_limit();
     // Each connection is a file; etcd clients, the snapshot and the runtime need a few more.
     if open_files.is_some_and(|n| n < config.http.max_connections as u64 + 64) {
@@ -44,7 +44,7 @@ fn main() -> ExitCode {
         // process on the spot, and a supervisor may send either as soon as the port answers.
         let shutdown = shutdown_signal();
         let (reloaded, live) = tokio::sync::watch::channel(config);
-        let reload = config_sidecar::reload::on_sighup(cli, reloaded, log);
+        let reload = config_sidecar::ops::reload::on_sighup(cli, reloaded, log);
         let config = live.borrow().clone();
         let listener = match tokio::net::TcpListener::bind(config.http.listen).await {
             Ok(l) => l,
@@ -99,7 +99,7 @@ fn healthcheck(listen: Option<&str>, path: &str) -> ExitCode {
     let result = listen
         .parse()
         .map_err(|e| format!("--listen {listen:?}: {e}"))
-        .and_then(|addr| config_sidecar::selfcheck::check(addr, path));
+        .and_then(|addr| config_sidecar::ops::selfcheck::check(addr, path));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

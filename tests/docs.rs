@@ -5,16 +5,14 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use clap::{CommandFactory, Parser};
 use config_sidecar::config::{Cli, Config};
-use config_sidecar::etcd::EndpointPool;
-use config_sidecar::http::{app, route_paths, AppState};
-use config_sidecar::mode::ModeHandle;
-use config_sidecar::store::Store;
-use config_sidecar::sync::SyncStatus;
+use config_sidecar::http::{app, route_paths};
+use config_sidecar::mirror::mode::ModeHandle;
+use config_sidecar::mirror::store::Store;
+use config_sidecar::ops::run::standalone_state;
 use http::{Method, Request, StatusCode};
 use tower::ServiceExt;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -38,18 +36,10 @@ fn spec_form(path: &str, all: &[&str]) -> String {
 
 fn router() -> axum::Router {
     let config = Config::for_endpoints(&["http://127.0.0.1:1".into()], &["/c/"]).unwrap();
-    let pool = Arc::new(EndpointPool::new(
-        config.etcd.clone(),
-        Duration::from_secs(1),
-    ));
-    let (_, sync) = tokio::sync::watch::channel(SyncStatus::default());
-    let state = AppState::new(
+    let state = standalone_state(
         &config,
         Arc::new(Store::new()),
-        pool,
-        sync,
         Arc::new(ModeHandle::default()),
-        Default::default(),
     );
     app(state)
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{eventually, free_port, Process};
-use config_sidecar::persist;
-use config_sidecar::store::{Entry, Store};
+use config_sidecar::mirror::persist;
+use config_sidecar::mirror::store::{Entry, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_config-sidecar");
 

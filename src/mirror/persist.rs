@@ -25,9 +25,9 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::health::Heartbeat;
-use crate::mode::{unix_ms, ModeHandle};
-use crate::store::{Entry, Snapshot, Store};
+use crate::liveness::Heartbeat;
+use crate::mirror::mode::{unix_ms, ModeHandle};
+use crate::mirror::store::{Entry, Snapshot, Store};
 
 /// The first bytes of every snapshot file: the format's name and version.
 pub const MAGIC: &[u8; 8] = b"CSSNAP\0\x01";
@@ -250,22 +250,13 @@ pub fn load(path: &Path, prefixes: &[String]) -> Result<Option<SnapshotFile>, Sn
     Ok(Some(file))
 }
 
-/// The directory a snapshot file at `path` lives in (`.` for a bare file name): where its temp
-/// file is written and what must be writable.
-pub fn directory_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
 /// Writes `path` atomically with what `fill` writes, readable by the owner only: a temp file in
 /// the same directory, fsync, rename over `path`, fsync of the directory.
 pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut io::BufWriter<&mut File>) -> io::Result<()>,
 ) -> io::Result<()> {
-    let dir = directory_of(path);
+    let dir = crate::config::directory_of(path);
     let name = path.file_name().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,

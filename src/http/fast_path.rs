@@ -4,7 +4,7 @@
 //! A plain read (`GET /v1/kv/<key>`, no query, key present) is what an application does most, so
 //! it skips the router's matching, extensions, boxed futures and boxed body: the answer is one
 //! lookup in the current snapshot plus header values prepared when the revision was applied
-//! (`http::key_response`, which the router's handler uses too, so both say the same).
+//! ([`key_response`], which the router's handler uses too, so both say the same).
 //! Anything unusual — a query, an escape that does not decode, a missing key, an error — falls
 //! through to the router, which stays the one place that maps errors to responses.
 
@@ -24,12 +24,13 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
-use crate::error::ApiError;
-use crate::gate::Gate;
-use crate::http::{key_response, AppState, KV_ROUTE, MAX_URI_BYTES};
-use crate::keys::decode_key_path;
-use crate::metrics::RouteIndex;
-use crate::screen::Refusal;
+use crate::http::counters::RouteIndex;
+use crate::http::error::{ApiError, Refusal};
+use crate::http::gate::Gate;
+use crate::http::path::decode_key_path;
+use crate::http::respond::key_response;
+use crate::http::state::AppState;
+use crate::http::{KV_ROUTE, MAX_URI_BYTES};
 
 /// The body of any response: a prepared value, or whatever the router produced.
 pub type ServiceBody = Either<Full<Bytes>, axum::body::Body>;
@@ -114,7 +115,7 @@ impl hyper::service::Service<Request<Incoming>> for SidecarService {
 }
 
 impl SidecarService {
-    /// The answer to a request head refused on the wire (see [`crate::screen`]): the JSON error,
+    /// The answer to a request head refused on the wire (by the server's wire screen): the JSON error,
     /// counted with the requests no route matched.
     pub fn refused(
         &self,

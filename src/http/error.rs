@@ -5,9 +5,9 @@ use axum::response::{IntoResponse, Response};
 use http::{header, HeaderValue, StatusCode};
 use serde_json::{json, Value};
 
-use crate::keys::KeyError;
-use crate::mode::Mode;
-use crate::screen::Refusal;
+use crate::http::path::KeyError;
+use crate::http::{MAX_HEADERS, MAX_HEAD_BYTES};
+use crate::mirror::mode::Mode;
 
 /// Anything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +116,7 @@ pub enum ApiError {
     /// The request body could not be read (a malformed chunk, a dropped connection).
     #[error("the request body could not be read: {0}")]
     BadBody(String),
-    /// The request head was refused on the wire (see [`crate::screen`]); the connection closes
+    /// The request head was refused on the wire (by the server's wire screen); the connection closes
     /// after this answer.
     #[error("{}", .0.describe())]
     RequestHead(Refusal),
@@ -253,5 +253,57 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+/// Why a request head was refused on the wire (by the server's wire screen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// More than [`MAX_HEADERS`] header fields.
+    TooManyHeaders,
+    /// The head is longer than [`MAX_HEAD_BYTES`].
+    HeadTooLarge,
+    /// Both `Content-Length` and `Transfer-Encoding`: two framings, a smuggling shape.
+    TwoFramings,
+    /// The head is not HTTP/1 syntax.
+    Malformed,
+    /// A `Content-Length` that is not a number, or several that differ.
+    BadContentLength,
+    /// A `Transfer-Encoding` whose last coding is not `chunked`, or one in an HTTP/1.0 request.
+    BadTransferEncoding,
+}
+
+impl Refusal {
+    /// The stable machine-readable code of the JSON error.
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::TooManyHeaders => "too_many_headers",
+            Refusal::HeadTooLarge => "head_too_large",
+            Refusal::TwoFramings => "two_framings",
+            Refusal::Malformed => "malformed_request",
+            Refusal::BadContentLength => "bad_content_length",
+            Refusal::BadTransferEncoding => "bad_transfer_encoding",
+        }
+    }
+
+    /// What went wrong, for the error message.
+    pub fn describe(self) -> String {
+        match self {
+            Refusal::TooManyHeaders => format!("the request has more than {MAX_HEADERS} headers"),
+            Refusal::HeadTooLarge => {
+                format!("the request head is larger than {MAX_HEAD_BYTES} bytes")
+            }
+            Refusal::TwoFramings => "the request has both Content-Length and Transfer-Encoding; \
+                 it is refused and the connection closed (RFC 9112 section 6.3)"
+                .to_string(),
+            Refusal::Malformed => "the request head is not valid HTTP/1".to_string(),
+            Refusal::BadContentLength => {
+                "the request's Content-Length is not one decimal length".to_string()
+            }
+            Refusal::BadTransferEncoding => {
+                "the request's Transfer-Encoding must end in chunked, and HTTP/1.0 has none"
+                    .to_string()
+            }
+        }
     }
 }

@@ -13,9 +13,36 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use crate::config::Live;
-use crate::etcd::EndpointPool;
-use crate::health::Heartbeat;
-use crate::mode::{unix_ms, Observation, Signal};
+use crate::liveness::Heartbeat;
+use crate::upstream::EndpointPool;
+
+/// What one probe round (or a watch error) says about the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    /// A linearizable read succeeded; `all_members` when every member answered too.
+    Quorum {
+        /// Every member answered.
+        all_members: bool,
+    },
+    /// Some member answered, but no linearizable read succeeded.
+    NoQuorum,
+    /// No member answered.
+    Unreachable,
+}
+
+impl Observation {
+    /// The verdict in words, for logs and transition reasons.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Observation::Quorum { all_members: true } => "quorum, every member answers",
+            Observation::Quorum { all_members: false } => "quorum, some member does not answer",
+            Observation::NoQuorum => {
+                "members answer but no linearizable read succeeds (no quorum or leader)"
+            }
+            Observation::Unreachable => "no etcd member answers",
+        }
+    }
+}
 
 /// What one member answered in the last round.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -56,8 +83,8 @@ pub struct ProbeTask {
     pool: Arc<EndpointPool>,
     /// The interval between rounds and each check's timeout, read every round.
     live: Live,
-    /// Where verdicts go.
-    signals: mpsc::Sender<Signal>,
+    /// Where each round's verdict goes: the mode machine.
+    verdicts: mpsc::Sender<Observation>,
     /// Last answers per member.
     results: ProbeResults,
     /// Beaten every round, for the liveness watchdog.
@@ -73,7 +100,7 @@ impl ProbeTask {
     pub fn new(
         pool: Arc<EndpointPool>,
         live: Live,
-        signals: mpsc::Sender<Signal>,
+        verdicts: mpsc::Sender<Observation>,
         key: String,
     ) -> Self {
         let results = (0..pool.len())
@@ -86,7 +113,7 @@ impl ProbeTask {
         let task = ProbeTask {
             pool,
             live,
-            signals,
+            verdicts,
             results: Arc::new(Mutex::new(results)),
             heartbeat,
             key,
@@ -125,7 +152,7 @@ impl ProbeTask {
             let round = join_all((0..self.pool.len()).map(|i| self.probe(i, timeout))).await;
             let observation = verdict(&round);
             *self.results.lock().unwrap_or_else(|e| e.into_inner()) = round;
-            if self.signals.send(Signal::Probe(observation)).await.is_err() {
+            if self.verdicts.send(observation).await.is_err() {
                 return;
             }
             // Rounds start an interval apart; a round that ran long starts the next at once.
@@ -137,7 +164,9 @@ impl ProbeTask {
         let started = Instant::now();
         let mut answer = MemberProbe {
             url: self.pool.url(index),
-            at_unix_ms: unix_ms(SystemTime::now()),
+            at_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             ..MemberProbe::default()
         };
         let client = match self.pool.probe_client(index).await {
@@ -237,66 +266,5 @@ mod tests {
             Observation::NoQuorum
         );
         assert_eq!(verdict(&[member(false, false)]), Observation::Unreachable);
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use crate::config::Config;
-    use crate::mode::{Hysteresis, Mode, ModeHandle, ModeTask};
-
-    /// With time paused, the whole path from probes to the mode runs on virtual time: with nothing
-    /// listening at any endpoint, a full sidecar degrades to cache-only after three probe rounds
-    /// of one second, not before.
-    #[tokio::test(start_paused = true)]
-    async fn three_failed_rounds_of_one_second_make_cache_only() {
-        let dead: Vec<String> = (0..3)
-            .map(|_| {
-                let port = std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port();
-                format!("http://127.0.0.1:{port}")
-            })
-            .collect();
-        let config = Config::for_endpoints(&dead, &["/p/"]).unwrap();
-        let pool = Arc::new(EndpointPool::new(
-            config.etcd.clone(),
-            Duration::from_secs(1),
-        ));
-        let handle = Arc::new(ModeHandle::default());
-        let (signals, rx) = mpsc::channel(16);
-        let hysteresis = Hysteresis {
-            degrade_after: 3,
-            recover_after: 2,
-        };
-        // Transitions for a webhook task there is none of: kept, so sending never fails.
-        let (transitions, _unposted) = mpsc::channel(64);
-        tokio::spawn(ModeTask::new(hysteresis, handle.clone(), rx, transitions).run());
-        signals.send(Signal::LoadedFromEtcd).await.unwrap();
-        let start = tokio::time::Instant::now();
-        while handle.mode() != Mode::Full {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        // The defaults: rounds every 1 s, checks time out after 800 ms.
-        let probes = ProbeTask::new(
-            pool,
-            crate::config::Live::fixed(config),
-            signals,
-            "/p/".into(),
-        );
-        tokio::spawn(probes.run());
-        while handle.mode() == Mode::Full {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let took = start.elapsed();
-        assert_eq!(handle.mode(), Mode::CacheOnly);
-        // Rounds at 0 s, 1 s and 2 s; the third verdict lands within that round's timeout.
-        assert!(
-            took >= Duration::from_secs(2) && took < Duration::from_secs(3),
-            "degraded after {took:?}"
-        );
     }
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::keys::Prefixes;
+pub mod prefixes;
+
+pub use prefixes::{prefix_range_end, Prefixes};
 
 /// Default etcd endpoint: a local member on etcd's client port.
 pub const DEFAULT_ENDPOINTS: &str = "http://127.0.0.1:2379";
@@ -678,7 +680,7 @@ impl Config {
         let snapshot = match cli.snapshot.or(file.snapshot) {
             None => None,
             Some(path) => {
-                let dir = crate::persist::directory_of(&path);
+                let dir = directory_of(&path);
                 if !dir.is_dir() {
                     return Err(invalid(
                         "--snapshot",
@@ -813,6 +815,15 @@ impl Config {
             prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
             ..Cli::default()
         })
+    }
+}
+
+/// The directory a snapshot file at `path` lives in (`.` for a bare file name): where its temp
+/// file is written and what must be writable.
+pub fn directory_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use moka::sync::Cache;
 use serde_json::{Map, Value};
 
-use crate::store::{Entry, Snapshot};
+use crate::mirror::store::{Entry, Snapshot};
 
 /// What a cached body is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -191,7 +191,7 @@ pub fn render_tree(snapshot: &Snapshot, dir: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
+    use crate::mirror::store::Store;
 
     fn snapshot(pairs: &[(&str, &[u8])]) -> Arc<Snapshot> {
         let store = Store::new();

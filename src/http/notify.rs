@@ -17,9 +17,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::broadcast::Receiver;
 use tokio::sync::watch;
 
-use crate::mode::{ModeHandle, Transition};
-use crate::render::{entry_json, put_bytes};
-use crate::store::{Change, ChangeSet, Snapshot, Store};
+use crate::mirror::mode::{ModeHandle, Transition};
+use crate::mirror::render::{entry_json, put_bytes};
+use crate::mirror::store::{Change, ChangeSet, Snapshot, Store};
 
 /// Longest `wait` a blocking query may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -264,8 +264,8 @@ pub fn event_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mode::Mode;
-    use crate::store::Entry;
+    use crate::mirror::mode::Mode;
+    use crate::mirror::store::Entry;
     use futures_util::StreamExt;
 
     #[tokio::test]

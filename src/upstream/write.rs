@@ -1,13 +1,13 @@
 //! Writes through the sidecar to etcd: a plain put or delete, or a compare-and-swap as one etcd
-//! transaction, so that a write is either wholly applied or not at all. Errors say whether etcd
-//! refused the write (`not_applied`) or the answer was lost (`unknown`).
+//! transaction, so that a write is either wholly applied or not at all. A failure says whether
+//! etcd refused the write (not applied) or the answer was lost (unknown).
 
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::time::timeout;
 
-use crate::error::ApiError;
+use crate::upstream::error::Failure;
 
 /// What to write.
 #[derive(Debug)]
@@ -37,19 +37,34 @@ pub struct WriteResult {
     pub deleted: i64,
 }
 
-fn failed(error: etcd_client::Error) -> ApiError {
-    let message = error.to_string();
-    // etcd refused it outright (no leader, permission, too large...) unless it says the request
-    // timed out or the connection broke, in which case it may have been applied.
-    let unknown = matches!(
-        error,
-        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)
-    ) || message.contains("timed out")
-        || message.contains("transport")
-        || message.contains("connection");
-    ApiError::WriteFailed {
-        outcome: if unknown { "unknown" } else { "not_applied" },
-        message,
+/// Why a write did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The compare-and-swap revision did not match; nothing was written.
+    #[error("the key's mod_revision is {current}, not {expected}; nothing was written")]
+    PreconditionFailed {
+        /// The key.
+        key: String,
+        /// What the request expected.
+        expected: i64,
+        /// What etcd has (0: the key does not exist).
+        current: i64,
+    },
+    /// etcd refused it: nothing was written.
+    #[error("{0}")]
+    NotApplied(String),
+    /// The answer was lost: it may or may not have been applied.
+    #[error("{0}")]
+    Unknown(String),
+}
+
+impl From<etcd_client::Error> for WriteError {
+    fn from(error: etcd_client::Error) -> Self {
+        if Failure::of(&error).not_applied() {
+            WriteError::NotApplied(error.to_string())
+        } else {
+            WriteError::Unknown(error.to_string())
+        }
     }
 }
 
@@ -60,7 +75,7 @@ pub async fn apply(
     op: WriteOp,
     expected_mod_revision: Option<i64>,
     deadline: Duration,
-) -> Result<WriteResult, ApiError> {
+) -> Result<WriteResult, WriteError> {
     let key = match &op {
         WriteOp::Put { key, .. } | WriteOp::Delete { key, .. } => key.clone(),
     };
@@ -83,12 +98,11 @@ pub async fn apply(
     };
     let response = match timeout(deadline, client.txn(txn)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(failed(e)),
+        Ok(Err(e)) => return Err(e.into()),
         Err(_) => {
-            return Err(ApiError::WriteFailed {
-                outcome: "unknown",
-                message: format!("etcd did not answer within {deadline:?}"),
-            })
+            return Err(WriteError::Unknown(format!(
+                "etcd did not answer within {deadline:?}"
+            )))
         }
     };
     let revision = response.header().map(|h| h.revision()).unwrap_or_default();
@@ -101,7 +115,7 @@ pub async fn apply(
                 _ => None,
             })
             .unwrap_or_default();
-        return Err(ApiError::PreconditionFailed {
+        return Err(WriteError::PreconditionFailed {
             key,
             expected: expected_mod_revision.unwrap_or_default(),
             current,

@@ -22,6 +22,8 @@ use std::time::{Duration, SystemTime};
 use http::HeaderValue;
 use serde::Serialize;
 
+use crate::upstream::Observation;
+
 /// What the sidecar can currently promise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -74,38 +76,12 @@ pub enum Health {
     Unhealthy,
 }
 
-/// What one probe round (or a watch error) says about the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Observation {
-    /// A linearizable read succeeded; `all_members` when every member answered too.
-    Quorum {
-        /// Every member answered.
-        all_members: bool,
-    },
-    /// Some member answered, but no linearizable read succeeded.
-    NoQuorum,
-    /// No member answered.
-    Unreachable,
-}
-
-impl Observation {
-    fn level(self) -> Mode {
-        match self {
-            Observation::Quorum { .. } => Mode::Full,
-            Observation::NoQuorum => Mode::ReadOnly,
-            Observation::Unreachable => Mode::CacheOnly,
-        }
-    }
-
-    fn describe(self) -> &'static str {
-        match self {
-            Observation::Quorum { all_members: true } => "quorum, every member answers",
-            Observation::Quorum { all_members: false } => "quorum, some member does not answer",
-            Observation::NoQuorum => {
-                "members answer but no linearizable read succeeds (no quorum or leader)"
-            }
-            Observation::Unreachable => "no etcd member answers",
-        }
+/// How good a mode an observation allows.
+fn level(observation: Observation) -> Mode {
+    match observation {
+        Observation::Quorum { .. } => Mode::Full,
+        Observation::NoQuorum => Mode::ReadOnly,
+        Observation::Unreachable => Mode::CacheOnly,
     }
 }
 
@@ -226,7 +202,7 @@ impl ModeMachine {
                     Observation::Quorum { all_members: false } => Health::Degraded,
                     _ => Health::Unhealthy,
                 };
-                let level = observation.level();
+                let level = level(observation);
                 self.quorum_streak = if level == Mode::Full {
                     self.quorum_streak + 1
                 } else {
@@ -422,8 +398,10 @@ pub struct ModeTask {
     machine: ModeMachine,
     /// Where readers look.
     handle: std::sync::Arc<ModeHandle>,
-    /// Signals from probes, sync and the snapshot loader.
+    /// Signals from the sync and the snapshot loader.
     signals: tokio::sync::mpsc::Receiver<Signal>,
+    /// Each probe round's verdict.
+    verdicts: tokio::sync::mpsc::Receiver<Observation>,
     /// Transitions for the webhook task, which posts them when a webhook is configured.
     webhook: tokio::sync::mpsc::Sender<Transition>,
 }
@@ -434,19 +412,26 @@ impl ModeTask {
         hysteresis: Hysteresis,
         handle: std::sync::Arc<ModeHandle>,
         signals: tokio::sync::mpsc::Receiver<Signal>,
+        verdicts: tokio::sync::mpsc::Receiver<Observation>,
         webhook: tokio::sync::mpsc::Sender<Transition>,
     ) -> Self {
         ModeTask {
             machine: ModeMachine::new(hysteresis),
             handle,
             signals,
+            verdicts,
             webhook,
         }
     }
 
-    /// Runs until every signal sender is gone.
+    /// Runs until every sender of signals and of verdicts is gone.
     pub async fn run(mut self) {
-        while let Some(signal) = self.signals.recv().await {
+        loop {
+            let signal = tokio::select! {
+                Some(signal) = self.signals.recv() => signal,
+                Some(verdict) = self.verdicts.recv() => Signal::Probe(verdict),
+                else => return,
+            };
             let transition = self.machine.on(signal, SystemTime::now());
             if matches!(signal, Signal::Probe(_)) {
                 self.handle.set_health(self.machine.health());
@@ -633,5 +618,67 @@ mod tests {
         h.confirm(now - Duration::from_millis(1500));
         let s = h.staleness(now).unwrap();
         assert!(s >= Duration::from_millis(1499) && s <= Duration::from_millis(1501));
+    }
+}
+
+#[cfg(test)]
+mod probe_timing {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::config::{Config, Live};
+    use crate::upstream::{EndpointPool, ProbeTask};
+
+    /// With time paused, the whole path from probes to the mode runs on virtual time: with nothing
+    /// listening at any endpoint, a full sidecar degrades to cache-only after three probe rounds
+    /// of one second, not before.
+    #[tokio::test(start_paused = true)]
+    async fn three_failed_rounds_of_one_second_make_cache_only() {
+        let dead: Vec<String> = (0..3)
+            .map(|_| {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                format!("http://127.0.0.1:{port}")
+            })
+            .collect();
+        let config = Config::for_endpoints(&dead, &["/p/"]).unwrap();
+        let pool = Arc::new(EndpointPool::new(
+            config.etcd.clone(),
+            Duration::from_secs(1),
+        ));
+        let handle = Arc::new(ModeHandle::default());
+        let (signals, rx) = mpsc::channel(16);
+        let (verdicts, verdicts_rx) = mpsc::channel(16);
+        let hysteresis = Hysteresis {
+            degrade_after: 3,
+            recover_after: 2,
+        };
+        // Transitions for a webhook task there is none of: kept, so sending never fails.
+        let (transitions, _unposted) = mpsc::channel(64);
+        tokio::spawn(ModeTask::new(hysteresis, handle.clone(), rx, verdicts_rx, transitions).run());
+        signals.send(Signal::LoadedFromEtcd).await.unwrap();
+        let start = tokio::time::Instant::now();
+        while handle.mode() != Mode::Full {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The defaults: rounds every 1 s, checks time out after 800 ms.
+        let probes = ProbeTask::new(pool, Live::fixed(config), verdicts, "/p/".into());
+        tokio::spawn(probes.run());
+        while handle.mode() == Mode::Full {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = start.elapsed();
+        assert_eq!(handle.mode(), Mode::CacheOnly);
+        // Rounds at 0 s, 1 s and 2 s; the third verdict lands within that round's timeout.
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+            "degraded after {took:?}"
+        );
     }
 }

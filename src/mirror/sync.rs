@@ -21,12 +21,13 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
 
+use crate::config::prefix_range_end;
 use crate::config::{Live, SyncConfig};
-use crate::etcd::{EndpointPool, MAX_DECODE_BYTES};
-use crate::health::Heartbeat;
-use crate::keys::prefix_range_end;
-use crate::mode::{ModeHandle, Observation, Signal};
-use crate::store::{Entry, Event, Store};
+use crate::liveness::Heartbeat;
+use crate::mirror::mode::{ModeHandle, Signal};
+use crate::mirror::store::{Entry, Event, Store};
+use crate::upstream::error::{Failure, NO_LEADER};
+use crate::upstream::{EndpointPool, Observation, MAX_DECODE_BYTES};
 
 /// Where the sync task is in its cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -108,7 +109,19 @@ enum SessionError {
     #[error("revision {wanted} is compacted (compact revision {compact}); reloading")]
     Compacted { wanted: i64, compact: i64 },
     #[error("{0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::mirror::store::StoreError),
+}
+
+impl SessionError {
+    /// Whether etcd ended the session saying there is no leader: a call or the watch stream
+    /// failed with that status, or a watch was cancelled giving it as the reason.
+    fn is_no_leader(&self) -> bool {
+        match self {
+            SessionError::Etcd(e) => Failure::of(e) == Failure::NoLeader,
+            SessionError::Cancelled(reason) => reason == NO_LEADER,
+            _ => false,
+        }
+    }
 }
 
 /// Jittered exponential backoff: each delay is drawn from the upper half of a doubling window, so
@@ -246,7 +259,7 @@ impl WatchTask {
                 )
                 .await;
             self.signal(Signal::WatchLost).await;
-            if err.to_string().contains("no leader") {
+            if err.is_no_leader() {
                 // The member says there is no leader: evidence for the mode machine, like a probe.
                 self.signal(Signal::Probe(Observation::NoQuorum)).await;
             }

@@ -35,12 +35,8 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::server::MAX_HEADERS;
-
-/// Largest request head accepted, request line and headers together. URIs are limited to 8 KiB
-/// (`http::MAX_URI_BYTES`); nginx takes 32 KiB of headers by default. hyper's own limit (its read
-/// buffer, about 408 KiB) is never reached.
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+use crate::http::error::Refusal;
+use crate::http::{MAX_HEADERS, MAX_HEAD_BYTES};
 
 /// What the screen reads from the socket at a time.
 const READ_CHUNK: usize = 8 * 1024;
@@ -56,58 +52,6 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// before closing: closing with unread bytes would reset the connection and could destroy the
 /// answer before the client reads it.
 const LINGER: Duration = Duration::from_secs(1);
-
-/// Why a request head was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// More than [`MAX_HEADERS`] header fields.
-    TooManyHeaders,
-    /// The head is longer than [`MAX_HEAD_BYTES`].
-    HeadTooLarge,
-    /// Both `Content-Length` and `Transfer-Encoding`: two framings, a smuggling shape.
-    TwoFramings,
-    /// The head is not HTTP/1 syntax.
-    Malformed,
-    /// A `Content-Length` that is not a number, or several that differ.
-    BadContentLength,
-    /// A `Transfer-Encoding` whose last coding is not `chunked`, or one in an HTTP/1.0 request.
-    BadTransferEncoding,
-}
-
-impl Refusal {
-    /// The stable machine-readable code of the JSON error.
-    pub fn code(self) -> &'static str {
-        match self {
-            Refusal::TooManyHeaders => "too_many_headers",
-            Refusal::HeadTooLarge => "head_too_large",
-            Refusal::TwoFramings => "two_framings",
-            Refusal::Malformed => "malformed_request",
-            Refusal::BadContentLength => "bad_content_length",
-            Refusal::BadTransferEncoding => "bad_transfer_encoding",
-        }
-    }
-
-    /// What went wrong, for the error message.
-    pub fn describe(self) -> String {
-        match self {
-            Refusal::TooManyHeaders => format!("the request has more than {MAX_HEADERS} headers"),
-            Refusal::HeadTooLarge => {
-                format!("the request head is larger than {MAX_HEAD_BYTES} bytes")
-            }
-            Refusal::TwoFramings => "the request has both Content-Length and Transfer-Encoding; \
-                 it is refused and the connection closed (RFC 9112 section 6.3)"
-                .to_string(),
-            Refusal::Malformed => "the request head is not valid HTTP/1".to_string(),
-            Refusal::BadContentLength => {
-                "the request's Content-Length is not one decimal length".to_string()
-            }
-            Refusal::BadTransferEncoding => {
-                "the request's Transfer-Encoding must end in chunked, and HTTP/1.0 has none"
-                    .to_string()
-            }
-        }
-    }
-}
 
 /// Where a connection's screen leaves its refusal for the connection's service: which request
 /// on the connection (counting from 1) is the stand-in, and why. Set at most once: nothing is

@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::config::Live;
-use crate::mode::Transition;
-use crate::sync::Backoff;
+use crate::mirror::mode::Transition;
+use crate::mirror::sync::Backoff;
 
 /// Transitions waiting to be posted at most.
 pub const WEBHOOK_QUEUE: usize = 64;
@@ -88,7 +88,7 @@ impl WebhookTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mode::Mode;
+    use crate::mirror::mode::Mode;
     use axum::http::StatusCode;
     use axum::routing::post;
     use axum::{Json, Router};

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use http::header::{HOST, ORIGIN};
 use http::{HeaderName, Request};
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// `Sec-Fetch-Site`, which browsers send with every request.
 static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{Cli, Config};
-use crate::telemetry::LogControl;
+use crate::ops::telemetry::LogControl;
 
 /// Catches SIGHUP from the call on (its default action would end the process) and returns the
 /// task that handles each until the process ends, publishing each applied configuration into

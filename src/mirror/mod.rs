@@ -1,0 +1,11 @@
+//! etcd → memory. The [`sync::WatchTask`] loads every mirrored prefix at one revision, then
+//! watches from the next, and publishes each revision into the [`store::Store`] as one immutable
+//! snapshot. The serving [`mode`] is set by a state machine fed by the sync and the probes;
+//! [`persist`] saves the store to disk and serves it after a restart; [`render`] turns a
+//! snapshot's prefix into a listing or a tree, once per revision.
+
+pub mod mode;
+pub mod persist;
+pub mod render;
+pub mod store;
+pub mod sync;

@@ -1,0 +1,14 @@
+//! The operator's side, on top of every other layer: [`run`] wires the parts together and runs
+//! them; [`report`], with [`checks`] and [`metrics`], reports on them (`/v1/status`,
+//! `/metrics`); [`webhook`] alerts;
+//! [`reload`] applies a new configuration on SIGHUP; [`telemetry`] sets up logging; [`selfcheck`]
+//! is the container health check client.
+
+pub mod checks;
+pub mod metrics;
+pub mod reload;
+pub mod report;
+pub mod run;
+pub mod selfcheck;
+pub mod telemetry;
+pub mod webhook;

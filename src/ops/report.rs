@@ -1,0 +1,113 @@
+//! What `/v1/status` and `/metrics` say: the [`Reporter`] reads every part of the sidecar, which
+//! only this layer sees, and answers the HTTP side's [`Report`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::json;
+
+use crate::config::Config;
+use crate::http::{AppState, Report};
+use crate::mirror::persist::WriterStats;
+use crate::mirror::store::Snapshot;
+use crate::ops::checks::{self, Check, WatchFacts};
+use crate::upstream::{MemberProbe, ProbeResults};
+
+/// The parts only the operator's side reports on.
+#[derive(Clone)]
+pub struct Reporter {
+    /// The last probe round.
+    pub probes: ProbeResults,
+    /// The disk snapshot writer's record, when there is a snapshot.
+    pub snapshot_stats: Option<Arc<WriterStats>>,
+    /// Where the disk snapshot goes, for its check.
+    pub snapshot_path: Option<PathBuf>,
+    /// The watch's silence deadline: confirmations of freshness come well within it.
+    pub watch_deadline: Duration,
+    /// Process start, for uptime.
+    pub started: Instant,
+}
+
+impl Reporter {
+    /// A reporter for `config`, reading `probes` and (with a snapshot) the writer's `stats`.
+    pub fn new(config: &Config, probes: ProbeResults, stats: Option<Arc<WriterStats>>) -> Self {
+        Reporter {
+            probes,
+            snapshot_stats: stats,
+            snapshot_path: config.snapshot.as_ref().map(|s| s.path.clone()),
+            watch_deadline: config.sync.watch_deadline,
+            started: Instant::now(),
+        }
+    }
+
+    /// Every component check, as `/v1/status` lists them.
+    pub fn checks(
+        &self,
+        state: &AppState,
+        snapshot: &Snapshot,
+        probes: &[MemberProbe],
+    ) -> Vec<Check> {
+        let mut checks = checks::member_checks(probes);
+        let facts = WatchFacts {
+            loaded: snapshot.loaded,
+            staleness: state.mode.staleness(SystemTime::now()),
+            watch_deadline: self.watch_deadline,
+            revision: snapshot.revision,
+        };
+        checks.push(checks::watch_check(&facts, probes));
+        if let Some(path) = &self.snapshot_path {
+            let failing = self.snapshot_stats.as_ref().is_some_and(|s| s.failing());
+            checks.push(checks::snapshot_check(path, snapshot.bytes, failing));
+        }
+        checks.push(checks::memory_check(
+            checks::resident_bytes(),
+            state.live.get(|c| c.memory_budget),
+        ));
+        checks.push(checks::tasks_check(&state.liveness));
+        checks
+    }
+}
+
+impl Report for Reporter {
+    fn status(&self, state: &Arc<AppState>, snapshot: &Snapshot) -> serde_json::Value {
+        let sync = state.sync.borrow().clone();
+        let (transitions, transitions_total) = state.mode.history();
+        let probes = self
+            .probes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let checks = self.checks(state, snapshot, &probes);
+        json!({
+            "status": checks::overall(&checks),
+            "checks": checks,
+            "mode": state.mode.mode(),
+            "health": state.mode.health(),
+            "ready": state.ready(snapshot),
+            "revision": snapshot.revision,
+            "cluster_id": snapshot.cluster_id,
+            "stale_ms": state.mode.staleness(SystemTime::now()).map(|s| s.as_millis() as u64),
+            "keys": snapshot.len(),
+            "bytes": snapshot.bytes,
+            "prefixes": state.prefixes.as_slice(),
+            "endpoints": state.pool.status(),
+            "probes": probes,
+            "sync": sync,
+            "transitions": transitions,
+            "transitions_total": transitions_total,
+            "writes_allowed": state.writes.allowed,
+            "last_applied_unix_ms": snapshot
+                .published_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+    }
+
+    fn metrics(&self, state: &Arc<AppState>) -> Result<String, std::fmt::Error> {
+        crate::ops::metrics::render(state, self)
+    }
+}

@@ -1,0 +1,85 @@
+//! What an etcd call's failure means, told from its gRPC status code rather than from the text
+//! of the message. Where etcd gives one code several meanings it defines the message too
+//! (`rpctypes` in etcd's `api/v3rpc`), and only that exact message is compared.
+
+use tonic::Code;
+
+/// etcd's message for `ErrGRPCNoLeader` (code `Unavailable`): how a watch stream that requires a
+/// leader ends when its member has none, and how a call fails then.
+pub const NO_LEADER: &str = "etcdserver: no leader";
+
+/// The kind of an etcd call's failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The member answered that the cluster has no leader: nothing was applied, and the member
+    /// is cut off from a quorum or the cluster is electing.
+    NoLeader,
+    /// The call's deadline passed (`DeadlineExceeded`, `Cancelled`): a request that was sent may
+    /// have been applied.
+    Deadline,
+    /// The member could not be reached or the connection broke (a transport or IO error, or
+    /// `Unavailable` for another reason): whether a request sent was applied is unknown.
+    Unreachable,
+    /// etcd answered and refused the request (bad argument, permission, size, compaction...):
+    /// nothing was applied.
+    Refused,
+}
+
+impl Failure {
+    /// What `error` means.
+    pub fn of(error: &etcd_client::Error) -> Failure {
+        match error {
+            etcd_client::Error::GRpcStatus(status) => match status.code() {
+                Code::Unavailable if status.message() == NO_LEADER => Failure::NoLeader,
+                Code::Unavailable | Code::Unknown => Failure::Unreachable,
+                Code::DeadlineExceeded | Code::Cancelled => Failure::Deadline,
+                _ => Failure::Refused,
+            },
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
+                Failure::Unreachable
+            }
+            _ => Failure::Refused,
+        }
+    }
+
+    /// Whether a write that failed this way was certainly not applied.
+    pub fn not_applied(self) -> bool {
+        matches!(self, Failure::NoLeader | Failure::Refused)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: Code, message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn failures_are_told_apart_by_code() {
+        assert_eq!(
+            Failure::of(&status(Code::Unavailable, NO_LEADER)),
+            Failure::NoLeader
+        );
+        assert_eq!(
+            Failure::of(&status(Code::Unavailable, "connection refused")),
+            Failure::Unreachable
+        );
+        assert_eq!(
+            Failure::of(&status(Code::DeadlineExceeded, "context deadline exceeded")),
+            Failure::Deadline
+        );
+        // A refusal whose text mentions a leader is still a refusal: the code decides.
+        assert_eq!(
+            Failure::of(&status(Code::InvalidArgument, "etcdserver: no leader")),
+            Failure::Refused
+        );
+        assert_eq!(
+            Failure::of(&status(Code::PermissionDenied, "permission denied")),
+            Failure::Refused
+        );
+        assert!(Failure::NoLeader.not_applied() && Failure::Refused.not_applied());
+        assert!(!Failure::Deadline.not_applied() && !Failure::Unreachable.not_applied());
+    }
+}

@@ -1,0 +1,11 @@
+//! etcd as the sidecar reaches it: one client per member and which member to use
+//! ([`pool`]), periodic health probes of every member ([`probe`]), writes as one transaction
+//! each ([`write`]), and what a failed call means ([`error`]).
+
+pub mod error;
+pub mod pool;
+pub mod probe;
+pub mod write;
+
+pub use pool::{Chosen, EndpointPool, EndpointStatus, MAX_DECODE_BYTES};
+pub use probe::{MemberProbe, Observation, ProbeResults, ProbeTask};
