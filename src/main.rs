@@ -10,9 +10,14 @@ fn main() -> ExitCode {
     // clap itself exits with code 2 and a usage message on unknown or malformed flags.
     let cli = Cli::parse();
     if let Some(path) = &cli.healthcheck {
-        return healthcheck(cli.listen.as_deref(), path);
+        return healthcheck(cli.settings.listen, path);
     }
-    let config = match Config::from_cli(cli.clone()) {
+    // Parsed again with the file, which fills what flags and environment did not give.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if cli.check_config {
+        return check_config(args);
+    }
+    let config = match Config::load(args.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("config-sidecar: {e}");
@@ -44,7 +49,7 @@ fn main() -> ExitCode {
         // process on the spot, and a supervisor may send either as soon as the port answers.
         let shutdown = shutdown_signal();
         let (reloaded, live) = tokio::sync::watch::channel(config);
-        let reload = config_sidecar::ops::reload::on_sighup(cli, reloaded, log);
+        let reload = config_sidecar::ops::reload::on_sighup(args, reloaded, log);
         let config = live.borrow().clone();
         let listener = match tokio::net::TcpListener::bind(config.http.listen).await {
             Ok(l) => l,
@@ -92,15 +97,30 @@ fn raise_open_files_limit() -> Option<u64> {
     limit.current
 }
 
+/// `--check-config`: the whole configuration validated, then every setting printed with where it
+/// came from.
+fn check_config(args: Vec<std::ffi::OsString>) -> ExitCode {
+    use config_sidecar::config::settings::{parse, Environment};
+    let checked = parse(args, Environment::Read).and_then(|parsed| {
+        let described = parsed.describe();
+        Config::from_settings(parsed.settings, parsed.given).map(|_| described)
+    });
+    match checked {
+        Ok(described) => {
+            print!("{described}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("config-sidecar: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// `--healthcheck`: only the listen address matters, so a health check command needs no other
 /// setting (the prefixes may be given to the serving process only).
-fn healthcheck(listen: Option<&str>, path: &str) -> ExitCode {
-    let listen = listen.unwrap_or(config_sidecar::config::DEFAULT_LISTEN);
-    let result = listen
-        .parse()
-        .map_err(|e| format!("--listen {listen:?}: {e}"))
-        .and_then(|addr| config_sidecar::ops::selfcheck::check(addr, path));
-    match result {
+fn healthcheck(listen: std::net::SocketAddr, path: &str) -> ExitCode {
+    match config_sidecar::ops::selfcheck::check(listen, path) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("config-sidecar: unhealthy: {e}");

@@ -101,6 +101,72 @@ fn bad_configuration_exits_2_naming_the_setting() {
     }
 }
 
+/// `--check-config` resolves every setting by flag, then environment, then file, then default,
+/// says where each came from, and prints it in the file's syntax: fed back as the file, the same
+/// values come out, now from the file.
+#[test]
+fn check_config_shows_each_setting_and_where_it_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "prefixes = [\"/a/\", \"/b/\"]\ndial_timeout = \"3s\"\nwatch_deadline = \"9s\"\npage_size = 50\n",
+    )
+    .unwrap();
+    let check = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).arg("--check-config").stdin(Stdio::null());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("CONFIG_SIDECAR_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{:?}", out);
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = check(
+        &["--config", file.to_str().unwrap(), "--dial-timeout", "4s"],
+        &[
+            ("CONFIG_SIDECAR_WATCH_DEADLINE", "7s"),
+            ("CONFIG_SIDECAR_ETCD_USERNAME", "u"),
+            ("CONFIG_SIDECAR_ETCD_PASSWORD", "pw-never-printed"),
+        ],
+    );
+    for line in [
+        "dial_timeout = \"4s\"  # flag",
+        "watch_deadline = \"7s\"  # environment",
+        "prefixes = [\"/a/\", \"/b/\"]  # file",
+        "page_size = \"50\"  # file",
+        "request_timeout = \"5s\"  # default",
+        "etcd_password = \"<redacted>\"  # environment",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing in:\n{text}"
+        );
+    }
+    assert!(!text.contains("pw-never-printed"));
+
+    let roundtrip = dir.path().join("out.toml");
+    let without_password: String = text
+        .lines()
+        .filter(|l| !l.starts_with("etcd_"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&roundtrip, &without_password).unwrap();
+    let again = check(&["--config", roundtrip.to_str().unwrap()], &[]);
+    assert_eq!(
+        again.replace("# file", "#"),
+        without_password
+            .replace("# flag", "#")
+            .replace("# environment", "#")
+            .replace("# file", "#")
+            .replace("# default", "#"),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_binary_with_exit_0() {
     let cluster = EtcdCluster::start(1).await;

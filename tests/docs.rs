@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use axum::body::Body;
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 use config_sidecar::config::{Cli, Config};
 use config_sidecar::http::{app, route_paths};
 use config_sidecar::mirror::mode::ModeHandle;
@@ -172,10 +172,8 @@ impl Invocation {
             }
         }
         argv.extend(self.args.iter().cloned());
-        let cli = Cli::try_parse_from(&argv)
-            .unwrap_or_else(|e| panic!("{}: {argv:?} does not parse: {e}", self.what));
-        let config = Config::from_cli(cli)
-            .unwrap_or_else(|e| panic!("{}: invalid configuration: {e}", self.what));
+        let config =
+            Config::from_flags(&argv).unwrap_or_else(|e| panic!("{}: {argv:?}: {e}", self.what));
         config.http.listen.port()
     }
 }
@@ -399,4 +397,50 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
         .unwrap();
     let reads = strings(&app["args"]).join(" ");
     assert!(reads.contains(&format!("localhost:{port}/v1/")), "{reads}");
+}
+
+/// The README's settings table, as the schema says it must read: one row per setting, in the
+/// schema's order, with its section, flag, environment variable, default, whether SIGHUP applies
+/// it, and its help text.
+fn settings_table() -> String {
+    use config_sidecar::config::settings::{schema, LIVE};
+    let mut table = String::from(
+        "| setting (file key) | flag | environment variable | default | SIGHUP | what |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for s in schema() {
+        let doc = s.doc.replace(LIVE, "").replace('|', "\\|");
+        table.push_str(&format!(
+            "| `{}` ({}) | `--{}` | `{}` | {} | {} | {} |\n",
+            s.name,
+            s.section,
+            s.flag,
+            s.env,
+            s.default.map_or("—".to_string(), |d| format!("`{d}`")),
+            if s.live { "applied" } else { "restart" },
+            doc.trim()
+        ));
+    }
+    table
+}
+
+#[test]
+fn the_readme_settings_table_is_the_schema() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    const START: &str = "<!-- settings: checked against the schema by tests/docs.rs -->\n";
+    const END: &str = "<!-- end of settings -->";
+    let start = readme
+        .find(START)
+        .expect("the README marks its settings table")
+        + START.len();
+    let end = start
+        + readme[start..]
+            .find(END)
+            .expect("the table's end is marked");
+    let expected = settings_table();
+    assert!(
+        readme[start..end] == expected,
+        "README.md's settings table differs from the schema; it should read:\n{expected}"
+    );
 }

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use config_sidecar::config::{Cli, Config};
+use config_sidecar::config::Config;
 use etcd_client::{Client, Permission};
 
 const BIN: &str = env!("CARGO_BIN_EXE_config-sidecar");
@@ -31,19 +31,24 @@ async fn enable_auth(etcd: &mut Client) {
     etcd.auth_enable().await.unwrap();
 }
 
-/// Command-line settings for the sidecar against `cluster` with `pki`'s sidecar certificate.
-fn secure_cli(cluster: &EtcdCluster, pki: &TestPki, password_file: &std::path::Path) -> Cli {
-    Cli {
-        endpoints: cluster.endpoints(),
-        prefixes: vec!["/app/".into()],
-        etcd_ca_file: Some(pki.path("ca.pem")),
-        etcd_cert_file: Some(pki.path("sidecar.pem")),
-        etcd_key_file: Some(pki.path("sidecar-key.pem")),
-        etcd_username: Some(USER.into()),
-        etcd_password_file: Some(password_file.to_path_buf()),
-        allow_writes: Some(true),
-        ..Cli::default()
-    }
+/// The sidecar's configuration against `cluster` with `pki`'s sidecar certificate, from flags.
+fn secure_config(
+    cluster: &EtcdCluster,
+    pki: &TestPki,
+    password_file: &std::path::Path,
+) -> Result<Config, config_sidecar::config::ConfigError> {
+    let path = |p: &std::path::Path| p.display().to_string();
+    Config::from_flags([
+        "config-sidecar".to_string(),
+        format!("--endpoints={}", cluster.endpoints().join(",")),
+        "--prefix=/app/".into(),
+        format!("--etcd-ca-file={}", path(&pki.path("ca.pem"))),
+        format!("--etcd-cert-file={}", path(&pki.path("sidecar.pem"))),
+        format!("--etcd-key-file={}", path(&pki.path("sidecar-key.pem"))),
+        format!("--etcd-username={USER}"),
+        format!("--etcd-password-file={}", path(password_file)),
+        "--allow-writes".into(),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +62,7 @@ async fn mirrors_watches_and_writes_over_tls_with_password_auth() {
     let dir = tempfile::tempdir().unwrap();
     let password_file = dir.path().join("password");
     std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
-    let config = Config::from_cli(secure_cli(&cluster, &pki, &password_file)).unwrap();
+    let config = secure_config(&cluster, &pki, &password_file).unwrap();
     assert!(
         !format!("{config:?}").contains(PASSWORD) && !format!("{config:?}").contains("PRIVATE"),
         "Debug output shows a secret"
