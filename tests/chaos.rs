@@ -21,7 +21,10 @@
 //!    (15 s after a compaction-forced reload);
 //! 5. every write acknowledged by the sidecar is in etcd's history at the revision it named (a
 //!    2xx without quorum would not be);
-//! 6. reads during a fault carry the mode it calls for, and at least 99.9% of reads succeed.
+//! 6. reads during a fault carry the mode it calls for, and at least 99.9% of reads succeed;
+//! 7. every stage checked something: a minimum of faults, key, prefix and tree reads, stream
+//!    events and revisions, writes and compactions, and reads checked for their mode in every
+//!    fault (a stage that saw nothing proves nothing).
 //!
 //! It ends by printing its figures; the README shows the latest.
 
@@ -29,7 +32,6 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,7 +42,6 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-const BIN: &str = env!("CARGO_BIN_EXE_config-sidecar");
 const PREFIX: &str = "/chaos/";
 const KEYS: usize = 10;
 
@@ -246,9 +247,13 @@ fn scale() -> u32 {
 
 /// The sidecar binary under test.
 struct SidecarProcess {
-    child: Option<Child>,
+    /// The running binary, if it runs (killed when dropped).
+    child: Option<Process>,
+    /// Where it listens.
     listen: String,
+    /// Its configuration file.
     config: PathBuf,
+    /// Where its stderr goes, kept across restarts.
     log: PathBuf,
 }
 
@@ -270,29 +275,21 @@ impl SidecarProcess {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
-            .args([
+        let child = Process::spawn(
+            sidecar_command([
                 "--config",
                 self.config.to_str().unwrap(),
                 "--listen",
                 &self.listen,
             ])
-            .env_remove("CONFIG_SIDECAR_PREFIXES")
-            .env_remove("CONFIG_SIDECAR_ENDPOINTS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log),
+        );
         self.child = Some(child);
     }
 
-    /// kill -9.
+    /// kill -9 (dropping the process kills it).
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child = None;
     }
 
     fn base(&self) -> String {
@@ -741,17 +738,6 @@ async fn watch_member(cluster: &EtcdCluster, i: usize, hold: Duration) -> Vec<In
     silent
 }
 
-/// Whether the sidecar at `base` says it is in `full` mode.
-async fn in_full_mode(http: &reqwest::Client, base: &str) -> bool {
-    match http.get(format!("{base}/v1/status")).send().await {
-        Ok(r) => r
-            .json::<serde_json::Value>()
-            .await
-            .is_ok_and(|s| s["mode"] == "full"),
-        Err(_) => false,
-    }
-}
-
 /// The member the sidecar's watch runs on, from its status.
 async fn sidecars_member(base: &str, proxies: &[Proxy]) -> Option<usize> {
     let status: serde_json::Value = reqwest::get(format!("{base}/v1/status"))
@@ -834,9 +820,11 @@ async fn chaos_history_is_consistent() {
     let mut sidecar = SidecarProcess::start(&listen, &config, &dir.path().join("sidecar.log"));
     let base = sidecar.base();
     let http = reqwest::Client::new();
-    eventually(Duration::from_secs(20), "sidecar ready and full", || {
-        in_full_mode(&http, &base)
-    })
+    eventually(
+        Duration::from_secs(20),
+        "sidecar ready and full",
+        || async { mode_at(&http, &base).await.as_deref() == Some("full") },
+    )
     .await;
 
     // A subscriber that never reads: it must cost the others nothing.
@@ -890,11 +878,9 @@ async fn chaos_history_is_consistent() {
         schedule.extend(round);
     }
     for fault in schedule {
-        let hold = if fault.modes() == ["full"] || fault == Fault::KillLeader {
-            hold
-        } else {
-            hold.max(fault.grace() + Duration::from_secs(2))
-        };
+        // Every fault lasts past its grace by 2 s at least, so every fault's reads are checked
+        // for its mode (at scale 1 the hold alone ended some faults before their grace did).
+        let hold = hold.max(fault.grace() + Duration::from_secs(2));
         // The leader stays stopped for 10 s at least: long past an election, so the cluster
         // moves on and the stopped member returns to a newer term.
         let hold = if fault == Fault::FreezeLeader {
@@ -1002,8 +988,8 @@ async fn chaos_history_is_consistent() {
             survivor_silent,
         });
         // Let the mode recover before the next fault, so windows do not overlap.
-        eventually(Duration::from_secs(15), "mode full again", || {
-            in_full_mode(&http, &base)
+        eventually(Duration::from_secs(15), "mode full again", || async {
+            mode_at(&http, &base).await.as_deref() == Some("full")
         })
         .await;
     }
@@ -1036,12 +1022,19 @@ async fn chaos_history_is_consistent() {
 
     // 1. Every answer is etcd's state at the revision it names.
     let mut checked_reads = 0;
+    // Answers checked per kind of read: key, prefix, tree.
+    let mut checked_by_target = [0u64; 3];
     for r in record
         .reads
         .iter()
         .filter(|r| r.status == 200 || r.status == 404)
     {
         checked_reads += 1;
+        checked_by_target[match r.target {
+            Target::Key(_) => 0,
+            Target::Prefix => 1,
+            Target::Tree => 2,
+        }] += 1;
         match &r.target {
             Target::Key(k) => {
                 let expected = index.key_at(k, r.revision);
@@ -1098,6 +1091,7 @@ async fn chaos_history_is_consistent() {
     let mut by_start = by_end.clone();
     by_start.sort_by_key(|r| r.started);
     let (mut i, mut highest) = (0, (i64::MIN, None::<&Read>));
+    let ordered_reads = by_start.len();
     for r in &by_start {
         while i < by_end.len() && by_end[i].ended < r.started {
             if by_end[i].revision > highest.0 {
@@ -1118,6 +1112,8 @@ async fn chaos_history_is_consistent() {
     //    the stream said `reset` or `resync`; and they rebuild etcd's state at that id.
     let mut state: BTreeMap<String, (String, i64)> = BTreeMap::new();
     let (mut last_id, mut events_checked, mut may_skip) = (i64::MIN, 0u64, true);
+    // Revisions whose events were compared with etcd's changes (not after a reset or resync).
+    let mut revisions_compared = 0u64;
     let mut group: Vec<(String, Option<String>, i64)> = Vec::new();
     for item in &record.stream {
         let e = match item {
@@ -1162,6 +1158,7 @@ async fn chaos_history_is_consistent() {
                     .collect();
                 expected.sort();
                 group.sort();
+                revisions_compared += 1;
                 if group != expected {
                     note(format!(
                         "stream events up to {id} after {last_id}: {} events, etcd had {} changes",
@@ -1217,12 +1214,14 @@ async fn chaos_history_is_consistent() {
     let (mut wrong_modes, mut mode_checked) = (0, 0);
     for f in &record.faults {
         let from = f.injected + f.fault.grace();
+        let mut checked_in_fault = 0;
         for r in record
             .reads
             .iter()
             .filter(|r| r.started >= from && r.ended <= f.healed && r.status == 200)
         {
             mode_checked += 1;
+            checked_in_fault += 1;
             // cache-only is right if the survivor itself stopped answering within the last
             // three probe rounds and their timeout.
             let survivor_was_silent = r.mode == "cache-only"
@@ -1240,6 +1239,9 @@ async fn chaos_history_is_consistent() {
                     ));
                 }
             }
+        }
+        if checked_in_fault == 0 {
+            note(format!("{:?}: no read was checked for its mode", f.fault));
         }
     }
     let during_downtime = |r: &Read| {
@@ -1264,6 +1266,54 @@ async fn chaos_history_is_consistent() {
             success * 100.0,
             counted.len()
         ));
+    }
+
+    // Every stage must have checked something: a stage that saw nothing proves nothing (a stream
+    // that delivered no event, a reader that never read the tree, a writer that never wrote).
+    let faults = record.faults.len() as u64;
+    for (stage, checked, minimum) in [
+        ("faults injected", faults, 6),
+        ("key reads checked", checked_by_target[0], 100 * faults),
+        ("prefix reads checked", checked_by_target[1], faults),
+        ("tree reads checked", checked_by_target[2], faults),
+        (
+            "reads ordered in real time",
+            ordered_reads as u64,
+            100 * faults,
+        ),
+        ("stream events checked", events_checked, faults),
+        (
+            "stream revisions compared with etcd's",
+            revisions_compared,
+            faults,
+        ),
+        (
+            "faults converged after their heal",
+            convergence.len() as u64,
+            faults,
+        ),
+        (
+            "direct writes acknowledged",
+            record.acked.len() as u64,
+            faults,
+        ),
+        (
+            "sidecar writes acknowledged",
+            record.sidecar_writes.len() as u64,
+            1,
+        ),
+        (
+            "etcd revisions recorded",
+            truth.revisions.len() as u64,
+            faults,
+        ),
+        ("compactions", compactions.load(Ordering::Relaxed), 1),
+    ] {
+        if checked < minimum {
+            note(format!(
+                "{stage}: {checked}, fewer than the {minimum} a meaningful run needs"
+            ));
+        }
     }
 
     convergence.sort();
