@@ -19,10 +19,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{compact_to, eventually, proxy_every_member, put_rev, EtcdCluster, Fault, SseClient};
+use common::{
+    compact_to, eventually, proxy_every_member, put_rev, sidecar_command, EtcdCluster, Fault,
+    Process, SseClient,
+};
 use etcd_client::{Txn, TxnOp};
-
-const SIDECAR: &str = env!("CARGO_BIN_EXE_config-sidecar");
 
 /// Sizes of one run.
 struct Plan {
@@ -207,52 +208,44 @@ impl Drop for Nginx {
     /// master did not exit within the grace time or left a worker behind. The master is reaped
     /// only after that: until then its pid, which names the group, cannot be reused.
     fn drop(&mut self) {
-        let group = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(group, libc::SIGQUIT) };
+        use rustix::process::{kill_process, kill_process_group, waitid, Pid, Signal};
+        use rustix::process::{WaitId, WaitIdOptions};
+        let master = Pid::from_raw(self.child.id() as i32).expect("a child has a pid");
+        let _ = kill_process(master, Signal::QUIT);
+        // Exited, but not reaped (NOWAIT).
+        let exited = || {
+            let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+            matches!(waitid(WaitId::Pid(master), options), Ok(Some(_)))
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !exited(group) && Instant::now() < deadline {
+        while !exited() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        // SAFETY: kill(2) on the group our unreaped child leads.
-        unsafe { libc::kill(-group, libc::SIGKILL) };
+        let _ = kill_process_group(master, Signal::KILL);
         let _ = self.child.wait();
-    }
-}
-
-/// Whether our child `pid` has exited, without reaping it (`WNOWAIT`).
-fn exited(pid: libc::pid_t) -> bool {
-    // SAFETY: waitid(2) writes only into `info`, which is zeroed plain data.
-    unsafe {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-        libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) == 0 && info.si_pid() != 0
     }
 }
 
 /// The sidecar binary as a child process.
 struct SidecarProcess {
-    child: Child,
+    /// The running binary (killed when dropped).
+    process: Process,
+    /// Its URL.
     base: String,
 }
 
 impl SidecarProcess {
     fn start(endpoints: &[String], prefix: &str, snapshot: &Path) -> SidecarProcess {
         let addr = free_addr();
-        let child = Command::new(SIDECAR)
-            .args(["--listen", &addr.to_string(), "--prefix", prefix])
-            .args(["--endpoints", &endpoints.join(",")])
-            .arg("--snapshot")
-            .arg(snapshot)
-            .args(["--log-level", "warn"])
-            .env_remove("CONFIG_SIDECAR_PREFIXES")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let process = Process::spawn(
+            sidecar_command(["--listen", &addr.to_string(), "--prefix", prefix])
+                .args(["--endpoints", &endpoints.join(",")])
+                .arg("--snapshot")
+                .arg(snapshot)
+                .args(["--log-level", "warn"]),
+        );
         SidecarProcess {
-            child,
+            process,
             base: format!("http://{addr}"),
         }
     }
@@ -267,7 +260,8 @@ impl SidecarProcess {
     }
 
     fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.process.id())).unwrap();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -277,16 +271,7 @@ impl SidecarProcess {
     }
 
     fn stop(mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for SidecarProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.terminate(Duration::from_secs(15));
     }
 }
 

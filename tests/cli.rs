@@ -3,30 +3,31 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_config-sidecar");
-
-/// Runs the binary with `args` and a clean CONFIG_SIDECAR_* environment plus `env`.
-fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).stdin(Stdio::null());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("CONFIG_SIDECAR_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run the binary");
+/// Runs the binary to its end with `args` and `env`: its exit code, stdout and stderr.
+fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = sidecar_command(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run the binary");
+    let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).to_string();
     (
         out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).to_string(),
+        text(out.stdout),
+        text(out.stderr),
     )
+}
+
+/// Runs the binary to its end: its exit code and stderr.
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let (code, _, stderr) = run_to_end(args, env);
+    (code, stderr)
 }
 
 /// Whether `url` answers 200 with the body `v`.
@@ -114,17 +115,11 @@ fn check_config_shows_each_setting_and_where_it_came_from() {
     )
     .unwrap();
     let check = |args: &[&str], env: &[(&str, &str)]| {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).arg("--check-config").stdin(Stdio::null());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CONFIG_SIDECAR_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.envs(env.iter().copied());
-        let out = cmd.output().unwrap();
-        assert_eq!(out.status.code(), Some(0), "{:?}", out);
-        String::from_utf8(out.stdout).unwrap()
+        let mut args = args.to_vec();
+        args.push("--check-config");
+        let (code, stdout, stderr) = run_to_end(&args, env);
+        assert_eq!(code, 0, "{stderr}");
+        stdout
     };
     let text = check(
         &["--config", file.to_str().unwrap(), "--dial-timeout", "4s"],
@@ -179,12 +174,9 @@ async fn sigterm_stops_the_binary_with_exit_0() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = Process::spawn(
-        Command::new(BIN)
-            .args(["--listen", &listen, "--log-format", "json"])
+        sidecar_command(["--listen", &listen, "--log-format", "json"])
             .env("CONFIG_SIDECAR_ENDPOINTS", cluster.endpoint(0))
             .env("CONFIG_SIDECAR_PREFIXES", "/bin/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(Stdio::piped()),
     );
     let http = reqwest::Client::new();
@@ -198,18 +190,7 @@ async fn sigterm_stops_the_binary_with_exit_0() {
     assert_eq!(code, 0, "healthy sidecar: {stderr}");
     let (code, stderr) = run(&["--healthcheck", "/readyz", "--listen", &listen], &[]);
     assert_eq!(code, 0, "ready sidecar: {stderr}");
-    child.signal(libc::SIGTERM);
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = child.terminate(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0));
     let (code, stderr_check) = run(&["--healthcheck", "--listen", &listen], &[]);
     assert_eq!(code, 1, "no sidecar any more: {stderr_check}");
@@ -254,10 +235,7 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
     write_config("info", "/hup/", "");
     let listen = format!("127.0.0.1:{}", free_port());
     let mut child = Process::spawn(
-        Command::new(BIN)
-            .args(["--config", file.to_str().unwrap(), "--listen", &listen])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        sidecar_command(["--config", file.to_str().unwrap(), "--listen", &listen])
             .stderr(Stdio::piped()),
     );
     // Collect stderr lines as they come.
@@ -296,7 +274,7 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
     );
 
     write_config("debug", "/other/", "");
-    child.signal(libc::SIGHUP);
+    child.signal(Signal::HUP);
     eventually(
         Duration::from_secs(10),
         "the new level is logged",
@@ -346,7 +324,7 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
         "/hup/",
         &format!("webhook = \"{hook_url}\"\nheader_read_timeout = \"1s\"\n"),
     );
-    child.signal(libc::SIGHUP);
+    child.signal(Signal::HUP);
     eventually(
         Duration::from_secs(10),
         "the webhook change is logged",
@@ -390,8 +368,7 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
         },
     )
     .await;
-    child.signal(libc::SIGTERM);
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(child.terminate(Duration::from_secs(15)).code(), Some(0));
     reader.join().unwrap();
 }
 
@@ -407,13 +384,8 @@ async fn listening_beyond_loopback_needs_a_flag_and_warns() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--allow-remote"), "{stderr}");
 
-    let mut command = Command::new(BIN);
-    command
-        .args(args)
-        .arg("--allow-remote")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut command = sidecar_command(args);
+    command.arg("--allow-remote").stderr(Stdio::piped());
     // SAFETY: only async-signal-safe calls (getrlimit, setrlimit) between fork and exec.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut command, || {
@@ -446,8 +418,7 @@ async fn listening_beyond_loopback_needs_a_flag_and_warns() {
         "soft limit raised to hard: {open_files:?}"
     );
     assert_ne!(open_files[3], "256");
-    child.signal(libc::SIGTERM);
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(child.terminate(Duration::from_secs(15)).code(), Some(0));
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("other hosts can reach"), "{stderr}");
@@ -461,13 +432,14 @@ async fn signals_sent_as_soon_as_the_port_answers_are_handled() {
     let dead = format!("http://127.0.0.1:{}", free_port());
     for round in 0..10 {
         let listen = format!("127.0.0.1:{}", free_port());
-        let mut child = Process::spawn(
-            Command::new(BIN)
-                .args(["--listen", &listen, "--endpoints", &dead, "--prefix", "/a/"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
+        let mut child = Process::spawn(&mut sidecar_command([
+            "--listen",
+            &listen,
+            "--endpoints",
+            &dead,
+            "--prefix",
+            "/a/",
+        ]));
         // As soon as it answers: a tight loop, no polling interval to hide the window in.
         let started = Instant::now();
         while std::net::TcpStream::connect(&listen).is_err() {
@@ -479,12 +451,11 @@ async fn signals_sent_as_soon_as_the_port_answers_are_handled() {
         }
         let hangup_first = round % 2 == 1;
         if hangup_first {
-            child.signal(libc::SIGHUP);
+            child.signal(Signal::HUP);
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert_eq!(child.try_wait().unwrap(), None, "SIGHUP ended the process");
         }
-        child.signal(libc::SIGTERM);
-        let status = child.wait().unwrap();
+        let status = child.terminate(Duration::from_secs(15));
         assert_eq!(
             status.code(),
             Some(0),

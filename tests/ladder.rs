@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::routing::post;
 use axum::{Json, Router};
@@ -60,22 +60,6 @@ fn from_to(transitions: &[serde_json::Value]) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn mode_of(sidecar: &Sidecar) -> String {
-    sidecar.json("/v1/status").await["mode"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
-async fn wait_mode(sidecar: &Sidecar, mode: &str, within: Duration) -> Duration {
-    let t = Instant::now();
-    eventually(within, &format!("mode {mode}"), || async {
-        mode_of(sidecar).await == mode
-    })
-    .await;
-    t.elapsed()
-}
-
 async fn put(
     sidecar: &Sidecar,
     key: &str,
@@ -102,7 +86,7 @@ async fn the_ladder_down_and_back_up() {
     let snap = dir.path().join("mirror.snap");
     let (hook, posted) = webhook_receiver().await;
     let sidecar = start_sidecar(ladder_config(&cluster.endpoints(), &snap, Some(hook))).await;
-    wait_mode(&sidecar, "full", Duration::from_secs(5)).await;
+    sidecar.wait_mode("full", Duration::from_secs(5)).await;
 
     // Writes in full mode, with read-your-writes and the token.
     let r = put(&sidecar, "/app/color", "blue", None).await;
@@ -185,7 +169,7 @@ async fn the_ladder_down_and_back_up() {
         sidecar.json("/v1/status").await["health"] == "degraded"
     })
     .await;
-    assert_eq!(mode_of(&sidecar).await, "full");
+    assert_eq!(sidecar.mode().await, "full");
     assert_eq!(
         put(&sidecar, "/app/one-down", "ok", None).await.status(),
         200
@@ -193,7 +177,9 @@ async fn the_ladder_down_and_back_up() {
 
     // Two down: read-only. Reads served, writes refused with 503 and nothing written.
     cluster.kill(b);
-    let took = wait_mode(&sidecar, "read-only", Duration::from_secs(15)).await;
+    let took = sidecar
+        .wait_mode("read-only", Duration::from_secs(15))
+        .await;
     eprintln!("read-only detected {took:?} after the second kill (probe every 250 ms)");
     let r = sidecar.get("/v1/kv/app/name").await;
     assert_eq!(r.status(), 200);
@@ -216,7 +202,9 @@ async fn the_ladder_down_and_back_up() {
 
     // Three down: cache-only, reads still served from memory.
     cluster.kill(first);
-    wait_mode(&sidecar, "cache-only", Duration::from_secs(15)).await;
+    sidecar
+        .wait_mode("cache-only", Duration::from_secs(15))
+        .await;
     let r = sidecar.get("/v1/kv/app/name").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-config-mode"], "cache-only");
@@ -283,7 +271,7 @@ async fn the_ladder_down_and_back_up() {
         cluster.restart(i);
     }
     cluster.wait_writable(Duration::from_secs(20)).await;
-    let took = wait_mode(&sidecar, "full", Duration::from_secs(20)).await;
+    let took = sidecar.wait_mode("full", Duration::from_secs(20)).await;
     eprintln!("full again {took:?} after the cluster became writable");
     let mut etcd = cluster.client().await;
     etcd.put("/app/after", "back", None).await.unwrap();
@@ -315,7 +303,7 @@ async fn a_frozen_leader_is_detected_and_recovered() {
         None,
     ))
     .await;
-    wait_mode(&sidecar, "full", Duration::from_secs(5)).await;
+    sidecar.wait_mode("full", Duration::from_secs(5)).await;
 
     let leader = cluster.leader_index().await;
     cluster.freeze(leader);
@@ -335,7 +323,7 @@ async fn a_frozen_leader_is_detected_and_recovered() {
     .await;
     // With probes this quick (250 ms) the election after the freeze (about 1 s) can look like a
     // quorum loss and dip the mode to read-only; either way it must come back by itself.
-    wait_mode(&sidecar, "full", Duration::from_secs(10)).await;
+    sidecar.wait_mode("full", Duration::from_secs(10)).await;
 
     cluster.thaw(leader);
     eventually(

@@ -61,10 +61,7 @@ async fn a_scrape_reports_what_the_sidecar_did() {
         dir.path().join("mirror.snap"),
     ));
     let sidecar = start_sidecar(config).await;
-    eventually(Duration::from_secs(10), "mode full", || async {
-        sidecar.json("/v1/status").await["mode"] == "full"
-    })
-    .await;
+    sidecar.wait_mode("full", Duration::from_secs(10)).await;
 
     // 7 hits (fast path), 3 misses, a tree rendered once and then served from the cache.
     for i in 0..7 {

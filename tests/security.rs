@@ -4,14 +4,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use config_sidecar::config::Config;
 use etcd_client::{Client, Permission};
-
-const BIN: &str = env!("CARGO_BIN_EXE_config-sidecar");
 
 /// The sidecar's etcd user and password.
 const USER: &str = "sidecar";
@@ -70,10 +67,7 @@ async fn mirrors_watches_and_writes_over_tls_with_password_auth() {
     let sidecar = start_sidecar(fast_failure_detection(config)).await;
     assert_eq!(sidecar.value("/v1/kv/app/a").await.as_deref(), Some("1"));
     // The probes read a key the sidecar's role allows, so the mode reaches full.
-    eventually(Duration::from_secs(10), "mode full", || async {
-        sidecar.json("/v1/status").await["mode"] == "full"
-    })
-    .await;
+    sidecar.wait_mode("full", Duration::from_secs(10)).await;
 
     // The watch delivers.
     etcd.put("/app/b", "2", None).await.unwrap();
@@ -142,29 +136,26 @@ async fn passwords_never_reach_logs_or_status() {
         let log_path = dir.path().join(format!("{serves}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
         let child = Process::spawn(
-            Command::new(BIN)
-                .args([
-                    "--listen",
-                    &listen,
-                    "--log-level",
-                    "debug",
-                    "--prefix",
-                    "/app/",
-                ])
-                .args(["--endpoints", &cluster.endpoint(0)])
-                .arg("--etcd-ca-file")
-                .arg(pki.path("ca.pem"))
-                .arg("--etcd-cert-file")
-                .arg(pki.path("sidecar.pem"))
-                .arg("--etcd-key-file")
-                .arg(pki.path("sidecar-key.pem"))
-                .args(["--etcd-username", USER, "--allow-writes"])
-                .arg("--write-token-file")
-                .arg(&token_file)
-                .env("CONFIG_SIDECAR_ETCD_PASSWORD", password)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log),
+            sidecar_command([
+                "--listen",
+                &listen,
+                "--log-level",
+                "debug",
+                "--prefix",
+                "/app/",
+            ])
+            .args(["--endpoints", &cluster.endpoint(0)])
+            .arg("--etcd-ca-file")
+            .arg(pki.path("ca.pem"))
+            .arg("--etcd-cert-file")
+            .arg(pki.path("sidecar.pem"))
+            .arg("--etcd-key-file")
+            .arg(pki.path("sidecar-key.pem"))
+            .args(["--etcd-username", USER, "--allow-writes"])
+            .arg("--write-token-file")
+            .arg(&token_file)
+            .env("CONFIG_SIDECAR_ETCD_PASSWORD", password)
+            .stderr(log),
         );
         let status_url = format!("http://{listen}/v1/status");
         let status = || async {

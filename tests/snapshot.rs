@@ -5,15 +5,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{eventually, free_port, Process};
+use common::{eventually, free_port, sidecar_command, Process, Signal};
 use config_sidecar::mirror::persist;
 use config_sidecar::mirror::store::{Entry, Store};
-
-const BIN: &str = env!("CARGO_BIN_EXE_config-sidecar");
 
 /// A good snapshot of `/snap/` with one key.
 fn good_snapshot(prefixes: &[&str]) -> Vec<u8> {
@@ -35,22 +33,19 @@ fn start(snapshot: &Path, extra: &[&str]) -> (Process, String) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let dead = format!("http://127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--endpoints",
+        &dead,
+        "--prefix",
+        "/snap/",
+    ];
+    args.extend_from_slice(extra);
     let child = Process::spawn(
-        Command::new(BIN)
-            .args([
-                "--listen",
-                &listen,
-                "--endpoints",
-                &dead,
-                "--prefix",
-                "/snap/",
-            ])
+        sidecar_command(args)
             .arg("--snapshot")
             .arg(snapshot)
-            .args(extra)
-            .env_remove("CONFIG_SIDECAR_PREFIXES")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(Stdio::piped()),
     );
     (child, format!("http://{listen}"))
@@ -58,7 +53,7 @@ fn start(snapshot: &Path, extra: &[&str]) -> (Process, String) {
 
 /// SIGTERMs the child and returns its stderr.
 fn stop(child: Process) -> String {
-    child.signal(libc::SIGTERM);
+    child.signal(Signal::TERM);
     let out = child.into_inner().wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     String::from_utf8_lossy(&out.stderr).to_string()

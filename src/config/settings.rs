@@ -189,7 +189,7 @@ pub struct Settings {
     #[arg(long, env = "CONFIG_SIDECAR_SNAPSHOT_WRITE_TIMEOUT", default_value = "30s", value_parser = duration, help_heading = "snapshot")]
     pub snapshot_write_timeout: Duration,
 
-    /// Log format.
+    /// Log format: plain lines, or one JSON object per line for log shippers.
     #[arg(
         long,
         env = "CONFIG_SIDECAR_LOG_FORMAT",

@@ -107,6 +107,9 @@ pub enum ApiError {
     /// A browser sent the request from another origin.
     #[error("cross-origin requests are refused (origin {0:?})")]
     CrossOrigin(String),
+    /// The connection is over the cap on open connections; it closes after this answer.
+    #[error("the sidecar has as many connections open as it allows; retry later")]
+    TooManyConnections,
     /// Too many streams or blocking queries are open.
     #[error("too many {0} are open; retry later")]
     TooManySubscribers(&'static str),
@@ -133,7 +136,8 @@ impl ApiError {
             | ApiError::TooStale { .. }
             | ApiError::NoQuorum(_)
             | ApiError::WritesRefused { .. }
-            | ApiError::WriteFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::WriteFailed { .. }
+            | ApiError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::WritesDisabled | ApiError::HostNotAllowed(_) | ApiError::CrossOrigin(_) => {
                 StatusCode::FORBIDDEN
             }
@@ -182,6 +186,7 @@ impl ApiError {
             ApiError::HostNotAllowed(_) => "host_not_allowed",
             ApiError::CrossOrigin(_) => "cross_origin",
             ApiError::TooManySubscribers(_) => "too_many_subscribers",
+            ApiError::TooManyConnections => "too_many_connections",
             ApiError::BodyTimeout(_) => "body_timeout",
             ApiError::BadBody(_) => "bad_body",
             ApiError::RequestHead(refusal) => refusal.code(),
@@ -230,27 +235,62 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status(), self.body().to_string()).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        let retry_after = match &self {
-            ApiError::NotReady | ApiError::NoQuorum(_) | ApiError::TooManySubscribers(_) => Some(1),
+impl ApiError {
+    /// Status, the headers beside `Content-Type: application/json`, and the JSON body.
+    fn parts(&self) -> (StatusCode, Vec<(header::HeaderName, HeaderValue)>, String) {
+        let mut headers = Vec::new();
+        let retry_after = match self {
+            ApiError::NotReady
+            | ApiError::NoQuorum(_)
+            | ApiError::TooManySubscribers(_)
+            | ApiError::TooManyConnections => Some(1),
             ApiError::WritesRefused { retry_after, .. } => Some(*retry_after),
             _ => None,
         };
         if let Some(seconds) = retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            headers.push((header::RETRY_AFTER, HeaderValue::from(seconds)));
         }
         if matches!(self, ApiError::Unauthorized) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            headers.push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
+        (self.status(), headers, self.body().to_string())
+    }
+
+    /// The whole HTTP/1.1 answer as bytes, `Connection: close`: for a connection answered before
+    /// any HTTP machinery runs (one over the connection cap).
+    pub fn http1_bytes(&self) -> Vec<u8> {
+        let (status, headers, body) = self.parts();
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
+        for (name, value) in headers {
+            head.push_str(&format!(
+                "{name}: {}\r\n",
+                value.to_str().unwrap_or_default()
+            ));
+        }
+        head.push_str(&format!(
+            "connection: close\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        ));
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(body.as_bytes());
+        bytes
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, headers, body) = self.parts();
+        let mut response = (status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        for (name, value) in headers {
+            response.headers_mut().insert(name, value);
         }
         response
     }

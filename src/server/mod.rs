@@ -24,7 +24,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::http::{SidecarService, MAX_HEADERS};
+use crate::http::{ApiError, SidecarService, MAX_HEADERS};
 use connection::{watchdog, Activity, CountingIo, GuardedService};
 use screen::{HeadScreen, RefusalSlot};
 
@@ -146,16 +146,12 @@ impl Drop for OpenConnection {
 
 /// The answer to a connection over the cap: a 503 in the sidecar's JSON error form, then close.
 async fn refuse(mut stream: tokio::net::TcpStream) {
-    const BODY: &str = r#"{"error":"too_many_connections","message":"the sidecar has as many connections open as it allows; retry later"}"#;
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
-        BODY.len()
-    );
+    let response = ApiError::TooManyConnections.http1_bytes();
     // Answer, then read what the client sent until it closes: closing with its request unread
     // would reset the connection and could lose the answer on the way.
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream.write_all(response.as_bytes()).await?;
+        stream.write_all(&response).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 1024];
         while stream.read(&mut sink).await? > 0 {}

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use config_sidecar::config::Config;
 use config_sidecar::Running;
 use etcd_client::Client;
+use rustix::process::Pid;
+pub use rustix::process::Signal;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -381,18 +383,22 @@ impl EtcdCluster {
         self.spawn(i);
     }
 
-    fn signal(&self, i: usize, sig: libc::c_int) {
-        self.members[i].child.as_ref().expect("running").signal(sig);
+    fn signal(&self, i: usize, signal: Signal) {
+        self.members[i]
+            .child
+            .as_ref()
+            .expect("running")
+            .signal(signal);
     }
 
     /// Freezes member `i` (SIGSTOP): its sockets stay open and silent.
     pub fn freeze(&self, i: usize) {
-        self.signal(i, libc::SIGSTOP);
+        self.signal(i, Signal::STOP);
     }
 
     /// Thaws member `i` (SIGCONT).
     pub fn thaw(&self, i: usize) {
-        self.signal(i, libc::SIGCONT);
+        self.signal(i, Signal::CONT);
     }
 }
 
@@ -417,6 +423,31 @@ impl Drop for EtcdCluster {
     }
 }
 
+/// The sidecar binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_config-sidecar");
+
+/// A command running the sidecar binary with `args`, as every test that runs the binary starts
+/// it: the test's own `CONFIG_SIDECAR_*` environment removed (so only what the test gives
+/// counts), stdin closed, stdout discarded, stderr discarded unless the caller redirects it.
+pub fn sidecar_command<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("CONFIG_SIDECAR_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// A child process the test owns, killed and reaped when dropped: also when the test fails half
 /// way, so no test leaves a process running (`scripts/test.sh` checks that the suite leaves none).
 pub struct Process(Option<Child>);
@@ -426,12 +457,27 @@ impl Process {
         Process(Some(command.spawn().expect("spawn the process")))
     }
 
-    /// Sends `signal` (kill(2)) to the process.
-    pub fn signal(&self, signal: libc::c_int) {
-        let pid = self.id();
-        // SAFETY: plain kill(2) on a child we own and have not reaped.
-        let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill({pid}, {signal})");
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(self.id() as i32).expect("a child has a pid");
+        rustix::process::kill_process(pid, signal)
+            .unwrap_or_else(|e| panic!("{signal:?} to {pid:?}: {e}"));
+    }
+
+    /// SIGTERM, then its exit status once it has exited, failing the test after `within`.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        self.signal(Signal::TERM);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit within {within:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The child, no longer killed on drop (to wait for its output, say).
@@ -460,6 +506,19 @@ impl Drop for Process {
             let _ = child.wait();
         }
     }
+}
+
+/// The mode `/v1/status` at `base` reports, or `None` when it does not answer.
+pub async fn mode_at(http: &reqwest::Client, base: &str) -> Option<String> {
+    let status: serde_json::Value = http
+        .get(format!("{base}/v1/status"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    status["mode"].as_str().map(str::to_string)
 }
 
 /// What a [`Proxy`] does with traffic.
@@ -670,6 +729,23 @@ impl Sidecar {
         let r = self.get(path).await;
         assert_eq!(r.status(), 200, "GET {path}");
         r.json().await.expect("JSON body")
+    }
+
+    /// The mode it reports.
+    pub async fn mode(&self) -> String {
+        mode_at(&self.http, &self.base)
+            .await
+            .expect("status answers")
+    }
+
+    /// Waits until it reports `mode`, failing the test after `within`; how long that took.
+    pub async fn wait_mode(&self, mode: &str, within: Duration) -> Duration {
+        let started = Instant::now();
+        eventually(within, &format!("mode {mode}"), || async {
+            mode_at(&self.http, &self.base).await.as_deref() == Some(mode)
+        })
+        .await;
+        started.elapsed()
     }
 
     pub async fn stop(mut self) {
