@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use config_sidecar::config::{Cli, Config};
+use config_sidecar::config::{Cli, Config, Environment};
 
 fn main() -> ExitCode {
     // clap itself exits with code 2 and a usage message on unknown or malformed flags.
@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     if cli.check_config {
         return check_config(args);
     }
-    let config = match Config::load(args.clone()) {
+    let config = match Config::from_args(args.clone(), Environment::Read) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("config-sidecar: {e}");
@@ -100,7 +100,7 @@ fn raise_open_files_limit() -> Option<u64> {
 /// `--check-config`: the whole configuration validated, then every setting printed with where it
 /// came from.
 fn check_config(args: Vec<std::ffi::OsString>) -> ExitCode {
-    use config_sidecar::config::settings::{parse, Environment};
+    use config_sidecar::config::settings::parse;
     let checked = parse(args, Environment::Read).and_then(|parsed| {
         let described = parsed.describe();
         Config::from_settings(parsed.settings, parsed.given).map(|_| described)

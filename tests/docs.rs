@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use clap::CommandFactory;
-use config_sidecar::config::{Cli, Config};
+use config_sidecar::config::{Cli, Config, Environment};
 use config_sidecar::http::{app, route_paths};
 use config_sidecar::mirror::mode::ModeHandle;
 use config_sidecar::mirror::store::Store;
@@ -172,8 +172,8 @@ impl Invocation {
             }
         }
         argv.extend(self.args.iter().cloned());
-        let config =
-            Config::from_flags(&argv).unwrap_or_else(|e| panic!("{}: {argv:?}: {e}", self.what));
+        let config = Config::from_args(&argv, Environment::Ignored)
+            .unwrap_or_else(|e| panic!("{}: {argv:?}: {e}", self.what));
         config.http.listen.port()
     }
 }

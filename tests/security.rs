@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use config_sidecar::config::Config;
+use config_sidecar::config::{Config, Environment};
 use etcd_client::{Client, Permission};
 
 /// The sidecar's etcd user and password.
@@ -35,17 +35,20 @@ fn secure_config(
     password_file: &std::path::Path,
 ) -> Result<Config, config_sidecar::config::ConfigError> {
     let path = |p: &std::path::Path| p.display().to_string();
-    Config::from_flags([
-        "config-sidecar".to_string(),
-        format!("--endpoints={}", cluster.endpoints().join(",")),
-        "--prefix=/app/".into(),
-        format!("--etcd-ca-file={}", path(&pki.path("ca.pem"))),
-        format!("--etcd-cert-file={}", path(&pki.path("sidecar.pem"))),
-        format!("--etcd-key-file={}", path(&pki.path("sidecar-key.pem"))),
-        format!("--etcd-username={USER}"),
-        format!("--etcd-password-file={}", path(password_file)),
-        "--allow-writes".into(),
-    ])
+    Config::from_args(
+        [
+            "config-sidecar".to_string(),
+            format!("--endpoints={}", cluster.endpoints().join(",")),
+            "--prefix=/app/".into(),
+            format!("--etcd-ca-file={}", path(&pki.path("ca.pem"))),
+            format!("--etcd-cert-file={}", path(&pki.path("sidecar.pem"))),
+            format!("--etcd-key-file={}", path(&pki.path("sidecar-key.pem"))),
+            format!("--etcd-username={USER}"),
+            format!("--etcd-password-file={}", path(password_file)),
+            "--allow-writes".into(),
+        ],
+        Environment::Ignored,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,24 +13,15 @@ use crate::config::{
 };
 
 impl Config {
-    /// The configuration of the process: flags in `args` (the first is the program name), then
-    /// `CONFIG_SIDECAR_*` environment variables, then the file `--config` names, then defaults.
-    pub fn load<I, T>(args: I) -> Result<Config, ConfigError>
+    /// The configuration from flags in `args` (the first is the program name), then, when `env`
+    /// says so, `CONFIG_SIDECAR_*` environment variables, then the file `--config` names, then
+    /// defaults. The process reads its environment; tests and embedders may not.
+    pub fn from_args<I, T>(args: I, env: Environment) -> Result<Config, ConfigError>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let parsed = settings::parse(args, Environment::Read)?;
-        Config::from_settings(parsed.settings, parsed.given)
-    }
-
-    /// Like [`Config::load`], without reading the environment: for tests and embedders.
-    pub fn from_flags<I, T>(args: I) -> Result<Config, ConfigError>
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<OsString> + Clone,
-    {
-        let parsed = settings::parse(args, Environment::Ignored)?;
+        let parsed = settings::parse(args, env)?;
         Config::from_settings(parsed.settings, parsed.given)
     }
 
@@ -42,7 +33,7 @@ impl Config {
             format!("--endpoints={}", endpoints.join(",")),
         ];
         args.extend(prefixes.iter().map(|p| format!("--prefix={p}")));
-        Config::from_flags(args)
+        Config::from_args(args, Environment::Ignored)
     }
 
     /// The configuration `given` describes: what a reload applies.
@@ -350,7 +341,7 @@ mod tests {
     fn cli(args: &[&str]) -> Result<Config, String> {
         let mut argv = vec!["config-sidecar"];
         argv.extend_from_slice(args);
-        Config::from_flags(argv).map_err(|e| e.to_string())
+        Config::from_args(argv, Environment::Ignored).map_err(|e| e.to_string())
     }
 
     #[test]

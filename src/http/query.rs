@@ -74,6 +74,21 @@ pub(crate) fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
     Ok(q)
 }
 
+/// A revision a client gives in header `name` (`If-Match`, `Last-Event-ID`), if it gives one.
+pub(crate) fn header_revision(
+    headers: &http::HeaderMap,
+    name: http::header::HeaderName,
+    what: &str,
+) -> Result<Option<i64>, ApiError> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::BadQuery(format!("{what} is not text")))?;
+    parse_revision(what, text).map(Some)
+}
+
 /// A mod_revision given by a client: 0 (the key must not exist) or a positive revision.
 pub(crate) fn parse_revision(what: &str, text: &str) -> Result<i64, ApiError> {
     match text.trim().trim_matches('"').parse::<i64>() {

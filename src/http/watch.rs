@@ -7,11 +7,12 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use http::HeaderName;
 
 use crate::http::counters::SubscriberKind;
 use crate::http::error::ApiError;
 use crate::http::notify::{event_stream, Scope, HEARTBEAT};
-use crate::http::query::{parse_query, parse_revision};
+use crate::http::query::{header_revision, parse_query};
 use crate::http::read::{key_from_path, mirrored};
 use crate::http::respond::with_mirror_headers;
 use crate::http::state::AppState;
@@ -28,14 +29,11 @@ pub(crate) async fn watch(
     if !snapshot.loaded {
         return Err(ApiError::NotReady);
     }
-    let last_event_id = match headers.get("last-event-id") {
-        None => None,
-        Some(v) => Some(parse_revision(
-            "Last-Event-ID",
-            v.to_str()
-                .map_err(|_| ApiError::BadQuery("Last-Event-ID is not text".into()))?,
-        )?),
-    };
+    let last_event_id = header_revision(
+        headers,
+        HeaderName::from_static("last-event-id"),
+        "Last-Event-ID",
+    )?;
     let since = last_event_id.or(query.since);
     if let Some(since) = since {
         if since > snapshot.revision {

@@ -11,7 +11,7 @@ use http::{header, HeaderMap, Uri};
 use serde_json::json;
 
 use crate::http::error::ApiError;
-use crate::http::query::{parse_query, parse_revision, Query};
+use crate::http::query::{header_revision, parse_query, Query};
 use crate::http::read::{key_from_path, mirrored};
 use crate::http::respond::with_mirror_headers;
 use crate::http::state::AppState;
@@ -48,14 +48,7 @@ fn admit_write(
     }
     let query = parse_query(uri)?;
     let key = mirrored(state, key_from_path(uri, "/v1/kv")?, query.recurse)?;
-    let if_match = match headers.get(header::IF_MATCH) {
-        None => None,
-        Some(v) => Some(parse_revision(
-            "If-Match",
-            v.to_str()
-                .map_err(|_| ApiError::BadQuery("If-Match is not text".into()))?,
-        )?),
-    };
+    let if_match = header_revision(headers, header::IF_MATCH, "If-Match")?;
     let cas = if_match.or(query.cas);
     let mode = state.mode.mode();
     if mode != Mode::Full {

@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use tokio::sync::watch;
 
 use crate::config::settings::{schema, Setting};
-use crate::config::{Config, Given};
+use crate::config::{Config, Environment, Given};
 use crate::ops::telemetry::LogControl;
 
 /// Catches SIGHUP from the call on (its default action would end the process) and returns the
@@ -46,7 +46,7 @@ pub fn on_sighup(
 
 /// The configuration to run with after a reload, or `None` when nothing can be applied.
 fn reload(args: &[OsString], current: &Config, log: &LogControl) -> Option<Config> {
-    let next = match Config::load(args.iter().cloned()) {
+    let next = match Config::from_args(args.iter().cloned(), Environment::Read) {
         Ok(next) => next,
         Err(e) => {
             tracing::warn!(error = %e, "configuration not reloaded; still serving the previous one");
@@ -156,7 +156,7 @@ mod tests {
         let config = |more: &[&str]| {
             let mut args = base.to_vec();
             args.extend_from_slice(more);
-            Config::from_flags(args).unwrap()
+            Config::from_args(args, Environment::Ignored).unwrap()
         };
         let current = config(&["--prefix=/a/"]);
         let next = config(&[
