@@ -24,7 +24,9 @@
 //! 6. reads during a fault carry the mode it calls for, and at least 99.9% of reads succeed;
 //! 7. every stage checked something: a minimum of faults, key, prefix and tree reads, stream
 //!    events and revisions, writes and compactions, and reads checked for their mode in every
-//!    fault (a stage that saw nothing proves nothing).
+//!    fault (a stage that saw nothing proves nothing);
+//! 8. availability: at least 99% of the writes and `?consistent` reads through the sidecar
+//!    succeed while etcd has a quorum the sidecar can reach, outside each fault's own window.
 //!
 //! It ends by printing its figures; the README shows the latest.
 
@@ -209,6 +211,8 @@ struct Record {
     sidecar_writes: Vec<(String, String, i64)>,
     /// Writes through the sidecar refused or failed (fine, if honest).
     sidecar_refusals: u64,
+    /// Every write and `?consistent` read through the sidecar: when, and whether it succeeded.
+    through_sidecar: Vec<Attempt>,
     /// Writes acknowledged by etcd to the direct writer: key, value (`None`: delete), revision.
     acked: Vec<(String, Option<String>, i64)>,
     /// Stream events, in order, with a marker where the stream was reopened.
@@ -226,10 +230,21 @@ enum StreamItem {
 }
 
 #[derive(Debug, Clone)]
+/// One write or consistent read through the sidecar.
+struct Attempt {
+    started: Instant,
+    ended: Instant,
+    ok: bool,
+    /// What it was and how it failed, for the checker's message.
+    what: String,
+}
+
 struct FaultWindow {
     fault: Fault,
     injected: Instant,
     healed: Instant,
+    /// When the sidecar was back in `full` mode after the heal.
+    full_again: Instant,
     converged: Option<Duration>,
     /// With two members killed: when the test, asking the survivor directly, found it not
     /// answering. A survivor that stops answering makes `cache-only` the honest mode.
@@ -546,25 +561,60 @@ async fn write_through_sidecar(base: String, record: Arc<Mutex<Record>>, stop: A
         let key = format!("{PREFIX}s{}", n % 3);
         let value = format!("s-{n}");
         let url = format!("{base}/v1/kv{key}");
+        let started = Instant::now();
         let answer = http.put(&url).body(value.clone()).send().await;
-        let ok = match answer {
-            Ok(r) if r.status().is_success() => r
-                .json::<serde_json::Value>()
-                .await
-                .ok()
-                .and_then(|j| j["revision"].as_i64()),
-            _ => None,
+        let (revision, what) = match answer {
+            Ok(r) if r.status().is_success() => (
+                r.json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|j| j["revision"].as_i64()),
+                String::new(),
+            ),
+            Ok(r) => (
+                None,
+                format!(
+                    "write {}: {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                ),
+            ),
+            Err(e) => (None, format!("write: {e}")),
+        };
+        let ended = Instant::now();
+        // A consistent read of the key just written: it needs a quorum read.
+        let read = http.get(format!("{url}?consistent")).send().await;
+        let read_ok = read
+            .as_ref()
+            .is_ok_and(|r| matches!(r.status().as_u16(), 200 | 404));
+        let read_what = match read {
+            Ok(r) => format!(
+                "consistent read {}: {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            ),
+            Err(e) => format!("consistent read: {e}"),
         };
         let mut record = record.lock().unwrap();
-        match ok {
+        record.through_sidecar.push(Attempt {
+            started,
+            ended,
+            ok: revision.is_some(),
+            what,
+        });
+        record.through_sidecar.push(Attempt {
+            started: ended,
+            ended: Instant::now(),
+            ok: read_ok,
+            what: read_what,
+        });
+        match revision {
             Some(revision) => record.sidecar_writes.push((key, value, revision)),
             None => record.sidecar_refusals += 1,
         }
     }
 }
 
-/// One reader: keys, the whole prefix as a list and as a tree, as fast as a few milliseconds'
-/// pause allows.
 async fn read(base: String, seed: u64, record: Arc<Mutex<Record>>, stop: Arc<AtomicBool>) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
@@ -984,6 +1034,7 @@ async fn chaos_history_is_consistent() {
             fault,
             injected,
             healed,
+            full_again: healed,
             converged,
             survivor_silent,
         });
@@ -992,6 +1043,7 @@ async fn chaos_history_is_consistent() {
             mode_at(&http, &base).await.as_deref() == Some("full")
         })
         .await;
+        record.lock().unwrap().faults.last_mut().unwrap().full_again = Instant::now();
     }
 
     // Stop, and let the recorder see everything: a last write it must receive.
@@ -1268,6 +1320,46 @@ async fn chaos_history_is_consistent() {
         ));
     }
 
+    // 8. Availability: a write or consistent read through the sidecar that fails while the
+    //    cluster has quorum the sidecar can reach is a failure, outside the fault's own window
+    //    (its grace after the injection, and the heal until the mode is full again); faults
+    //    that take quorum away or cut the sidecar off (or down) count from injection to full.
+    let excused = |a: &Attempt| {
+        record.faults.iter().any(|f| {
+            let keeps_quorum = matches!(
+                f.fault,
+                Fault::KillFollower
+                    | Fault::KillLeader
+                    | Fault::FreezeLeader
+                    | Fault::IsolateSidecarsMember
+                    | Fault::Delay
+                    | Fault::DelayAndKillFollower
+            );
+            let overlaps = |from: Instant, to: Instant| a.ended >= from && a.started <= to;
+            if keeps_quorum {
+                overlaps(f.injected, f.injected + f.fault.grace())
+                    || overlaps(f.healed, f.full_again)
+            } else {
+                overlaps(f.injected, f.full_again)
+            }
+        })
+    };
+    let available: Vec<&Attempt> = record
+        .through_sidecar
+        .iter()
+        .filter(|a| !excused(a))
+        .collect();
+    let unavailable: Vec<&Attempt> = available.iter().copied().filter(|a| !a.ok).collect();
+    let availability = 1.0 - unavailable.len() as f64 / available.len().max(1) as f64;
+    if availability < 0.99 {
+        note(format!(
+            "only {:.2}% of {} writes and consistent reads succeeded while etcd had quorum; first: {}",
+            availability * 100.0,
+            available.len(),
+            unavailable.first().map_or("", |a| a.what.as_str())
+        ));
+    }
+
     // Every stage must have checked something: a stage that saw nothing proves nothing (a stream
     // that delivered no event, a reader that never read the tree, a writer that never wrote).
     let faults = record.faults.len() as u64;
@@ -1303,6 +1395,11 @@ async fn chaos_history_is_consistent() {
             1,
         ),
         (
+            "writes and consistent reads through the sidecar with quorum",
+            available.len() as u64,
+            10 * faults,
+        ),
+        (
             "etcd revisions recorded",
             truth.revisions.len() as u64,
             faults,
@@ -1324,7 +1421,7 @@ async fn chaos_history_is_consistent() {
     let figures = format!(
         "chaos figures: seed {seed}, scale {scale}: {} faults injected; {} reads checked ({:.2}% \
          succeeded from memory, {} checked for their fault's mode); {} stream events checked; {} direct writes and {} sidecar \
-         writes acknowledged ({} refused); {} etcd revisions recorded, {} compactions; the surviving member \
+         writes acknowledged ({} refused; {:.2}% of {} writes and consistent reads succeeded while etcd had quorum); {} etcd revisions recorded, {} compactions; the surviving member \
          silent {} times when asked directly; violations: {}; \
          convergence p99 {} ms, max {} ms",
         record.faults.len(),
@@ -1335,6 +1432,8 @@ async fn chaos_history_is_consistent() {
         ops.load(Ordering::Relaxed),
         record.sidecar_writes.len(),
         record.sidecar_refusals,
+        availability * 100.0,
+        available.len(),
         truth.revisions.len(),
         compactions.load(Ordering::Relaxed),
         record

@@ -72,6 +72,11 @@ fn bad_configuration_exits_2_naming_the_setting() {
             "--log-format",
         ),
         (
+            &["--prefix", "/a/", "--endpoint-selection", "fastest"],
+            &[],
+            "--endpoint-selection",
+        ),
+        (
             &["--prefix", "/a/", "--config", "/does/not/exist.toml"],
             &[],
             "--config",

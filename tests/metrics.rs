@@ -170,6 +170,21 @@ async fn a_scrape_reports_what_the_sidecar_did() {
             "config_sidecar_probe_latency_seconds{{endpoint=\"{endpoint}\"}}"
         ))
         .is_some());
+    assert_eq!(
+        m.value(&format!(
+            "config_sidecar_endpoint_state{{endpoint=\"{endpoint}\",state=\"healthy\"}}"
+        )),
+        1.0
+    );
+    assert!(
+        m.value(&format!(
+            "config_sidecar_endpoint_calls_total{{endpoint=\"{endpoint}\",result=\"success\"}}"
+        )) >= 1.0
+    );
+    assert_eq!(
+        m.value(r#"config_sidecar_endpoint_selection{selection="random"}"#),
+        1.0
+    );
     assert_eq!(m.value(r#"config_sidecar_subscribers{kind="stream"}"#), 1.0);
     assert_eq!(
         m.value(r#"config_sidecar_subscribers{kind="blocking_query"}"#),

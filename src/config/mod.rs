@@ -18,7 +18,7 @@ pub use live::Live;
 pub use prefixes::{prefix_range_end, Prefixes};
 pub use secret::Secret;
 pub use settings::{
-    Cli, Environment, Given, LogFormat, Settings, DEFAULT_ENDPOINTS, DEFAULT_LISTEN,
+    Cli, Environment, Given, LogFormat, Selection, Settings, DEFAULT_ENDPOINTS, DEFAULT_LISTEN,
 };
 
 /// How the sidecar talks to etcd.
@@ -38,6 +38,12 @@ pub struct EtcdConfig {
     pub tls: Option<EtcdTls>,
     /// Username and password, for clusters with authentication enabled.
     pub auth: Option<EtcdAuth>,
+    /// Which healthy member each request goes to.
+    pub selection: Selection,
+    /// The first rest of a failing member.
+    pub cooldown: Duration,
+    /// The longest rest of a member that keeps failing.
+    pub cooldown_max: Duration,
 }
 
 /// TLS towards etcd.
@@ -71,8 +77,6 @@ pub struct SyncConfig {
     pub backoff_min: Duration,
     /// Reconnect backoff ceiling.
     pub backoff_max: Duration,
-    /// Rest period of a failed endpoint.
-    pub endpoint_cooldown: Duration,
     /// Keys per page of a full load.
     pub page_size: i64,
 }

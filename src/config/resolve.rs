@@ -102,6 +102,12 @@ impl Config {
                 format!("{:?} is not a level or tracing filter", s.log_level),
             ));
         }
+        if s.endpoint_cooldown_max < s.endpoint_cooldown {
+            return Err(ConfigError::new(
+                "--endpoint-cooldown-max",
+                "must not be below --endpoint-cooldown",
+            ));
+        }
         if s.backoff_max < s.backoff_min {
             return Err(ConfigError::new(
                 "--backoff-max",
@@ -174,13 +180,15 @@ impl Config {
                 keepalive_timeout: s.keepalive_timeout,
                 tls,
                 auth,
+                selection: s.endpoint_selection,
+                cooldown: s.endpoint_cooldown,
+                cooldown_max: s.endpoint_cooldown_max,
             },
             sync: SyncConfig {
                 prefixes: Prefixes::new(prefixes),
                 watch_deadline: s.watch_deadline,
                 backoff_min: s.backoff_min,
                 backoff_max: s.backoff_max,
-                endpoint_cooldown: s.endpoint_cooldown,
                 page_size: s.page_size,
             },
             http: HttpConfig {

@@ -39,6 +39,32 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which healthy etcd member each request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Selection {
+    /// The list order (e.g. the local zone's member first).
+    Ordered,
+    /// The list shuffled once at start: a fleet of sidecars spreads its watches and requests
+    /// over the members.
+    Random,
+    /// One sidecar's requests spread over the members in turn.
+    RoundRobin,
+    /// The lowest recent latency (a peak-EWMA of request and probe latencies).
+    Latency,
+}
+
+impl Selection {
+    /// The name as given in settings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Selection::Ordered => "ordered",
+            Selection::Random => "random",
+            Selection::RoundRobin => "round-robin",
+            Selection::Latency => "latency",
+        }
+    }
+}
+
 /// Every setting. Each field is one flag, one environment variable and one file key; the
 /// comments are the help text.
 #[derive(Debug, Clone, PartialEq, Args)]
@@ -59,6 +85,25 @@ pub struct Settings {
     /// Time to wait for a keep-alive ping's answer.
     #[arg(long, env = "CONFIG_SIDECAR_KEEPALIVE_TIMEOUT", default_value = "1s", value_parser = duration, help_heading = "etcd")]
     pub keepalive_timeout: Duration,
+    /// Which healthy member each request goes to: ordered (the list order, e.g. the local zone's
+    /// member first), random (the list shuffled once per sidecar, so a fleet spreads over the
+    /// members), round-robin (one sidecar's requests in turn), latency (the lowest recent
+    /// latency). The watch stays on its member until that member fails.
+    #[arg(
+        long,
+        env = "CONFIG_SIDECAR_ENDPOINT_SELECTION",
+        value_enum,
+        default_value = "random",
+        help_heading = "etcd"
+    )]
+    pub endpoint_selection: Selection,
+    /// First rest of a member after it failed (a refused connection or no leader at once, two
+    /// deadlines in a row); each rest in a row doubles, and a success ends them.
+    #[arg(long, env = "CONFIG_SIDECAR_ENDPOINT_COOLDOWN", default_value = "5s", value_parser = duration, help_heading = "etcd")]
+    pub endpoint_cooldown: Duration,
+    /// Longest rest of a member that keeps failing.
+    #[arg(long, env = "CONFIG_SIDECAR_ENDPOINT_COOLDOWN_MAX", default_value = "60s", value_parser = duration, help_heading = "etcd")]
+    pub endpoint_cooldown_max: Duration,
     /// PEM file of the CA that signed the members' certificates (https:// endpoints; without it
     /// the system's roots are trusted).
     #[arg(long, env = "CONFIG_SIDECAR_ETCD_CA_FILE", help_heading = "etcd")]
@@ -102,9 +147,6 @@ pub struct Settings {
     /// Largest reconnect backoff.
     #[arg(long, env = "CONFIG_SIDECAR_BACKOFF_MAX", default_value = "5s", value_parser = duration, help_heading = "sync")]
     pub backoff_max: Duration,
-    /// Time a failed endpoint rests before it is tried again (unless every endpoint failed).
-    #[arg(long, env = "CONFIG_SIDECAR_ENDPOINT_COOLDOWN", default_value = "5s", value_parser = duration, help_heading = "sync")]
-    pub endpoint_cooldown: Duration,
     /// Keys per page of a full load.
     #[arg(long, env = "CONFIG_SIDECAR_PAGE_SIZE", default_value = "1000", value_parser = clap::value_parser!(i64).range(1..), help_heading = "sync")]
     pub page_size: i64,

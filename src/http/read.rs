@@ -22,6 +22,7 @@ use crate::http::respond::{into_axum, key_response, not_modified_or, with_mirror
 use crate::http::state::AppState;
 use crate::mirror::render::View;
 use crate::mirror::store::Snapshot;
+use crate::upstream::Retry;
 
 /// The key named by the path after `route` (`/v1/kv` or `/v1/tree`), decoded once.
 pub(crate) fn key_from_path<'u>(uri: &'u Uri, route: &str) -> Result<Cow<'u, str>, ApiError> {
@@ -99,19 +100,17 @@ async fn consistent_snapshot(
     key: &str,
     prefix: bool,
 ) -> Result<Arc<Snapshot>, ApiError> {
-    let chosen = state
-        .pool
-        .choose(None)
-        .await
-        .map_err(|e| ApiError::NoQuorum(e.to_string()))?;
-    let mut client = chosen.client;
     let mut options = GetOptions::new().with_keys_only();
     if prefix {
         options = options.with_prefix();
     }
-    let response = tokio::time::timeout(state.etcd_timeout(), client.get(key, Some(options)))
+    let response = state
+        .pool
+        .request(Retry::Read, state.etcd_timeout(), |mut client| {
+            let options = options.clone();
+            async move { client.get(key, Some(options)).await }
+        })
         .await
-        .map_err(|_| ApiError::NoQuorum("the quorum read timed out".into()))?
         .map_err(|e| ApiError::NoQuorum(e.to_string()))?;
     let quorum_revision = response.header().map_or(i64::MAX, |h| h.revision());
     let wanted: Vec<(Vec<u8>, i64)> = response

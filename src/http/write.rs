@@ -67,16 +67,7 @@ async fn forward_write(
     op: WriteOp,
     cas: Option<i64>,
 ) -> Result<Response, ApiError> {
-    let chosen = state
-        .pool
-        .choose(None)
-        .await
-        .map_err(|e| ApiError::WriteFailed {
-            outcome: "not_applied",
-            message: e.to_string(),
-        })?;
-    let mut client = chosen.client;
-    let result = write::apply(&mut client, op, cas, state.etcd_timeout())
+    let result = write::apply(&state.pool, op, cas, state.etcd_timeout())
         .await
         .map_err(write_failed)?;
     let mut revisions = state.store.subscribe();

@@ -648,10 +648,7 @@ mod probe_timing {
             })
             .collect();
         let config = Config::for_endpoints(&dead, &["/p/"]).unwrap();
-        let pool = Arc::new(EndpointPool::new(
-            config.etcd.clone(),
-            Duration::from_secs(1),
-        ));
+        let pool = Arc::new(EndpointPool::new(config.etcd.clone(), "/p/".into()));
         let handle = Arc::new(ModeHandle::default());
         let (signals, rx) = mpsc::channel(16);
         let (verdicts, verdicts_rx) = mpsc::channel(16);

@@ -63,8 +63,10 @@ pub struct SyncStatus {
     pub full_loads: u64,
     /// Number of times the watch had to be reopened.
     pub reconnects: u64,
-    /// The last error, for operators.
+    /// The last error, for operators; cleared once the watch runs again.
     pub last_error: Option<String>,
+    /// Why the watch last ended (kept after it runs again): what made it move or reopen.
+    pub last_interruption: Option<String>,
 }
 
 impl Default for SyncStatus {
@@ -77,6 +79,7 @@ impl Default for SyncStatus {
             full_loads: 0,
             reconnects: 0,
             last_error: None,
+            last_interruption: None,
         }
     }
 }
@@ -92,6 +95,9 @@ mod unix_millis {
         }
     }
 }
+
+/// Why a session ends when etcd is behind the disk snapshot (restored from an older backup).
+const BEHIND: &str = "etcd revision is behind the mirror";
 
 /// Why a sync session ended.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +119,20 @@ enum SessionError {
 }
 
 impl SessionError {
+    /// What the session's end says against its member, if anything: a compaction, a store
+    /// error or etcd being behind the mirror is not the member's doing.
+    fn failure(&self) -> Option<Failure> {
+        match self {
+            SessionError::Etcd(e) => Some(Failure::of(e)),
+            SessionError::Timeout(_) | SessionError::Stuck(_) => Some(Failure::Deadline),
+            SessionError::Closed => Some(Failure::Unreachable),
+            SessionError::Cancelled(reason) if reason == NO_LEADER => Some(Failure::NoLeader),
+            SessionError::Cancelled(reason) if reason == BEHIND => None,
+            SessionError::Cancelled(_) => Some(Failure::Refused),
+            SessionError::Compacted { .. } | SessionError::Store(_) => None,
+        }
+    }
+
     /// Whether etcd ended the session saying there is no leader: a call or the watch stream
     /// failed with that status, or a watch was cancelled giving it as the reason.
     fn is_no_leader(&self) -> bool {
@@ -265,21 +285,22 @@ impl WatchTask {
             }
             let compacted = matches!(err, SessionError::Compacted { .. });
             if compacted {
-                // Not the endpoint's fault: reload right away from the same member.
+                // Not the member's fault: reload right away, from any member.
                 tracing::warn!(endpoint = %chosen.url, error = %err, "watch resume point compacted");
                 must_load = true;
-                // Choose the same member again: `choose` starts after the one named.
-                let n = self.pool.len();
-                previous = Some((chosen.index + n - 1) % n);
+                previous = None;
             } else {
                 tracing::warn!(endpoint = %chosen.url, error = %err, "etcd sync interrupted");
-                self.pool.failed(chosen.index, &err.to_string());
+                if let Some(kind) = err.failure() {
+                    self.pool.report(chosen.index, Err((kind, err.to_string())));
+                }
                 previous = Some(chosen.index);
             }
             self.status.send_modify(|s| {
                 s.state = SyncState::Reconnecting;
                 s.reconnects += 1;
                 s.last_error = Some(err.to_string());
+                s.last_interruption = Some(format!("{}: {err}", chosen.url));
             });
             if !compacted {
                 sleep(backoff.next_delay()).await;
@@ -321,7 +342,7 @@ impl WatchTask {
                     etcd_revision = current,
                     "etcd is behind the snapshot (restored from an older backup?); keeping the snapshot's data until etcd catches up"
                 );
-                return SessionError::Cancelled("etcd revision is behind the mirror".into());
+                return SessionError::Cancelled(BEHIND.into());
             }
             *cluster_checked = true;
         }
@@ -335,7 +356,7 @@ impl WatchTask {
             self.mode.confirm(started);
             self.signal(Signal::LoadedFromEtcd).await;
             *must_load = false;
-            self.pool.succeeded(index);
+            self.pool.report(index, Ok(None));
             backoff.reset();
         }
         match self.watch(&mut client, index, backoff).await {
@@ -473,7 +494,7 @@ impl WatchTask {
         }
         if response.created() {
             tracing::info!(from_revision = from, "watch established");
-            self.pool.succeeded(index);
+            self.pool.report(index, Ok(None));
             backoff.reset();
             self.status.send_modify(|s| {
                 s.state = SyncState::Watching;

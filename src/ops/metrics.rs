@@ -14,6 +14,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::config::Selection;
 use crate::http::counters::{count_in, SubscriberKind, BUCKETS, STATUSES, STRIDE};
 use crate::http::AppState;
 use crate::mirror::mode::Mode;
@@ -240,6 +241,61 @@ impl prometheus_client::collector::Collector for Collector {
             for (check, ok) in [("reachable", p.reachable), ("quorum", p.quorum)] {
                 ConstGauge::new(i64::from(ok))
                     .encode(m.encode_family(&[("endpoint", p.url.as_str()), ("check", check)])?)?;
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "endpoint_selection",
+            "1 for how healthy etcd members are chosen (--endpoint-selection), 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
+        for selection in [
+            Selection::Ordered,
+            Selection::Random,
+            Selection::RoundRobin,
+            Selection::Latency,
+        ] {
+            ConstGauge::new(i64::from(selection == state.pool.selection()))
+                .encode(m.encode_family(&[("selection", selection.as_str())])?)?;
+        }
+        let members = state.pool.status();
+        let mut m = e.encode_descriptor(
+            "endpoint_state",
+            "1 for each etcd member's state (healthy, failing below the threshold, resting), 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
+        for member in &members {
+            for st in ["healthy", "failing", "resting"] {
+                ConstGauge::new(i64::from(member.state == st)).encode(
+                    m.encode_family(&[("endpoint", member.url.as_str()), ("state", st)])?,
+                )?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "endpoint_latency_seconds",
+            "Each etcd member's latency estimate (peak-EWMA of requests and probes)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for member in &members {
+            if let Some(ms) = member.latency_ms {
+                ConstGauge::new(ms / 1000.0)
+                    .encode(m.encode_family(&[("endpoint", member.url.as_str())])?)?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "endpoint_calls",
+            "Calls to each etcd member (watch sessions, loads, writes, quorum reads, probes), by result",
+            None,
+            MetricType::Counter,
+        )?;
+        for member in &members {
+            for (result, n) in [("success", member.successes), ("failure", member.failures)] {
+                ConstCounter::new(n).encode(
+                    m.encode_family(&[("endpoint", member.url.as_str()), ("result", result)])?,
+                )?;
             }
         }
 

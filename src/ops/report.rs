@@ -92,6 +92,7 @@ impl Report for Reporter {
             "bytes": snapshot.bytes,
             "prefixes": state.prefixes.as_slice(),
             "endpoints": state.pool.status(),
+            "endpoint_selection": state.pool.selection().as_str(),
             "probes": probes,
             "sync": sync,
             "transitions": transitions,

@@ -94,10 +94,7 @@ pub async fn serve_live(
         )
     });
 
-    let pool = Arc::new(EndpointPool::new(
-        config.etcd.clone(),
-        config.sync.endpoint_cooldown,
-    ));
+    let pool = Arc::new(EndpointPool::new(config.etcd.clone(), prefixes[0].clone()));
     let sync = WatchTask::new(
         pool.clone(),
         store.clone(),
@@ -187,7 +184,7 @@ pub async fn serve_live(
 pub fn standalone_state(config: &Config, store: Arc<Store>, mode: Arc<ModeHandle>) -> AppState {
     let pool = Arc::new(EndpointPool::new(
         config.etcd.clone(),
-        config.sync.endpoint_cooldown,
+        config.sync.prefixes.as_slice()[0].clone(),
     ));
     let (_, sync) = tokio::sync::watch::channel(Default::default());
     let reporter = Reporter::new(config, ProbeResults::default(), None);

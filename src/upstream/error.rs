@@ -46,6 +46,36 @@ impl Failure {
     pub fn not_applied(self) -> bool {
         matches!(self, Failure::NoLeader | Failure::Refused)
     }
+
+    /// The kind's name in status and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::NoLeader => "no_leader",
+            Failure::Deadline => "deadline",
+            Failure::Unreachable => "unreachable",
+            Failure::Refused => "refused",
+        }
+    }
+
+    /// Whether `error` proves the request never reached etcd: the connection it needed was
+    /// refused (the member is down; nothing listens), found in the error's chain of causes.
+    pub fn not_sent(error: &etcd_client::Error) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = match error {
+            etcd_client::Error::GRpcStatus(status) => std::error::Error::source(status),
+            etcd_client::Error::TransportError(e) => std::error::Error::source(e),
+            etcd_client::Error::IoError(e) => Some(e),
+            _ => None,
+        };
+        while let Some(c) = cause {
+            if c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+            {
+                return true;
+            }
+            cause = c.source();
+        }
+        false
+    }
 }
 
 #[cfg(test)]
@@ -80,6 +110,14 @@ mod tests {
             Failure::Refused
         );
         assert!(Failure::NoLeader.not_applied() && Failure::Refused.not_applied());
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(Failure::not_sent(&etcd_client::Error::IoError(refused)));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!Failure::not_sent(&etcd_client::Error::IoError(reset)));
+        assert!(!Failure::not_sent(&status(
+            Code::Unavailable,
+            "tcp connect error"
+        )));
         assert!(!Failure::Deadline.not_applied() && !Failure::Unreachable.not_applied());
     }
 }

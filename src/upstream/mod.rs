@@ -1,11 +1,13 @@
 //! etcd as the sidecar reaches it: one client per member and which member to use
-//! ([`pool`]), periodic health probes of every member ([`probe`]), writes as one transaction
-//! each ([`write`]), and what a failed call means ([`error`]).
+//! ([`pool`]) with what it has learnt of each member ([`member`]), periodic health probes of
+//! every member ([`probe`]), writes as one transaction each ([`write`]), and what a failed call
+//! means ([`error`]).
 
 pub mod error;
+pub mod member;
 pub mod pool;
 pub mod probe;
 pub mod write;
 
-pub use pool::{Chosen, EndpointPool, EndpointStatus, MAX_DECODE_BYTES};
+pub use pool::{Applied, Chosen, EndpointPool, RequestFailed, Retry, MAX_DECODE_BYTES};
 pub use probe::{MemberProbe, Observation, ProbeResults, ProbeTask};

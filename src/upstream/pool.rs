@@ -1,17 +1,31 @@
-//! Connections to etcd: one client per member, each member's health, and the choice of member.
+//! Connections to etcd: one client per member, what the sidecar has learnt of each member, and
+//! which member each request goes to.
 //!
 //! etcd-client's own balancer over several endpoints fails calls while one member is down, and it
-//! neither reconnects a watch nor fails over; so the sidecar keeps a client per endpoint, records
-//! each endpoint's failures, and moves to the next healthy endpoint when the one in use fails. A
-//! failed endpoint rests for a cooldown before it is chosen again, unless every endpoint failed.
+//! neither reconnects a watch nor fails over; so the sidecar keeps a client per member and one
+//! pool that every request kind goes through (the watch and its loads, writes, consistent reads,
+//! probes) and learns from: each success with its latency, each failure with its kind
+//! ([`Failure`]). A member rests after a threshold of consecutive failures ([`threshold`]), for a
+//! cooldown that doubles while it keeps failing; when its rest ends one quorum read checks it
+//! before requests go back to it, so no request pays for finding out. When every member rests,
+//! the one whose rest ends first is used: there is never a "no member" error.
+//!
+//! Which healthy member a request goes to is the [`Selection`]: the configured order, an order
+//! shuffled once per sidecar (so a fleet spreads its watches), round robin, or the lowest latency.
+//!
+//! [`threshold`]: crate::upstream::member::threshold
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
-use serde::Serialize;
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
+use rand::seq::SliceRandom;
 
-use crate::config::EtcdConfig;
+use crate::config::{EtcdConfig, Selection};
+use crate::upstream::error::Failure;
+use crate::upstream::member::{Cooldown, MemberHealth, MemberStatus};
 
 /// Largest gRPC message the sidecar accepts from etcd. etcd-client's default of 4 MiB is smaller
 /// than one page of large values or one watch response catching up over many revisions.
@@ -23,96 +37,143 @@ struct Member {
     /// without `require_leader`: with it even a serializable read fails once quorum is lost, and
     /// reachability is what a probe must tell.
     clients: [Option<Client>; 2],
-    /// Consecutive failures since the last success.
-    failures: u32,
-    /// Until when the member rests after a failure.
-    cooldown_until: Option<Instant>,
-    /// The last error, for status.
-    last_error: Option<String>,
-    /// When the last error happened.
-    last_error_at: Option<SystemTime>,
+    /// What the pool has learnt of it.
+    health: MemberHealth,
+    /// Whether a task is waiting out its rest to check it.
+    checking: bool,
 }
 
 /// Which of a member's two clients.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ClientKind {
-    /// Watch, loads and writes: requires a leader.
+    /// Watch, loads, writes, consistent reads, recovery checks: requires a leader.
     Main = 0,
     /// Health probes: no leader required.
     Probe = 1,
 }
 
-/// Health of one endpoint, as shown in `/v1/status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct EndpointStatus {
-    /// The URL.
-    pub url: String,
-    /// `healthy` or `failing`.
-    pub health: &'static str,
-    /// Consecutive failures.
-    pub consecutive_failures: u32,
-    /// The last error seen on this endpoint.
-    pub last_error: Option<String>,
-    /// Seconds since the Unix epoch of that error.
-    pub last_error_unix: Option<u64>,
-}
-
-/// The set of endpoints and which one is preferred.
+/// The members and what is known of them.
 pub struct EndpointPool {
-    /// Connection settings shared by every client.
+    /// Connection settings shared by every client, the selection and the cooldown.
     config: EtcdConfig,
+    /// The order the selection starts from: the configured one, or for `random` a shuffle of it
+    /// made once.
+    order: Vec<usize>,
     /// Members, in configured order.
     members: Mutex<Vec<Member>>,
-    /// How long a failed endpoint rests.
-    cooldown: Duration,
+    /// Where round robin is.
+    turn: AtomicUsize,
+    /// The key a recovery check reads (count only): a mirrored prefix, which the sidecar may
+    /// read when etcd has authentication on.
+    check_key: String,
 }
 
-/// A chosen endpoint: its index in the pool and a client for it.
+/// A chosen member: its index in the pool and a client for it.
 pub struct Chosen {
-    /// Index to report success or failure against.
+    /// Index to report outcomes against.
     pub index: usize,
     /// URL, for logs and status.
     pub url: String,
-    /// A client bound to this endpoint only.
+    /// A client bound to this member only.
     pub client: Client,
 }
 
+/// When a request that failed may be tried again on another member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// A read: after any failure of the member (not after etcd refused the request itself).
+    Read,
+    /// A write: only when it was certainly not applied (the connection was refused, or etcd
+    /// said it has no leader); an outcome that is unknown is answered as it is.
+    Write,
+}
+
+/// Whether a failed write may have been applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Certainly not: it never reached etcd, or etcd refused it.
+    No,
+    /// Unknown: it was sent and the answer was lost.
+    Unknown,
+}
+
+/// Why a request failed on every member it was tried on.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct RequestFailed {
+    /// The last failure's kind.
+    pub kind: Failure,
+    /// Whether it may have been applied (writes).
+    pub applied: Applied,
+    /// What the member or the connection said, with the member's URL.
+    pub message: String,
+}
+
 impl EndpointPool {
-    /// A pool over the configured endpoints; nothing connects yet.
-    pub fn new(config: EtcdConfig, cooldown: Duration) -> Self {
+    /// A pool over the configured members; nothing connects yet. Recovery checks read
+    /// `check_key`.
+    pub fn new(config: EtcdConfig, check_key: String) -> Self {
+        let mut order: Vec<usize> = (0..config.endpoints.len()).collect();
+        if config.selection == Selection::Random {
+            order.shuffle(&mut rand::rng());
+        }
         let members = config
             .endpoints
             .iter()
             .map(|_| Member {
                 clients: [None, None],
-                failures: 0,
-                cooldown_until: None,
-                last_error: None,
-                last_error_at: None,
+                health: MemberHealth::default(),
+                checking: false,
             })
             .collect();
         EndpointPool {
             config,
+            order,
             members: Mutex::new(members),
-            cooldown,
+            turn: AtomicUsize::new(0),
+            check_key,
         }
     }
 
-    /// Picks the endpoint to use next: the first one, starting after `after` (so a failing endpoint
-    /// is left for the next one), that is not resting; if all rest, the one whose rest ends first.
-    pub async fn choose(&self, after: Option<usize>) -> Result<Chosen, etcd_client::Error> {
-        let index = {
-            let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-            let n = members.len();
-            let start = after.map(|a| (a + 1) % n).unwrap_or(0);
-            let now = Instant::now();
-            let order = (0..n).map(|i| (start + i) % n);
-            order
-                .clone()
-                .find(|&i| members[i].cooldown_until.is_none_or(|t| t <= now))
-                .or_else(|| order.min_by_key(|&i| members[i].cooldown_until))
-                .expect("the pool has at least one endpoint")
-        };
+    fn members(&self) -> std::sync::MutexGuard<'_, Vec<Member>> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every member, best first: the healthy ones in the selection's order, then those that
+    /// failed since their last success but do not rest (a deadline below its threshold), then
+    /// the resting ones by when their rest ends.
+    fn preference(&self) -> Vec<usize> {
+        let members = self.members();
+        let now = Instant::now();
+        let mut order = self.order.clone();
+        match self.config.selection {
+            Selection::Ordered | Selection::Random => {}
+            Selection::RoundRobin => {
+                let turn = self.turn.fetch_add(1, Ordering::Relaxed) % order.len();
+                order.rotate_left(turn);
+            }
+            // Not measured yet counts as fastest, so every member gets measured.
+            Selection::Latency => order.sort_by_key(|&i| members[i].health.latency()),
+        }
+        let (ready, mut resting): (Vec<usize>, Vec<usize>) = order
+            .into_iter()
+            .partition(|&i| members[i].health.resting(now).is_none());
+        let (healthy, failing): (Vec<usize>, Vec<usize>) = ready
+            .into_iter()
+            .partition(|&i| !members[i].health.failing());
+        resting.sort_by_key(|&i| members[i].health.resting(now));
+        healthy.into_iter().chain(failing).chain(resting).collect()
+    }
+
+    /// The member to use next, other than `avoid` (the one that just failed) when there is
+    /// another.
+    pub async fn choose(&self, avoid: Option<usize>) -> Result<Chosen, etcd_client::Error> {
+        let preference = self.preference();
+        let index = preference
+            .iter()
+            .copied()
+            .find(|&i| Some(i) != avoid)
+            .unwrap_or(preference[0]);
         let client = self.client(index, ClientKind::Main).await?;
         Ok(Chosen {
             index,
@@ -121,17 +182,155 @@ impl EndpointPool {
         })
     }
 
-    /// The probe client of endpoint `index` (no leader required).
+    /// Runs `call` on the best member, and on the next ones while `retry` allows and `deadline`
+    /// (for the whole request) has time left; learns from every attempt.
+    pub async fn request<T, F, Fut>(
+        self: &Arc<Self>,
+        retry: Retry,
+        deadline: Duration,
+        mut call: F,
+    ) -> Result<T, RequestFailed>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let started = Instant::now();
+        let mut last = RequestFailed {
+            kind: Failure::Deadline,
+            applied: Applied::No,
+            message: format!("no etcd member could be tried within {deadline:?}"),
+        };
+        for index in self.preference() {
+            let left = deadline.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            let url = self.url(index);
+            let attempt = Instant::now();
+            let outcome = match self.client(index, ClientKind::Main).await {
+                Ok(client) => tokio::time::timeout(left, call(client)).await,
+                Err(e) => Ok(Err(e)),
+            };
+            let error = match outcome {
+                Ok(Ok(value)) => {
+                    self.report(index, Ok(Some(attempt.elapsed())));
+                    return Ok(value);
+                }
+                Ok(Err(error)) => error,
+                Err(_) => {
+                    let message = format!("{url}: no answer within {deadline:?}");
+                    self.report(index, Err((Failure::Deadline, message.clone())));
+                    return Err(RequestFailed {
+                        kind: Failure::Deadline,
+                        applied: Applied::Unknown,
+                        message,
+                    });
+                }
+            };
+            let kind = Failure::of(&error);
+            let not_applied = Failure::not_sent(&error) || kind.not_applied();
+            let message = format!("{url}: {error}");
+            self.report(index, Err((kind, message.clone())));
+            last = RequestFailed {
+                kind,
+                applied: if not_applied {
+                    Applied::No
+                } else {
+                    Applied::Unknown
+                },
+                message,
+            };
+            let again = kind != Failure::Refused
+                && match retry {
+                    Retry::Read => true,
+                    Retry::Write => not_applied,
+                };
+            if !again {
+                break;
+            }
+        }
+        Err(last)
+    }
+
+    /// Learns the outcome of a call on member `index`: a success (with the member's answer time,
+    /// when the call's duration is that), or the kind of its failure. A failure that starts a
+    /// rest starts the check that ends it.
+    pub fn report(
+        self: &Arc<Self>,
+        index: usize,
+        outcome: Result<Option<Duration>, (Failure, String)>,
+    ) {
+        let cooldown = self.cooldown();
+        let now = Instant::now();
+        let mut members = self.members();
+        let member = &mut members[index];
+        match outcome {
+            Ok(latency) => member.health.succeeded(latency, now),
+            Err((kind, error)) => {
+                if member.health.failed(kind, &error, now, cooldown) && !member.checking {
+                    member.checking = true;
+                    tokio::spawn(self.clone().recover(index));
+                }
+            }
+        }
+    }
+
+    /// Waits out member `index`'s rest, then checks it with one quorum read: a success ends its
+    /// failures, a failure rests it again (longer). Only while a member fails does this run.
+    async fn recover(self: Arc<Self>, index: usize) {
+        loop {
+            let Some(until) = self.members()[index].health.resting(Instant::now()) else {
+                break;
+            };
+            tokio::time::sleep_until(until.into()).await;
+            let started = Instant::now();
+            let outcome = match self.client(index, ClientKind::Main).await {
+                Ok(mut client) => {
+                    let read = client.get(
+                        self.check_key.as_str(),
+                        Some(GetOptions::new().with_count_only()),
+                    );
+                    match tokio::time::timeout(self.config.request_timeout, read).await {
+                        Ok(Ok(_)) => Ok(started.elapsed()),
+                        Ok(Err(e)) => Err((Failure::of(&e), e.to_string())),
+                        Err(_) => Err((Failure::Deadline, "the recovery check timed out".into())),
+                    }
+                }
+                Err(e) => Err((Failure::of(&e), e.to_string())),
+            };
+            let cooldown = self.cooldown();
+            let mut members = self.members();
+            let health = &mut members[index].health;
+            match outcome {
+                Ok(latency) => {
+                    health.succeeded(Some(latency), Instant::now());
+                    break;
+                }
+                Err((kind, error)) => {
+                    if !health.failed(kind, &error, Instant::now(), cooldown) {
+                        break;
+                    }
+                }
+            }
+        }
+        self.members()[index].checking = false;
+    }
+
+    fn cooldown(&self) -> Cooldown {
+        Cooldown {
+            base: self.config.cooldown,
+            max: self.config.cooldown_max,
+        }
+    }
+
+    /// The probe client of member `index` (no leader required).
     pub async fn probe_client(&self, index: usize) -> Result<Client, etcd_client::Error> {
         self.client(index, ClientKind::Probe).await
     }
 
-    /// The client of `kind` for endpoint `index`, connected on first use and kept.
+    /// The client of `kind` for member `index`, connected on first use and kept.
     async fn client(&self, index: usize, kind: ClientKind) -> Result<Client, etcd_client::Error> {
-        let existing = {
-            let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-            members[index].clients[kind as usize].clone()
-        };
+        let existing = self.members()[index].clients[kind as usize].clone();
         if let Some(c) = existing {
             return Ok(c);
         }
@@ -140,12 +339,11 @@ impl EndpointPool {
             .connect_options()
             .with_require_leader(kind == ClientKind::Main);
         let c = Client::connect([self.url(index).as_str()], Some(options)).await?;
-        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        members[index].clients[kind as usize] = Some(c.clone());
+        self.members()[index].clients[kind as usize] = Some(c.clone());
         Ok(c)
     }
 
-    /// URL of endpoint `index`.
+    /// URL of member `index`.
     pub fn url(&self, index: usize) -> String {
         self.config.endpoints[index].clone()
     }
@@ -155,7 +353,7 @@ impl EndpointPool {
         self.config.dial_timeout
     }
 
-    /// Number of endpoints.
+    /// Number of members.
     pub fn len(&self) -> usize {
         self.config.endpoints.len()
     }
@@ -165,44 +363,18 @@ impl EndpointPool {
         self.config.endpoints.is_empty()
     }
 
-    /// Records that a call on endpoint `index` succeeded.
-    pub fn succeeded(&self, index: usize) {
-        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        let m = &mut members[index];
-        m.failures = 0;
-        m.cooldown_until = None;
+    /// How members are chosen.
+    pub fn selection(&self) -> Selection {
+        self.config.selection
     }
 
-    /// Records that endpoint `index` failed; it rests for the cooldown.
-    pub fn failed(&self, index: usize, error: &str) {
-        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        let m = &mut members[index];
-        m.failures += 1;
-        m.cooldown_until = Some(Instant::now() + self.cooldown);
-        m.last_error = Some(error.to_string());
-        m.last_error_at = Some(SystemTime::now());
-    }
-
-    /// Every endpoint's health.
-    pub fn status(&self) -> Vec<EndpointStatus> {
-        let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        members
+    /// Every member's health, in configured order.
+    pub fn status(&self) -> Vec<MemberStatus> {
+        let now = Instant::now();
+        self.members()
             .iter()
             .zip(&self.config.endpoints)
-            .map(|(m, url)| EndpointStatus {
-                url: url.clone(),
-                health: if m.failures == 0 {
-                    "healthy"
-                } else {
-                    "failing"
-                },
-                consecutive_failures: m.failures,
-                last_error: m.last_error.clone(),
-                last_error_unix: m
-                    .last_error_at
-                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs()),
-            })
+            .map(|(m, url)| m.health.status(url, now))
             .collect()
     }
 
@@ -235,5 +407,66 @@ impl EndpointPool {
                 .with_auto_token_refresh(true);
         }
         options
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Environment};
+
+    fn pool_of(selection: &str) -> EndpointPool {
+        let config = Config::from_args(
+            [
+                "config-sidecar",
+                "--endpoints=http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3",
+                "--prefix=/p/",
+                &format!("--endpoint-selection={selection}"),
+            ],
+            Environment::Ignored,
+        )
+        .unwrap();
+        EndpointPool::new(config.etcd, "/p/".into())
+    }
+
+    /// `random` shuffles once per sidecar: a fleet's first choices spread over the members, and
+    /// each sidecar keeps its own choice (its watch stays put).
+    #[tokio::test]
+    async fn random_spreads_a_fleet_and_keeps_each_sidecars_choice() {
+        let mut firsts = [0; 3];
+        for _ in 0..90 {
+            let pool = pool_of("random");
+            let first = pool.choose(None).await.unwrap().index;
+            assert_eq!(pool.choose(None).await.unwrap().index, first);
+            firsts[first] += 1;
+        }
+        assert!(firsts.iter().all(|&n| n >= 15), "{firsts:?}");
+    }
+
+    /// A resting member goes last, the others keep their order; when all rest, the one whose
+    /// rest ends first comes first; `avoid` skips the member that just failed; a member that
+    /// failed below its threshold goes after the healthy ones.
+    #[tokio::test]
+    async fn resting_members_go_last_and_never_leave_no_member() {
+        let pool = Arc::new(pool_of("ordered"));
+        assert_eq!(pool.preference(), [0, 1, 2]);
+        pool.report(0, Err((Failure::Unreachable, "refused".into())));
+        assert_eq!(pool.preference(), [1, 2, 0]);
+        assert_eq!(pool.choose(Some(1)).await.unwrap().index, 2);
+        pool.report(2, Err((Failure::Unreachable, "refused".into())));
+        pool.report(1, Err((Failure::Unreachable, "refused".into())));
+        assert_eq!(pool.preference(), [0, 2, 1], "by the end of their rests");
+        pool.report(1, Ok(None));
+        assert_eq!(pool.preference(), [1, 0, 2]);
+        assert_eq!(pool.status()[0].state, "resting");
+        assert_eq!(pool.status()[1].state, "healthy");
+
+        // One deadline does not rest a member, but the next request goes elsewhere.
+        let pool = Arc::new(pool_of("ordered"));
+        pool.report(0, Err((Failure::Deadline, "no answer".into())));
+        assert_eq!(pool.status()[0].state, "failing");
+        assert_eq!(pool.preference(), [1, 2, 0]);
+        pool.report(0, Ok(None));
+        assert_eq!(pool.preference(), [0, 1, 2]);
     }
 }

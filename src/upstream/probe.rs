@@ -14,6 +14,7 @@ use tokio::time::timeout;
 
 use crate::config::Live;
 use crate::liveness::Heartbeat;
+use crate::upstream::error::Failure;
 use crate::upstream::EndpointPool;
 
 /// What one probe round (or a watch error) says about the cluster.
@@ -173,6 +174,8 @@ impl ProbeTask {
             Ok(c) => c,
             Err(e) => {
                 answer.error = Some(e.to_string());
+                self.pool
+                    .report(index, Err((Failure::of(&e), e.to_string())));
                 return answer;
             }
         };
@@ -191,9 +194,12 @@ impl ProbeTask {
                 c3.get(self.key.as_str(), Some(GetOptions::new().with_count_only()))
             ),
         );
-        let mut note = |e: String| {
+        // The first check that failed, and how: what the pool learns from this probe.
+        let mut failure: Option<Failure> = None;
+        let mut note = |kind: Failure, e: String| {
             if answer.error.is_none() {
                 answer.error = Some(e);
+                failure = Some(kind);
             }
         };
         match status {
@@ -205,23 +211,30 @@ impl ProbeTask {
                 answer.version = s.version().to_string();
                 answer.member_id = s.header().map(|h| h.member_id()).unwrap_or_default();
             }
-            Ok(Err(e)) => note(format!("status: {e}")),
-            Err(_) => note("status: timed out".into()),
+            Ok(Err(e)) => note(Failure::of(&e), format!("status: {e}")),
+            Err(_) => note(Failure::Deadline, "status: timed out".into()),
         }
         match serializable {
             Ok(Ok(_)) => answer.reachable = true,
-            Ok(Err(e)) => note(format!("serializable read: {e}")),
-            Err(_) => note("serializable read: timed out".into()),
+            Ok(Err(e)) => note(Failure::of(&e), format!("serializable read: {e}")),
+            Err(_) => note(Failure::Deadline, "serializable read: timed out".into()),
         }
         match linearizable {
             Ok(Ok(r)) => {
                 answer.quorum = true;
                 answer.revision = r.header().map(|h| h.revision()).unwrap_or_default();
             }
-            Ok(Err(e)) => note(format!("linearizable read: {e}")),
-            Err(_) => note("linearizable read: timed out".into()),
+            Ok(Err(e)) => note(Failure::of(&e), format!("linearizable read: {e}")),
+            Err(_) => note(Failure::Deadline, "linearizable read: timed out".into()),
         }
-        answer.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let latency = started.elapsed();
+        match failure {
+            None => self.pool.report(index, Ok(Some(latency))),
+            Some(kind) => self
+                .pool
+                .report(index, Err((kind, answer.error.clone().unwrap_or_default()))),
+        }
+        answer.latency_ms = latency.as_secs_f64() * 1000.0;
         answer
     }
 }

@@ -2,12 +2,12 @@
 //! transaction, so that a write is either wholly applied or not at all. A failure says whether
 //! etcd refused the write (not applied) or the answer was lost (unknown).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse};
-use tokio::time::timeout;
+use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse};
 
-use crate::upstream::error::Failure;
+use crate::upstream::pool::{Applied, EndpointPool, Retry};
 
 /// What to write.
 #[derive(Debug)]
@@ -58,20 +58,11 @@ pub enum WriteError {
     Unknown(String),
 }
 
-impl From<etcd_client::Error> for WriteError {
-    fn from(error: etcd_client::Error) -> Self {
-        if Failure::of(&error).not_applied() {
-            WriteError::NotApplied(error.to_string())
-        } else {
-            WriteError::Unknown(error.to_string())
-        }
-    }
-}
-
-/// Applies `op` on `client`; with `expected_mod_revision`, only if the key's mod_revision is that
-/// (0: the key must not exist), else `PreconditionFailed`.
+/// Applies `op` through `pool` within `deadline`; with `expected_mod_revision`, only if the key's
+/// mod_revision is that (0: the key must not exist), else `PreconditionFailed`. A member that
+/// certainly did not apply it (refused connection, no leader) hands it to the next member.
 pub async fn apply(
-    client: &mut Client,
+    pool: &Arc<EndpointPool>,
     op: WriteOp,
     expected_mod_revision: Option<i64>,
     deadline: Duration,
@@ -96,15 +87,16 @@ pub async fn apply(
             .and_then(vec![then])
             .or_else(vec![TxnOp::get(key.clone(), None)]),
     };
-    let response = match timeout(deadline, client.txn(txn)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => {
-            return Err(WriteError::Unknown(format!(
-                "etcd did not answer within {deadline:?}"
-            )))
-        }
-    };
+    let response = pool
+        .request(Retry::Write, deadline, |mut client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await }
+        })
+        .await
+        .map_err(|failed| match failed.applied {
+            Applied::No => WriteError::NotApplied(failed.message),
+            Applied::Unknown => WriteError::Unknown(failed.message),
+        })?;
     let revision = response.header().map(|h| h.revision()).unwrap_or_default();
     let ops = response.op_responses();
     if !response.succeeded() {

@@ -667,7 +667,7 @@ pub fn fast_failure_detection(mut config: Config) -> Config {
     config.http.listen = "127.0.0.1:0".parse().unwrap();
     config.sync.watch_deadline = Duration::from_secs(3);
     config.sync.backoff_max = Duration::from_millis(500);
-    config.sync.endpoint_cooldown = Duration::from_secs(1);
+    config.etcd.cooldown = Duration::from_secs(1);
     config.etcd.request_timeout = Duration::from_secs(2);
     config.etcd.dial_timeout = Duration::from_millis(500);
     config
