@@ -248,3 +248,62 @@ async fn a_restart_with_etcd_up_never_serves_an_older_snapshot() {
     assert_eq!(first.text().await.unwrap(), "new");
     running.stop().await.unwrap();
 }
+
+/// A restart with etcd up and a current-enough snapshot reads only what changed since it: a
+/// changed key, a deleted one and a new one come out exactly as etcd has them, at etcd's
+/// revision, counted as a resume rather than a full load, and etcd sends a small part of what the
+/// first start's full load cost it (counted by its own `etcd_network_client_grpc_sent_bytes_total`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_etcd_up_reads_only_what_changed_since_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mirror.snap");
+    let cluster = common::EtcdCluster::start(1).await;
+    let mut etcd = cluster.client().await;
+    let value = "v".repeat(1000);
+    for i in 0..100 {
+        etcd.put(format!("/snap/k{i:03}"), value.as_str(), None)
+            .await
+            .unwrap();
+    }
+    let http = reqwest::Client::new();
+    let sent = || async {
+        let text = http
+            .get(format!("{}/metrics", cluster.endpoint(0)))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("etcd_network_client_grpc_sent_bytes_total "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap()
+    };
+    let mut config = common::sidecar_config(&cluster.endpoints(), &["/snap/"]);
+    config.snapshot = Some(config_sidecar::config::SnapshotConfig::at(path.clone()));
+    let before = sent().await;
+    let sidecar = common::start_sidecar(config.clone()).await;
+    let first_start = sent().await - before;
+    assert_eq!(sidecar.json("/v1/status").await["sync"]["full_loads"], 1);
+    sidecar.stop().await;
+
+    etcd.put("/snap/k000", "changed", None).await.unwrap();
+    etcd.delete("/snap/k001", None).await.unwrap();
+    etcd.put("/snap/new", "born", None).await.unwrap();
+    let before = sent().await;
+    let sidecar = common::start_sidecar(config).await;
+    let restart = sent().await - before;
+    let status = sidecar.json("/v1/status").await;
+    assert_eq!(status["sync"]["resumes"], 1, "{status}");
+    assert_eq!(status["sync"]["full_loads"], 0, "{status}");
+    assert_eq!(
+        common::sidecar_prefix(&sidecar, "/snap/").await.unwrap(),
+        common::etcd_prefix(&mut etcd, "/snap/").await
+    );
+    assert!(
+        restart < first_start / 5.0,
+        "etcd sent {restart} bytes for the restart, {first_start} for the first start"
+    );
+    sidecar.stop().await;
+}

@@ -135,6 +135,6 @@ impl AppState {
             return true;
         }
         let sync = self.sync.borrow();
-        sync.full_loads > 0 || sync.state == SyncState::Watching
+        sync.full_loads + sync.resumes > 0 || sync.state == SyncState::Watching
     }
 }

@@ -1,9 +1,10 @@
-//! etcd → memory. The [`sync::WatchTask`] loads every mirrored prefix at one revision, then
-//! watches from the next, and publishes each revision into the [`store::Store`] as one immutable
-//! snapshot. The serving [`mode`] is set by a state machine fed by the sync and the probes;
+//! etcd → memory. The [`sync::WatchTask`] loads every mirrored prefix at one revision ([`load`];
+//! after a restart, only what changed since the disk snapshot), then watches from the next, and
+//! publishes each revision into the [`store::Store`] as one immutable snapshot. The serving [`mode`] is set by a state machine fed by the sync and the probes;
 //! [`persist`] saves the store to disk and serves it after a restart; [`render`] turns a
 //! snapshot's prefix into a listing or a tree, once per revision.
 
+pub mod load;
 pub mod mode;
 pub mod persist;
 pub mod render;

@@ -21,8 +21,8 @@ use http::HeaderValue;
 use imbl::OrdSet;
 use tokio::sync::{broadcast, watch};
 
-/// One key as etcd last reported it.
-#[derive(Debug)]
+/// One key as etcd last reported it. Cloning it bumps reference counts; nothing is copied.
+#[derive(Debug, Clone)]
 pub struct Entry {
     /// The etcd key.
     pub key: Bytes,

@@ -21,10 +21,11 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
 
-use crate::config::prefix_range_end;
 use crate::config::{Live, SyncConfig};
 use crate::liveness::Heartbeat;
+use crate::mirror::load::{self, ReadError, Reader};
 use crate::mirror::mode::{ModeHandle, Signal};
+use crate::mirror::persist::SnapshotFile;
 use crate::mirror::store::{Entry, Event, Store};
 use crate::upstream::error::{Failure, NO_LEADER};
 use crate::upstream::{EndpointPool, Observation, MAX_DECODE_BYTES};
@@ -61,6 +62,8 @@ pub struct SyncStatus {
     pub last_heard_at: Option<SystemTime>,
     /// Number of complete loads (the first one and every compaction resync).
     pub full_loads: u64,
+    /// Number of times the disk snapshot was brought up to date instead of a first full load.
+    pub resumes: u64,
     /// Number of times the watch had to be reopened.
     pub reconnects: u64,
     /// The last error, for operators; cleared once the watch runs again.
@@ -77,6 +80,7 @@ impl Default for SyncStatus {
             last_event_at: None,
             last_heard_at: None,
             full_loads: 0,
+            resumes: 0,
             reconnects: 0,
             last_error: None,
             last_interruption: None,
@@ -116,6 +120,15 @@ enum SessionError {
     Compacted { wanted: i64, compact: i64 },
     #[error("{0}")]
     Store(#[from] crate::mirror::store::StoreError),
+}
+
+impl From<ReadError> for SessionError {
+    fn from(error: ReadError) -> Self {
+        match error {
+            ReadError::Etcd(e) => SessionError::Etcd(e),
+            ReadError::Timeout => SessionError::Timeout("range read"),
+        }
+    }
 }
 
 impl SessionError {
@@ -195,6 +208,8 @@ pub struct WatchTask {
     signals: tokio::sync::mpsc::Sender<Signal>,
     /// Beaten at every attempt, page and watch message, for the liveness watchdog.
     heartbeat: Arc<Heartbeat>,
+    /// The disk snapshot found at start, if any: the first load reads only what changed since.
+    resume: Option<Arc<SnapshotFile>>,
 }
 
 impl WatchTask {
@@ -217,6 +232,7 @@ impl WatchTask {
             status,
             mode,
             signals,
+            resume: None,
         };
         task.request_timeout();
         task
@@ -240,6 +256,13 @@ impl WatchTask {
         let _ = self.signals.send(signal).await;
     }
 
+    /// The same task, bringing the disk snapshot `base` up to date for its first load instead
+    /// of loading everything.
+    pub fn with_resume(mut self, base: Arc<SnapshotFile>) -> Self {
+        self.resume = Some(base);
+        self
+    }
+
     /// Its sign of life.
     pub fn heartbeat(&self) -> Arc<Heartbeat> {
         self.heartbeat.clone()
@@ -258,6 +281,8 @@ impl WatchTask {
         // has shown it is the same cluster.
         let mut must_load = !self.store.is_loaded();
         let mut cluster_checked = must_load;
+        // The disk snapshot, to bring up to date instead of a first full load.
+        let mut resume = self.resume.clone();
         loop {
             self.heartbeat.beat();
             let chosen = match self.pool.choose(previous).await {
@@ -275,6 +300,7 @@ impl WatchTask {
                     chosen.client,
                     chosen.index,
                     (&mut must_load, &mut cluster_checked),
+                    &mut resume,
                     &mut backoff,
                 )
                 .await;
@@ -314,6 +340,7 @@ impl WatchTask {
         mut client: Client,
         index: usize,
         (must_load, cluster_checked): (&mut bool, &mut bool),
+        resume: &mut Option<Arc<SnapshotFile>>,
         backoff: &mut Backoff,
     ) -> SessionError {
         if !*cluster_checked {
@@ -349,8 +376,23 @@ impl WatchTask {
         if *must_load || !self.store.is_loaded() {
             self.status.send_modify(|s| s.state = SyncState::Loading);
             let started = SystemTime::now();
-            if let Err(e) = self.full_load(&mut client).await {
-                return e;
+            let resumed = match resume.take() {
+                Some(base) if !self.store.is_loaded() => {
+                    match self.resume_load(&mut client, &base).await {
+                        Ok(resumed) => resumed,
+                        Err(e) => {
+                            // Tried again on the next session.
+                            *resume = Some(base);
+                            return e;
+                        }
+                    }
+                }
+                _ => false,
+            };
+            if !resumed {
+                if let Err(e) = self.full_load(&mut client).await {
+                    return e;
+                }
             }
             // The load began with a linearizable read: the mirror was current as of then.
             self.mode.confirm(started);
@@ -365,60 +407,82 @@ impl WatchTask {
         }
     }
 
+    /// A reader of every prefix over `client`.
+    fn reader<'a>(&'a self, client: &mut Client) -> Reader<'a> {
+        Reader {
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_DECODE_BYTES),
+            prefixes: &self.config.prefixes,
+            page_size: self.config.page_size,
+            deadline: self.request_timeout(),
+            heartbeat: &self.heartbeat,
+        }
+    }
+
     /// Loads every prefix, page by page, all at the revision of the first page, and publishes the
     /// result as one snapshot.
     async fn full_load(&self, client: &mut Client) -> Result<(), SessionError> {
-        let mut kv = client
-            .kv_client()
-            .max_decoding_message_size(MAX_DECODE_BYTES);
-        let mut revision = 0i64;
-        let mut cluster = 0u64;
-        let mut entries = Vec::new();
-        for prefix in self.config.prefixes.as_slice() {
-            let end = prefix_range_end(prefix.as_bytes()).unwrap_or_else(|| vec![0]);
-            let mut start = prefix.as_bytes().to_vec();
-            loop {
-                let mut opts = GetOptions::new()
-                    .with_range(end.clone())
-                    .with_limit(self.config.page_size);
-                if revision > 0 {
-                    opts = opts.with_revision(revision);
-                }
-                let mut resp = timeout(self.request_timeout(), kv.get(start.clone(), Some(opts)))
-                    .await
-                    .map_err(|_| SessionError::Timeout("range read"))??;
-                if revision == 0 {
-                    revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-                    cluster = resp.header().map(|h| h.cluster_id()).unwrap_or_default();
-                }
-                self.heartbeat.beat();
-                let more = resp.more();
-                let kvs = resp.take_kvs();
-                let Some(last) = kvs.last() else { break };
-                let mut next_start = last.key().to_vec();
-                next_start.push(0);
-                for kv in kvs {
-                    let (create, modr, version) =
-                        (kv.create_revision(), kv.mod_revision(), kv.version());
-                    let (k, v) = kv.into_key_value();
-                    entries.push(Entry::new(Bytes::from(k), v, create, modr, version));
-                }
-                if !more {
-                    break;
-                }
-                start = next_start;
-            }
-        }
+        let pages = self.reader(client).read(|o| o, 0).await?;
+        let entries = load::entries(pages.kvs);
         let count = entries.len();
-        let changes = self.store.replace_from(cluster, revision, entries)?;
+        let changes = self
+            .store
+            .replace_from(pages.cluster, pages.revision, entries)?;
         tracing::info!(
-            revision,
+            revision = pages.revision,
             keys = count,
             changed = changes.len(),
             "full load published"
         );
         self.status.send_modify(|s| s.full_loads += 1);
         Ok(())
+    }
+
+    /// Brings the disk snapshot `base` up to etcd's revision by reading only what changed since
+    /// it (see [`crate::mirror::load`]) and publishes the result as one snapshot, as a full load
+    /// would. `Ok(false)`, with nothing published, when the snapshot does not fit etcd's data
+    /// (another cluster, a revision etcd has not reached, keys that disagree): a full load
+    /// follows.
+    async fn resume_load(
+        &self,
+        client: &mut Client,
+        base: &SnapshotFile,
+    ) -> Result<bool, SessionError> {
+        let mut reader = self.reader(client);
+        let listing = reader.read(GetOptions::with_keys_only, 0).await?;
+        if listing.cluster != base.cluster_id || listing.revision < base.revision {
+            return Ok(false);
+        }
+        let changed = reader
+            .read(
+                |o| o.with_min_mod_revision(base.revision + 1),
+                listing.revision,
+            )
+            .await?;
+        let keys: Vec<(Bytes, i64)> = listing
+            .kvs
+            .iter()
+            .map(|kv| (Bytes::copy_from_slice(kv.key()), kv.mod_revision()))
+            .collect();
+        let changed = load::entries(changed.kvs);
+        let changed_count = changed.len();
+        let Some(entries) = load::bring_up_to_date(&base.entries, base.revision, &keys, changed)
+        else {
+            return Ok(false);
+        };
+        let count = entries.len();
+        self.store
+            .replace_from(listing.cluster, listing.revision, entries)?;
+        tracing::info!(
+            from_revision = base.revision,
+            revision = listing.revision,
+            keys = count,
+            changed = changed_count,
+            "disk snapshot brought up to date and published"
+        );
+        self.status.send_modify(|s| s.resumes += 1);
+        Ok(true)
     }
 
     /// Watches the covering range from the next revision, applying each response as one snapshot.

@@ -192,7 +192,7 @@ impl prometheus_client::collector::Collector for Collector {
             &mut e,
             "resyncs",
             "Full reloads after the first load (compaction, or a gap the watch cannot cover)",
-            sync.full_loads.saturating_sub(1),
+            (sync.full_loads + sync.resumes).saturating_sub(1),
         )?;
         counter(
             &mut e,

@@ -78,8 +78,8 @@ pub async fn serve_live(
         match persist::load(&snap.path, &prefixes) {
             Ok(Some(file)) => {
                 on_disk = file.revision;
-                tracing::info!(path = %snap.path.display(), revision = file.revision, keys = file.entries.len(), "snapshot found; it is served unless etcd answers first");
-                fallback = Some(file);
+                tracing::info!(path = %snap.path.display(), revision = file.revision, keys = file.entries.len(), "snapshot found; brought up to date from etcd, or served if etcd does not answer first");
+                fallback = Some(Arc::new(file));
             }
             Ok(None) => tracing::info!(path = %snap.path.display(), "no snapshot yet"),
             Err(e) => tracing::warn!(path = %snap.path.display(), error = %e, "snapshot ignored"),
@@ -95,7 +95,7 @@ pub async fn serve_live(
     });
 
     let pool = Arc::new(EndpointPool::new(config.etcd.clone(), prefixes[0].clone()));
-    let sync = WatchTask::new(
+    let mut sync = WatchTask::new(
         pool.clone(),
         store.clone(),
         config.sync.clone(),
@@ -103,6 +103,10 @@ pub async fn serve_live(
         mode.clone(),
         signals.clone(),
     );
+    if let Some(file) = &fallback {
+        // With etcd up, the first load reads only what changed since the snapshot.
+        sync = sync.with_resume(file.clone());
+    }
     let probes = ProbeTask::new(pool.clone(), live.clone(), verdicts, prefixes[0].clone());
     // A short-lived task, so not watched by liveness; aborted at shutdown with the rest.
     let fallback = fallback.map(|file| {
@@ -204,7 +208,7 @@ async fn serve_snapshot_unless_etcd_answers(
     mode: Arc<ModeHandle>,
     signals: mpsc::Sender<Signal>,
     probes: ProbeResults,
-    file: persist::SnapshotFile,
+    file: Arc<persist::SnapshotFile>,
 ) {
     let started = tokio::time::Instant::now();
     while !store.is_loaded() && started.elapsed() < SNAPSHOT_FALLBACK_AFTER {
@@ -219,7 +223,7 @@ async fn serve_snapshot_unless_etcd_answers(
     }
     let (revision, keys) = (file.revision, file.entries.len());
     let confirmed = SystemTime::UNIX_EPOCH + Duration::from_millis(file.confirmed_at_unix_ms);
-    match store.load_fallback(file.cluster_id, file.revision, file.entries) {
+    match store.load_fallback(file.cluster_id, file.revision, file.entries.clone()) {
         Ok(true) => {
             mode.confirm(confirmed);
             let _ = signals.send(Signal::LoadedFromSnapshot).await;
