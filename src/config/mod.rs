@@ -77,6 +77,8 @@ pub struct SyncConfig {
     pub backoff_min: Duration,
     /// Reconnect backoff ceiling.
     pub backoff_max: Duration,
+    /// Longest random wait before a first load without a snapshot: a fleet's starts spread.
+    pub first_load_jitter: Duration,
     /// Keys per page of a full load.
     pub page_size: i64,
 }
@@ -115,6 +117,8 @@ pub struct ModeConfig {
     pub probe_interval: Duration,
     /// Timeout of each probe check.
     pub probe_timeout: Duration,
+    /// Time between probe rounds while the watch is healthy.
+    pub probe_idle_interval: Duration,
     /// Consecutive bad rounds before degrading.
     pub degrade_after: u32,
     /// Consecutive good rounds before recovering.

@@ -163,6 +163,7 @@ impl Config {
             mode: ModeConfig {
                 probe_interval: s.probe_interval,
                 probe_timeout: s.probe_timeout,
+                probe_idle_interval: s.probe_idle_interval,
                 degrade_after: s.degrade_after,
                 recover_after: s.recover_after,
                 webhook: s.webhook,
@@ -189,6 +190,7 @@ impl Config {
                 watch_deadline: s.watch_deadline,
                 backoff_min: s.backoff_min,
                 backoff_max: s.backoff_max,
+                first_load_jitter: s.first_load_jitter,
                 page_size: s.page_size,
             },
             http: HttpConfig {

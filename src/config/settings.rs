@@ -147,6 +147,10 @@ pub struct Settings {
     /// Largest reconnect backoff.
     #[arg(long, env = "CONFIG_SIDECAR_BACKOFF_MAX", default_value = "5s", value_parser = duration, help_heading = "sync")]
     pub backoff_max: Duration,
+    /// Longest random wait before the first load when there is no disk snapshot to bring up to
+    /// date, so that pods started together do not all load at once (0s: none).
+    #[arg(long, env = "CONFIG_SIDECAR_FIRST_LOAD_JITTER", default_value = "500ms", value_parser = duration, help_heading = "sync")]
+    pub first_load_jitter: Duration,
     /// Keys per page of a full load.
     #[arg(long, env = "CONFIG_SIDECAR_PAGE_SIZE", default_value = "1000", value_parser = clap::value_parser!(i64).range(1..), help_heading = "sync")]
     pub page_size: i64,
@@ -192,9 +196,16 @@ pub struct Settings {
     #[arg(long, env = "CONFIG_SIDECAR_MAX_BLOCKING_QUERIES", default_value = "2048", value_parser = clap::value_parser!(u32).range(1..), help_heading = "http")]
     pub max_blocking_queries: u32,
 
-    /// Time between health probe rounds [SIGHUP applies it].
+    /// Time between health probe rounds while the watch is not healthy (lost, reconnecting or
+    /// silent): they tell read-only from cache-only and notice recovery [SIGHUP applies it].
     #[arg(long, env = "CONFIG_SIDECAR_PROBE_INTERVAL", default_value = "1s", value_parser = duration, help_heading = "mode")]
     pub probe_interval: Duration,
+    /// Time between member probe rounds while the watch is healthy: its stream requires a leader
+    /// and answers progress requests, which already shows quorum, so at rest only this slow
+    /// round (status and a serializable read, no quorum read), jittered by ±20% so a fleet does
+    /// not probe in step, keeps /v1/status's member view fresh [SIGHUP applies it].
+    #[arg(long, env = "CONFIG_SIDECAR_PROBE_IDLE_INTERVAL", default_value = "60s", value_parser = duration, help_heading = "mode")]
+    pub probe_idle_interval: Duration,
     /// Timeout of each probe check [SIGHUP applies it].
     #[arg(long, env = "CONFIG_SIDECAR_PROBE_TIMEOUT", default_value = "800ms", value_parser = duration, help_heading = "mode")]
     pub probe_timeout: Duration,

@@ -96,6 +96,10 @@ pub enum Signal {
     WatchRunning,
     /// The watch stopped.
     WatchLost,
+    /// etcd ended the watch, which requires a leader, saying its member has none: it does so
+    /// after three election timeouts without, so the cluster has lost its quorum (or the member
+    /// is cut off from it, which the probes that now run will show).
+    LeaderLost,
     /// One probe round's verdict.
     Probe(Observation),
 }
@@ -195,6 +199,20 @@ impl ModeMachine {
             Signal::WatchLost => {
                 self.watching = false;
                 return None;
+            }
+            Signal::LeaderLost => {
+                self.watching = false;
+                self.health = Health::Unhealthy;
+                self.quorum_streak = 0;
+                self.worse.clear();
+                if self.mode != Mode::Full {
+                    return None;
+                }
+                (
+                    Mode::ReadOnly,
+                    "etcd ended the watch: its member has had no leader for three election timeouts"
+                        .to_string(),
+                )
             }
             Signal::Probe(observation) => {
                 self.health = match observation {
@@ -433,7 +451,7 @@ impl ModeTask {
                 else => return,
             };
             let transition = self.machine.on(signal, SystemTime::now());
-            if matches!(signal, Signal::Probe(_)) {
+            if matches!(signal, Signal::Probe(_) | Signal::LeaderLost) {
                 self.handle.set_health(self.machine.health());
             }
             let Some(transition) = transition else {
@@ -502,6 +520,23 @@ mod tests {
             feed(&mut m, &[GONE, GONE, GONE]),
             vec![(Mode::ReadOnly, Mode::CacheOnly)]
         );
+    }
+
+    #[test]
+    fn a_watch_ended_for_no_leader_degrades_at_once() {
+        let mut m = full();
+        assert_eq!(
+            feed(&mut m, &[Signal::WatchLost, Signal::LeaderLost]),
+            vec![(Mode::Full, Mode::ReadOnly)]
+        );
+        assert_eq!(m.health(), Health::Unhealthy);
+        // From there the probes decide, as after any degradation.
+        assert_eq!(
+            feed(&mut m, &[GONE, GONE, GONE]),
+            vec![(Mode::ReadOnly, Mode::CacheOnly)]
+        );
+        assert_eq!(feed(&mut m, &[Signal::LeaderLost]), vec![]);
+        assert_eq!(m.mode(), Mode::CacheOnly, "never upgrades a worse mode");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::mirror::mode::{ModeHandle, Signal};
 use crate::mirror::persist::SnapshotFile;
 use crate::mirror::store::{Entry, Event, Store};
 use crate::upstream::error::{Failure, NO_LEADER};
-use crate::upstream::{EndpointPool, Observation, MAX_DECODE_BYTES};
+use crate::upstream::{EndpointPool, MAX_DECODE_BYTES};
 
 /// Where the sync task is in its cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -157,6 +157,17 @@ impl SessionError {
     }
 }
 
+/// How long to wait before the first load: a random part of `jitter` when it loads everything
+/// (`full`), so that a fleet of pods started together (a new deployment, a node's restart)
+/// spreads its full loads; nothing when a disk snapshot is brought up to date, which costs etcd
+/// little.
+pub fn first_load_delay(jitter: Duration, full: bool) -> Duration {
+    if !full || jitter.is_zero() {
+        return Duration::ZERO;
+    }
+    jitter.mul_f64(rand::random_range(0.0..1.0))
+}
+
 /// Jittered exponential backoff: each delay is drawn from the upper half of a doubling window, so
 /// many sidecars that lost the same cluster do not reconnect in step.
 #[derive(Debug)]
@@ -243,7 +254,7 @@ impl WatchTask {
     /// it is declared stuck; twice that is a task that stopped.
     fn request_timeout(&self) -> Duration {
         let request_timeout = self.live.get(|c| c.etcd.request_timeout);
-        let longest_wait = self.config.backoff_max
+        let longest_wait = self.config.backoff_max.max(self.config.first_load_jitter)
             + self.pool.dial_timeout()
             + request_timeout
             + self.config.watch_deadline;
@@ -283,6 +294,14 @@ impl WatchTask {
         let mut cluster_checked = must_load;
         // The disk snapshot, to bring up to date instead of a first full load.
         let mut resume = self.resume.clone();
+        let wait = first_load_delay(self.config.first_load_jitter, must_load && resume.is_none());
+        if !wait.is_zero() {
+            tracing::debug!(
+                ?wait,
+                "first load without a snapshot: waiting a random part of --first-load-jitter"
+            );
+            sleep(wait).await;
+        }
         loop {
             self.heartbeat.beat();
             let chosen = match self.pool.choose(previous).await {
@@ -304,10 +323,12 @@ impl WatchTask {
                     &mut backoff,
                 )
                 .await;
+            self.pool.watch_lost();
             self.signal(Signal::WatchLost).await;
             if err.is_no_leader() {
-                // The member says there is no leader: evidence for the mode machine, like a probe.
-                self.signal(Signal::Probe(Observation::NoQuorum)).await;
+                // The member says there is no leader (etcd cancels a watch that requires one
+                // after three election timeouts without): the mode machine degrades at once.
+                self.signal(Signal::LeaderLost).await;
             }
             let compacted = matches!(err, SessionError::Compacted { .. });
             if compacted {
@@ -520,6 +541,7 @@ impl WatchTask {
                 message = stream.message() => {
                     let response = message?.ok_or(SessionError::Closed)?;
                     self.heartbeat.beat();
+                    self.pool.watch_heard();
                     silence.as_mut().reset(Instant::now() + deadline);
                     let created = self.handle(response, from, index, backoff)?;
                     if created {
@@ -544,6 +566,10 @@ impl WatchTask {
         backoff: &mut Backoff,
     ) -> Result<bool, SessionError> {
         let now = SystemTime::now();
+        if let Some(header) = response.header() {
+            // A new raft term is an election: some member failed or froze. The probes look.
+            self.pool.raft_term(header.raft_term());
+        }
         if response.canceled() {
             let compact = response.compact_revision();
             if compact > 0 {
@@ -617,6 +643,20 @@ impl WatchTask {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_full_first_load_waits_and_the_waits_spread() {
+        let jitter = Duration::from_millis(500);
+        assert_eq!(first_load_delay(jitter, false), Duration::ZERO);
+        assert_eq!(first_load_delay(Duration::ZERO, true), Duration::ZERO);
+        let waits: Vec<Duration> = (0..200).map(|_| first_load_delay(jitter, true)).collect();
+        assert!(waits.iter().all(|w| *w < jitter), "{waits:?}");
+        let early = waits.iter().filter(|w| **w < jitter / 2).count();
+        assert!(
+            (40..=160).contains(&early),
+            "{early} of 200 in the first half"
+        );
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_resets() {

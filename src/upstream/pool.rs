@@ -66,7 +66,15 @@ pub struct EndpointPool {
     /// The key a recovery check reads (count only): a mirrored prefix, which the sidecar may
     /// read when etcd has authentication on.
     check_key: String,
+    /// When the watch last heard from its member (an event or a progress answer), if it runs.
+    watch_heard: Mutex<Option<Instant>>,
+    /// The raft term the watch last saw, and until when a change of it keeps the probes active.
+    term: Mutex<(u64, Option<Instant>)>,
 }
+
+/// How long after an election (a new raft term on the watch) the probes keep running rounds, to
+/// find which member failed.
+pub const AFTER_ELECTION: Duration = Duration::from_secs(10);
 
 /// A chosen member: its index in the pool and a client for it.
 pub struct Chosen {
@@ -132,6 +140,8 @@ impl EndpointPool {
             members: Mutex::new(members),
             turn: AtomicUsize::new(0),
             check_key,
+            watch_heard: Mutex::new(None),
+            term: Mutex::new((0, None)),
         }
     }
 
@@ -314,6 +324,52 @@ impl EndpointPool {
             }
         }
         self.members()[index].checking = false;
+    }
+
+    /// The watch heard from its member just now. Its stream requires a leader, so while it
+    /// keeps hearing, its member has a leader, and the cluster a quorum.
+    pub fn watch_heard(&self) {
+        *self.watch_heard.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// The watch ended.
+    pub fn watch_lost(&self) {
+        *self.watch_heard.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The raft term in a watch response: a new one (an election) keeps the probes active for
+    /// [`AFTER_ELECTION`].
+    pub fn raft_term(&self, term: u64) {
+        let mut known = self.term.lock().unwrap_or_else(|e| e.into_inner());
+        if known.0 != 0 && term > known.0 {
+            known.1 = Some(Instant::now() + AFTER_ELECTION);
+        }
+        known.0 = known.0.max(term);
+    }
+
+    /// Whether the watch heard from its member within `within`, and no election is recent:
+    /// then nothing needs probing.
+    pub fn watch_fresh(&self, within: Duration) -> bool {
+        let settled = self
+            .term
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .is_none_or(|until| Instant::now() >= until);
+        settled
+            && self
+                .watch_heard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|at| at.elapsed() <= within)
+    }
+
+    /// Whether no member failed since its last success.
+    pub fn all_healthy(&self) -> bool {
+        let now = Instant::now();
+        self.members()
+            .iter()
+            .all(|m| !m.health.failing() && m.health.resting(now).is_none())
     }
 
     fn cooldown(&self) -> Cooldown {

@@ -1,7 +1,10 @@
-//! Health probes: every interval, each etcd member is asked three things at once, each with a
-//! short timeout: its status (leader, raft term and index, version), a serializable read
-//! (reachability) and a linearizable read (quorum). The round's verdict goes to the mode machine
-//! as an [`Observation`]; each member's answer is kept for `/v1/status`.
+//! Health probes. While the watch is not healthy (lost, reconnecting, silent), every interval
+//! each etcd member is asked three things at once, each with a short timeout: its status
+//! (leader, raft term and index, version), a serializable read (reachability) and a linearizable
+//! read (quorum). While it is healthy, nothing is sent: its stream requires a leader and answers
+//! progress requests, which shows quorum already; only a slow, jittered light round (status and
+//! a serializable read) keeps the member view of `/v1/status` fresh. Each interval's verdict
+//! goes to the mode machine as an [`Observation`]; each member's answer is kept for `/v1/status`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -75,6 +78,10 @@ pub struct MemberProbe {
     pub at_unix_ms: u64,
 }
 
+/// How recently the watch must have heard from its member for the probes to rest: about three
+/// progress answers' time.
+pub const WATCH_FRESH: Duration = Duration::from_secs(3);
+
 /// The probe results shared with the HTTP side.
 pub type ProbeResults = Arc<Mutex<Vec<MemberProbe>>>;
 
@@ -144,15 +151,38 @@ impl ProbeTask {
         self.heartbeat.clone()
     }
 
-    /// Probes forever.
+    /// Probes forever: a full round every probe interval while the watch is not healthy; while
+    /// it is, no call at all but a slow light round about every idle interval, and each interval
+    /// the watch's own verdict (quorum) for the mode machine.
     pub async fn run(self) {
+        let mut next_light = tokio::time::Instant::now();
         loop {
             let started = tokio::time::Instant::now();
             let (interval, timeout) = self.settings();
             self.heartbeat.beat();
-            let round = join_all((0..self.pool.len()).map(|i| self.probe(i, timeout))).await;
-            let observation = verdict(&round);
-            *self.results.lock().unwrap_or_else(|e| e.into_inner()) = round;
+            let quiet = self.pool.watch_fresh(WATCH_FRESH);
+            let observation = if quiet && started < next_light {
+                // At rest: the watch, which requires a leader, shows quorum; nothing is sent.
+                let last = self.results.lock().unwrap_or_else(|e| e.into_inner());
+                Observation::Quorum {
+                    all_members: last.iter().all(|m| m.reachable) && self.pool.all_healthy(),
+                }
+            } else {
+                let round =
+                    join_all((0..self.pool.len()).map(|i| self.probe(i, timeout, !quiet))).await;
+                let observation = if quiet {
+                    next_light = started + self.idle_interval();
+                    Observation::Quorum {
+                        all_members: round.iter().all(|m| m.reachable),
+                    }
+                } else {
+                    // Once the watch is healthy again, the first light round waits an interval.
+                    next_light = started + self.idle_interval();
+                    verdict(&round)
+                };
+                *self.results.lock().unwrap_or_else(|e| e.into_inner()) = round;
+                observation
+            };
             if self.verdicts.send(observation).await.is_err() {
                 return;
             }
@@ -161,7 +191,15 @@ impl ProbeTask {
         }
     }
 
-    async fn probe(&self, index: usize, limit: Duration) -> MemberProbe {
+    /// The idle interval now, jittered by ±20% so that a fleet does not probe in step.
+    fn idle_interval(&self) -> Duration {
+        let idle = self.live.get(|c| c.mode.probe_idle_interval);
+        idle.mul_f64(rand::random_range(0.8..=1.2))
+    }
+
+    /// Asks member `index` for its status and a serializable read, and with `quorum` a
+    /// linearizable read too.
+    async fn probe(&self, index: usize, limit: Duration, quorum: bool) -> MemberProbe {
         let started = Instant::now();
         let mut answer = MemberProbe {
             url: self.pool.url(index),
@@ -189,10 +227,13 @@ impl ProbeTask {
                     Some(GetOptions::new().with_serializable().with_count_only())
                 )
             ),
-            timeout(
-                limit,
-                c3.get(self.key.as_str(), Some(GetOptions::new().with_count_only()))
-            ),
+            async {
+                if !quorum {
+                    return None;
+                }
+                let read = c3.get(self.key.as_str(), Some(GetOptions::new().with_count_only()));
+                Some(timeout(limit, read).await)
+            },
         );
         // The first check that failed, and how: what the pool learns from this probe.
         let mut failure: Option<Failure> = None;
@@ -220,12 +261,14 @@ impl ProbeTask {
             Err(_) => note(Failure::Deadline, "serializable read: timed out".into()),
         }
         match linearizable {
-            Ok(Ok(r)) => {
+            Some(Ok(Ok(r))) => {
                 answer.quorum = true;
                 answer.revision = r.header().map(|h| h.revision()).unwrap_or_default();
             }
-            Ok(Err(e)) => note(Failure::of(&e), format!("linearizable read: {e}")),
-            Err(_) => note(Failure::Deadline, "linearizable read: timed out".into()),
+            Some(Ok(Err(e))) => note(Failure::of(&e), format!("linearizable read: {e}")),
+            Some(Err(_)) => note(Failure::Deadline, "linearizable read: timed out".into()),
+            // A light round: the watch shows quorum; a member with a leader is taken as in it.
+            None => answer.quorum = answer.leader != 0,
         }
         let latency = started.elapsed();
         match failure {

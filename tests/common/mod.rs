@@ -668,6 +668,8 @@ pub fn fast_failure_detection(mut config: Config) -> Config {
     config.sync.watch_deadline = Duration::from_secs(3);
     config.sync.backoff_max = Duration::from_millis(500);
     config.etcd.cooldown = Duration::from_secs(1);
+    // The slow round at rest, made quick: tests watch member health change within seconds.
+    config.mode.probe_idle_interval = Duration::from_secs(2);
     config.etcd.request_timeout = Duration::from_secs(2);
     config.etcd.dial_timeout = Duration::from_millis(500);
     config
