@@ -2,16 +2,17 @@
 //! `/metrics`, and what a mass restart of all of them costs.
 //!
 //! A real 3-member etcd and N sidecar binaries (each mirroring its own prefix of 200 keys of about
-//! 1 KiB, with a disk snapshot), all ready and idle. Over a rest of some seconds it reports: etcd unary RPCs per
-//! second per sidecar (`grpc_server_handled_total`, by method), quorum reads among them, etcd CPU
-//! per sidecar (`process_cpu_seconds_total`), watches and watch streams per member
+//! 1 KiB, with a disk snapshot), all ready and idle. Over a rest of some seconds it reports: etcd
+//! unary RPCs per second per sidecar (`grpc_server_handled_total`, by method), watch stream
+//! messages per second per sidecar (`grpc_server_msg_*_total`), etcd CPU per sidecar (`process_cpu_seconds_total`), watches and watch streams per member
 //! (`etcd_debugging_mvcc_watcher_total`, `..._watch_stream_total`), and each sidecar's CPU and
 //! resident memory. Then every sidecar is killed, one key of each prefix changes, and all start
 //! at once: the bytes etcd sends (`etcd_network_client_grpc_sent_bytes_total`) against the bytes
 //! of the first start's full loads, and the time until every sidecar serves the new revision.
 //!
 //! `cargo bench --bench fleet` runs it at full size (`FLEET_SIDECARS`, default 40; `FLEET_REST`
-//! seconds, default 20) and writes `benches/results/fleet.md`. Without `--bench` (as `cargo test`
+//! seconds, default 150: long enough for two or three of the light probe rounds a sidecar at rest
+//! makes about every minute) and writes `benches/results/fleet.md`. Without `--bench` (as `cargo test`
 //! runs it) it is a smoke run of 3 sidecars that only checks that every part works.
 
 #[path = "../tests/common/mod.rs"]
@@ -29,6 +30,8 @@ use common::{eventually, free_port, sidecar_command, EtcdCluster, Process};
 struct Counters {
     /// Unary RPCs handled, by method.
     unary: BTreeMap<String, f64>,
+    /// Messages received and sent on watch streams (progress requests and their answers).
+    watch_messages: f64,
     /// Process CPU seconds.
     cpu: f64,
     /// Bytes sent to gRPC clients.
@@ -71,6 +74,11 @@ async fn counters(http: &reqwest::Client, endpoint: &str) -> Counters {
             "grpc_server_handled_total" if label(labels, "grpc_type") == Some("unary") => {
                 let method = label(labels, "grpc_method").unwrap_or("?").to_string();
                 *c.unary.entry(method).or_default() += value;
+            }
+            "grpc_server_msg_received_total" | "grpc_server_msg_sent_total"
+                if label(labels, "grpc_method") == Some("Watch") =>
+            {
+                c.watch_messages += value;
             }
             "process_cpu_seconds_total" => c.cpu = value,
             "etcd_network_client_grpc_sent_bytes_total" => c.sent = value,
@@ -182,7 +190,7 @@ fn main() {
             .unwrap_or(default)
     };
     let n = if full { env("FLEET_SIDECARS", 40) } else { 3 } as usize;
-    let rest = Duration::from_secs(if full { env("FLEET_REST", 20) } else { 1 });
+    let rest = Duration::from_secs(if full { env("FLEET_REST", 150) } else { 1 });
     // Each prefix: 200 keys of about 1 KiB at full size, so a full load is worth avoiding.
     let keys = if full { 200 } else { 20 };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -223,6 +231,15 @@ async fn run(n: usize, keys: usize, rest: Duration) -> String {
     }
     let dir = tempfile::tempdir().unwrap();
     let endpoints = cluster.endpoints().join(",");
+
+    // etcd's own idle CPU (raft heartbeats, housekeeping), which no sidecar causes.
+    let idle_window = rest.min(Duration::from_secs(15));
+    let idle_from = all_counters(&http, &cluster).await;
+    let idle_started = Instant::now();
+    tokio::time::sleep(idle_window).await;
+    let idle_to = all_counters(&http, &cluster).await;
+    let etcd_idle_cpu = (sum(&idle_to, |c| c.cpu) - sum(&idle_from, |c| c.cpu))
+        / idle_started.elapsed().as_secs_f64();
 
     // First start: every sidecar loads its prefix.
     let before_start = all_counters(&http, &cluster).await;
@@ -280,6 +297,8 @@ async fn run(n: usize, keys: usize, rest: Duration) -> String {
     }
     let unary: f64 = by_method.values().sum();
     let etcd_cpu = sum(&rest_to, |c| c.cpu) - sum(&rest_from, |c| c.cpu);
+    let watch_messages =
+        sum(&rest_to, |c| c.watch_messages) - sum(&rest_from, |c| c.watch_messages);
     let watchers: Vec<f64> = rest_to.iter().map(|c| c.watchers).collect();
     let streams: Vec<f64> = rest_to.iter().map(|c| c.streams).collect();
 
@@ -339,8 +358,18 @@ async fn run(n: usize, keys: usize, rest: Duration) -> String {
     }
     let _ = writeln!(
         out,
-        "| etcd CPU per sidecar (% of a core) | {:.3} |",
-        per(etcd_cpu / seconds) * 100.0
+        "| watch stream messages/s per sidecar (progress asked and answered) | {:.2} |",
+        per(watch_messages / seconds)
+    );
+    let _ = writeln!(
+        out,
+        "| etcd CPU per sidecar, above etcd's own idle (% of a core) | {:.3} |",
+        per(etcd_cpu / seconds - etcd_idle_cpu).max(0.0) * 100.0
+    );
+    let _ = writeln!(
+        out,
+        "| etcd's own idle CPU, no sidecar (% of a core, 3 members) | {:.2} |",
+        etcd_idle_cpu * 100.0
     );
     let _ = writeln!(out, "| watchers per member | {watchers:?} |");
     let _ = writeln!(out, "| watch streams per member | {streams:?} |");

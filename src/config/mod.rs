@@ -44,6 +44,8 @@ pub struct EtcdConfig {
     pub cooldown: Duration,
     /// The longest rest of a member that keeps failing.
     pub cooldown_max: Duration,
+    /// The endpoints are etcd gRPC proxies: the watch and keep-alive behave as they accept.
+    pub grpc_proxy: bool,
 }
 
 /// TLS towards etcd.

@@ -184,6 +184,7 @@ impl Config {
                 selection: s.endpoint_selection,
                 cooldown: s.endpoint_cooldown,
                 cooldown_max: s.endpoint_cooldown_max,
+                grpc_proxy: s.etcd_grpc_proxy,
             },
             sync: SyncConfig {
                 prefixes: Prefixes::new(prefixes),

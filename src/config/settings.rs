@@ -97,6 +97,13 @@ pub struct Settings {
         help_heading = "etcd"
     )]
     pub endpoint_selection: Selection,
+    /// The endpoints are etcd gRPC proxies (`etcd grpc-proxy start`), which merge the watches of
+    /// many sidecars into one per member. The 3.4 proxy answers no progress request, ignores
+    /// require-leader and closes a connection pinged more often than every 5 minutes, so: no
+    /// progress requests and no silence deadline on the watch, no keep-alive pings, and health
+    /// from the light probe rounds and failed requests.
+    #[arg(long, env = "CONFIG_SIDECAR_ETCD_GRPC_PROXY", num_args = 0..=1, default_value = "false", default_missing_value = "true", action = clap::ArgAction::Set, help_heading = "etcd")]
+    pub etcd_grpc_proxy: bool,
     /// First rest of a member after it failed (a refused connection or no leader at once, two
     /// deadlines in a row); each rest in a row doubles, and a success ends them.
     #[arg(long, env = "CONFIG_SIDECAR_ENDPOINT_COOLDOWN", default_value = "5s", value_parser = duration, help_heading = "etcd")]

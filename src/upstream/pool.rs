@@ -361,7 +361,8 @@ impl EndpointPool {
                 .watch_heard
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .is_some_and(|at| at.elapsed() <= within)
+                // Through a gRPC proxy a quiet watch hears nothing: an open one is all there is.
+                .is_some_and(|at| self.config.grpc_proxy || at.elapsed() <= within)
     }
 
     /// Whether no member failed since its last success.
@@ -377,6 +378,11 @@ impl EndpointPool {
             base: self.config.cooldown,
             max: self.config.cooldown_max,
         }
+    }
+
+    /// Whether the endpoints are etcd gRPC proxies.
+    pub fn grpc_proxy(&self) -> bool {
+        self.config.grpc_proxy
     }
 
     /// The probe client of member `index` (no leader required).
@@ -437,13 +443,17 @@ impl EndpointPool {
     /// Options every client is built with. Never print them: with authentication their `Debug`
     /// shows the password.
     fn connect_options(&self) -> ConnectOptions {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(self.config.dial_timeout)
-            .with_keep_alive(
-                self.config.keepalive_interval,
-                self.config.keepalive_timeout,
-            )
-            .with_keep_alive_while_idle(true);
+        let mut options = ConnectOptions::new().with_connect_timeout(self.config.dial_timeout);
+        // etcd's gRPC proxy closes a connection pinged more often than every 5 minutes (gRPC's
+        // default policy) unless it sends data, which a quiet proxied watch does not.
+        if !self.config.grpc_proxy {
+            options = options
+                .with_keep_alive(
+                    self.config.keepalive_interval,
+                    self.config.keepalive_timeout,
+                )
+                .with_keep_alive_while_idle(true);
+        }
         if let Some(tls) = &self.config.tls {
             let mut t = TlsOptions::new();
             t = match &tls.ca_pem {

@@ -156,11 +156,17 @@ impl ProbeTask {
     /// the watch's own verdict (quorum) for the mode machine.
     pub async fn run(self) {
         let mut next_light = tokio::time::Instant::now();
+        let proxied = self.pool.grpc_proxy();
+        // Through a gRPC proxy the watch shows nothing about quorum: a light round that found a
+        // member without a leader, or a failed request, makes every round full until a round
+        // sees quorum everywhere again.
+        let mut suspect = false;
         loop {
             let started = tokio::time::Instant::now();
             let (interval, timeout) = self.settings();
             self.heartbeat.beat();
-            let quiet = self.pool.watch_fresh(WATCH_FRESH);
+            let quiet = self.pool.watch_fresh(WATCH_FRESH)
+                && !(proxied && (suspect || !self.pool.all_healthy()));
             let observation = if quiet && started < next_light {
                 // At rest: the watch, which requires a leader, shows quorum; nothing is sent.
                 let last = self.results.lock().unwrap_or_else(|e| e.into_inner());
@@ -170,16 +176,17 @@ impl ProbeTask {
             } else {
                 let round =
                     join_all((0..self.pool.len()).map(|i| self.probe(i, timeout, !quiet))).await;
-                let observation = if quiet {
-                    next_light = started + self.idle_interval();
+                // Once the watch is healthy again, the first light round waits an interval.
+                next_light = started + self.idle_interval();
+                let observation = if quiet && !proxied {
+                    // The watch shows quorum; the round shows who answers.
                     Observation::Quorum {
                         all_members: round.iter().all(|m| m.reachable),
                     }
                 } else {
-                    // Once the watch is healthy again, the first light round waits an interval.
-                    next_light = started + self.idle_interval();
                     verdict(&round)
                 };
+                suspect = observation != Observation::Quorum { all_members: true };
                 *self.results.lock().unwrap_or_else(|e| e.into_inner()) = round;
                 observation
             };

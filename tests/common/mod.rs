@@ -261,6 +261,39 @@ impl EtcdCluster {
         self.members[i].child = Some(Process(Some(child)));
     }
 
+    /// Starts etcd's own gRPC proxy (`etcd grpc-proxy start`, from the same binary) in front of
+    /// every member, and waits until it serves a write and a read.
+    pub async fn grpc_proxy(&self) -> GrpcProxy {
+        let port = free_port();
+        let name = format!("grpc-proxy-{port}");
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log");
+        let process = Process::spawn(
+            Command::new(etcd_bin())
+                .args(["grpc-proxy", "start"])
+                .arg(format!("--endpoints={}", self.endpoints().join(",")))
+                .arg(format!("--listen-addr=127.0.0.1:{port}"))
+                // Its default is a directory in the working directory.
+                .arg("--data-dir")
+                .arg(self.dir.path().join(&name))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log),
+        );
+        let proxy = GrpcProxy {
+            process,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        eventually(Duration::from_secs(20), "the grpc-proxy serves", || async {
+            let Ok(mut c) = Client::connect([proxy.endpoint.as_str()], None).await else {
+                return false;
+            };
+            c.put("/grpc-proxy-check", "1", None).await.is_ok()
+                && c.get("/grpc-proxy-check", None).await.is_ok()
+        })
+        .await;
+        proxy
+    }
+
     /// Client URLs of every member, in order.
     pub fn endpoints(&self) -> Vec<String> {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
@@ -655,6 +688,14 @@ pub async fn proxy_every_member(cluster: &EtcdCluster) -> (Vec<Proxy>, Vec<Strin
     }
     let urls = proxies.iter().map(|p| p.url()).collect();
     (proxies, urls)
+}
+
+/// etcd's gRPC proxy, started by [`EtcdCluster::grpc_proxy`]; stopped when dropped.
+pub struct GrpcProxy {
+    /// The proxy process.
+    pub process: Process,
+    /// Its client URL (plain HTTP/2, like a member's).
+    pub endpoint: String,
 }
 
 /// A sidecar configuration with fast failure detection, for tests.
