@@ -359,6 +359,42 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
         started.elapsed() >= Duration::from_millis(900),
         "cut after the timeout, not before"
     );
+    // The pin setting is live too: pinned read-only by the file, then back to auto.
+    let more = format!("webhook = \"{hook_url}\"\nheader_read_timeout = \"1s\"\n");
+    write_config("debug", "/hup/", &format!("{more}pin = \"read-only\"\n"));
+    child.signal(Signal::HUP);
+    let mode_of = || {
+        let (http, url) = (http.clone(), format!("http://{listen}/v1/kv/hup/k"));
+        async move {
+            let r = http.get(url).send().await.ok()?;
+            let mode = r.headers().get("x-config-mode")?.to_str().ok()?.to_string();
+            let pinned = r
+                .headers()
+                .get("x-config-pinned")
+                .map(|v| v.to_str().unwrap().to_string());
+            Some((mode, pinned))
+        }
+    };
+    eventually(Duration::from_secs(10), "pinned by the file", || async {
+        mode_of().await == Some(("read-only".into(), Some("read-only".into())))
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the pin is posted", || async {
+        posted.lock().unwrap().iter().any(|t| {
+            t["to"] == "read-only"
+                && t["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("pinned to read-only by the operator"))
+        })
+    })
+    .await;
+    write_config("debug", "/hup/", &format!("{more}pin = \"auto\"\n"));
+    child.signal(Signal::HUP);
+    eventually(Duration::from_secs(10), "unpinned by the file", || async {
+        mode_of().await == Some(("full".into(), None))
+    })
+    .await;
+
     // The next transition goes to the new webhook.
     cluster.kill(0);
     eventually(

@@ -19,6 +19,11 @@ impl Live {
         Live(tokio::sync::watch::channel(config).1)
     }
 
+    /// Waits for the next applied configuration; `false` once no reload will come.
+    pub async fn changed(&mut self) -> bool {
+        self.0.changed().await.is_ok()
+    }
+
     /// Reads the current configuration through `f`.
     pub fn get<T>(&self, f: impl FnOnce(&Config) -> T) -> T {
         f(&self.0.borrow())

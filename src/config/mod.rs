@@ -18,7 +18,8 @@ pub use live::Live;
 pub use prefixes::{prefix_range_end, Prefixes};
 pub use secret::Secret;
 pub use settings::{
-    Cli, Environment, Given, LogFormat, Selection, Settings, DEFAULT_ENDPOINTS, DEFAULT_LISTEN,
+    Cli, Environment, Given, LogFormat, PinSetting, Selection, Settings, DEFAULT_ENDPOINTS,
+    DEFAULT_LISTEN,
 };
 
 /// How the sidecar talks to etcd.
@@ -127,6 +128,10 @@ pub struct ModeConfig {
     pub recover_after: u32,
     /// Where transitions are posted.
     pub webhook: Option<String>,
+    /// The mode pinned by configuration.
+    pub pin: PinSetting,
+    /// The bearer token of the admin API, read from its file; never printed.
+    pub admin_token: Option<Secret>,
 }
 
 /// Writes through the sidecar.

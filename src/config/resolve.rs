@@ -125,6 +125,10 @@ impl Config {
                 ));
             }
         }
+        let admin_token = s
+            .admin_token_file
+            .map(|path| read_secret("--admin-token-file", &path))
+            .transpose()?;
         let token = s
             .write_token_file
             .map(|path| read_secret("--write-token-file", &path))
@@ -167,6 +171,8 @@ impl Config {
                 degrade_after: s.degrade_after,
                 recover_after: s.recover_after,
                 webhook: s.webhook,
+                pin: s.pin,
+                admin_token,
             },
             writes: WriteConfig {
                 allowed: s.allow_writes,

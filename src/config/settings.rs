@@ -39,6 +39,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// The mode an operator pins in the file or on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PinSetting {
+    /// No pin: the mode follows the facts.
+    Auto,
+    /// Reads served, writes refused.
+    ReadOnly,
+    /// Reads from memory; nothing at all is sent to etcd.
+    CacheOnly,
+}
+
 /// Which healthy etcd member each request goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Selection {
@@ -231,6 +242,21 @@ pub struct Settings {
         help_heading = "mode"
     )]
     pub webhook: Option<String>,
+    /// Pin the mode: read-only (writes refused) or cache-only (nothing sent to etcd: no watch, no
+    /// probe), or auto (follow the facts); a pin never serves more than the facts allow. The
+    /// admin API can change it until the next change here [SIGHUP applies it].
+    #[arg(
+        long,
+        env = "CONFIG_SIDECAR_PIN",
+        value_enum,
+        default_value = "auto",
+        help_heading = "mode"
+    )]
+    pub pin: PinSetting,
+    /// File holding the bearer token of the admin API (/v1/admin/*); without it those routes
+    /// answer 403.
+    #[arg(long, env = "CONFIG_SIDECAR_ADMIN_TOKEN_FILE", help_heading = "mode")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// Accept writes (PUT / DELETE) inside the mirrored prefixes and forward them to etcd.
     #[arg(long, env = "CONFIG_SIDECAR_ALLOW_WRITES", num_args = 0..=1, default_value = "false", default_missing_value = "true", action = clap::ArgAction::Set, help_heading = "writes")]

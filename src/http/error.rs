@@ -8,6 +8,15 @@ use serde_json::{json, Value};
 use crate::http::path::KeyError;
 use crate::http::{MAX_HEADERS, MAX_HEAD_BYTES};
 use crate::mirror::mode::Mode;
+use crate::mirror::pin::Pin;
+
+/// Why writes are refused, in words: the operator's pin or the facts.
+fn refusal_cause(pin: &Option<Pin>) -> String {
+    match pin {
+        Some(pin) => format!("the operator pinned {} ({})", pin.mode.as_str(), pin.reason),
+        None => "etcd has no quorum".to_string(),
+    }
+}
 
 /// Anything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -69,13 +78,24 @@ pub enum ApiError {
     #[error("a valid bearer token is required for writes")]
     Unauthorized,
     /// The mode does not allow writes; nothing was sent to etcd.
-    #[error("writes are refused in {} mode: etcd has no quorum; nothing was written", .mode.as_str())]
+    #[error("writes are refused in {} mode: {}; nothing was written", .mode.as_str(), refusal_cause(.pin))]
     WritesRefused {
         /// The current mode.
         mode: Mode,
         /// Seconds after which a retry may succeed.
         retry_after: u64,
+        /// The operator's pin, when it is why.
+        pin: Option<Pin>,
     },
+    /// The admin API is off: no admin token is configured.
+    #[error("the admin API is disabled (start the sidecar with --admin-token-file)")]
+    AdminDisabled,
+    /// The admin token is missing or wrong.
+    #[error("a valid admin bearer token is required")]
+    AdminUnauthorized,
+    /// A pin request names a mode that cannot be pinned.
+    #[error("{0}")]
+    BadMode(String),
     /// The compare-and-swap revision did not match.
     #[error("the key's mod_revision is {current}, not {expected}; nothing was written")]
     PreconditionFailed {
@@ -138,9 +158,12 @@ impl ApiError {
             | ApiError::WritesRefused { .. }
             | ApiError::WriteFailed { .. }
             | ApiError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::WritesDisabled | ApiError::HostNotAllowed(_) | ApiError::CrossOrigin(_) => {
-                StatusCode::FORBIDDEN
-            }
+            ApiError::WritesDisabled
+            | ApiError::AdminDisabled
+            | ApiError::HostNotAllowed(_)
+            | ApiError::CrossOrigin(_) => StatusCode::FORBIDDEN,
+            ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BadMode(_) => StatusCode::BAD_REQUEST,
             ApiError::MissingHost | ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
             ApiError::TooManySubscribers(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -177,7 +200,9 @@ impl ApiError {
             ApiError::TooStale { .. } => "too_stale",
             ApiError::NoQuorum(_) => "no_quorum",
             ApiError::WritesDisabled => "writes_disabled",
-            ApiError::Unauthorized => "unauthorized",
+            ApiError::Unauthorized | ApiError::AdminUnauthorized => "unauthorized",
+            ApiError::AdminDisabled => "admin_disabled",
+            ApiError::BadMode(_) => "bad_mode",
             ApiError::WritesRefused { .. } => "writes_refused",
             ApiError::PreconditionFailed { .. } => "precondition_failed",
             ApiError::WriteFailed { .. } => "write_failed",
@@ -213,9 +238,16 @@ impl ApiError {
                 body["max_stale_ms"] = json!(max_ms);
                 body["mode"] = json!(mode);
             }
-            ApiError::WritesRefused { mode, retry_after } => {
+            ApiError::WritesRefused {
+                mode,
+                retry_after,
+                pin,
+            } => {
                 body["mode"] = json!(mode);
                 body["retry_after"] = json!(retry_after);
+                if let Some(pin) = pin {
+                    body["pin"] = json!(pin);
+                }
             }
             ApiError::PreconditionFailed {
                 key,
@@ -250,7 +282,7 @@ impl ApiError {
         if let Some(seconds) = retry_after {
             headers.push((header::RETRY_AFTER, HeaderValue::from(seconds)));
         }
-        if matches!(self, ApiError::Unauthorized) {
+        if matches!(self, ApiError::Unauthorized | ApiError::AdminUnauthorized) {
             headers.push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
         }
         (self.status(), headers, self.body().to_string())

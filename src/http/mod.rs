@@ -8,10 +8,12 @@
 //! responses.
 //!
 //! - [`read`], [`write`], [`watch`]: the mirror's routes; [`notify`] feeds change streams and
-//!   blocking queries; [`operator`]: `/healthz`, `/readyz`, `/v1/status`, `/metrics`.
+//!   blocking queries; [`operator`]: `/healthz`, `/readyz`, `/v1/status`, `/metrics`;
+//!   [`admin`]: the operator's pin (`/v1/admin/mode`).
 //! - [`query`] and [`path`] parse requests; [`respond`] writes the headers every mirror answer
 //!   carries; [`counters`] counts requests and open subscribers.
 
+pub mod admin;
 pub mod counters;
 pub mod error;
 pub mod fast_path;
@@ -62,6 +64,8 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 pub const REVISION_HEADER: HeaderName = HeaderName::from_static("x-config-revision");
 /// Header: the mode the sidecar was in when it answered.
 pub const MODE_HEADER: HeaderName = HeaderName::from_static("x-config-mode");
+/// The mode the operator pinned, on every mirror answer while a pin is in force.
+pub const PINNED_HEADER: HeaderName = HeaderName::from_static("x-config-pinned");
 /// Header: the index to pass to the next blocking query (`?index=`).
 pub const INDEX_HEADER: HeaderName = HeaderName::from_static("x-config-index");
 /// Header: milliseconds since the mirror was last confirmed current.
@@ -101,6 +105,10 @@ fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/healthz", get(operator::healthz)),
         ("/readyz", get(operator::readyz)),
         ("/metrics", get(operator::metrics)),
+        (
+            "/v1/admin/mode",
+            get(admin::mode_get).post(admin::mode_post),
+        ),
     ]
 }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 
 use crate::http::state::AppState;
-use crate::http::{INDEX_HEADER, MODE_HEADER, REVISION_HEADER, STALE_HEADER};
+use crate::http::{INDEX_HEADER, MODE_HEADER, PINNED_HEADER, REVISION_HEADER, STALE_HEADER};
 use crate::mirror::store::{Entry, Snapshot};
 
 /// Whether `If-None-Match` names `etag` (or `*`).
@@ -67,6 +67,9 @@ pub(crate) fn with_mirror_headers<B>(
     let stale = state.mode.staleness(SystemTime::now());
     let headers = response.headers_mut();
     headers.insert(MODE_HEADER, state.mode.mode().header());
+    if let Some(pinned) = state.mode.pinned() {
+        headers.insert(PINNED_HEADER, pinned.header());
+    }
     THREAD_HEADERS.with(|cell| {
         let mut mine = cell.borrow_mut();
         if mine.revision_of != snapshot.revision {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::config::{Config, Live, Prefixes, WriteConfig};
+use crate::config::{Config, Live, Prefixes, Secret, WriteConfig};
 use crate::http::counters::{RequestMetrics, Subscribers};
 use crate::liveness::Liveness;
 use crate::mirror::mode::ModeHandle;
@@ -38,6 +38,8 @@ pub struct AppState {
     pub pool: Arc<EndpointPool>,
     /// Whether and how writes are accepted.
     pub writes: WriteConfig,
+    /// The admin API's bearer token; without one the admin routes answer 403.
+    pub admin_token: Option<Secret>,
     /// The settings SIGHUP may change (etcd call deadline, retry hint, memory budget), read per use.
     pub live: Live,
     /// Becomes true at shutdown, so that streams and blocking queries end and the drain finishes.
@@ -76,6 +78,7 @@ impl AppState {
             mode,
             pool,
             writes: config.writes.clone(),
+            admin_token: config.mode.admin_token.clone(),
             live: Live::fixed(config.clone()),
             closing,
             close: Arc::new(close),

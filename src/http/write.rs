@@ -10,6 +10,7 @@ use axum::Json;
 use http::{header, HeaderMap, Uri};
 use serde_json::json;
 
+use crate::config::Secret;
 use crate::http::error::ApiError;
 use crate::http::query::{header_revision, parse_query, Query};
 use crate::http::read::{key_from_path, mirrored};
@@ -26,6 +27,36 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
+/// Whether the request presents `token` as its `Authorization: Bearer` credential.
+pub(crate) fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    constant_time_eq(presented.as_bytes(), token.expose().as_bytes())
+}
+
+/// A request body of at most `limit` bytes, read within the body read timeout.
+pub(crate) async fn read_body(
+    state: &AppState,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let within = state.live.get(|c| c.http.body_read_timeout);
+    tokio::time::timeout(within, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(within.as_millis() as u64))?
+        .map_err(|e| {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadBody(e.to_string())
+            }
+        })
+}
+
 /// Checks that writes are on, the token (if any) is right, the key is mirrored and the mode
 /// allows writes; returns the key and the compare-and-swap revision, if asked for.
 fn admit_write(
@@ -37,12 +68,7 @@ fn admit_write(
         return Err(ApiError::WritesDisabled);
     }
     if let Some(token) = &state.writes.token {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
+        if !bearer_matches(headers, token) {
             return Err(ApiError::Unauthorized);
         }
     }
@@ -55,6 +81,7 @@ fn admit_write(
         return Err(ApiError::WritesRefused {
             mode,
             retry_after: state.retry_after(),
+            pin: state.mode.pin(),
         });
     }
     Ok((key.into_owned(), query, cas))
@@ -119,18 +146,7 @@ pub(crate) async fn kv_put(
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let (key, _, cas) = admit_write(&state, &parts.uri, &parts.headers)?;
-    let limit = state.live.get(|c| c.http.body_read_timeout);
-    let value = tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY_BYTES))
-        .await
-        .map_err(|_| ApiError::BodyTimeout(limit.as_millis() as u64))?
-        .map_err(|e| {
-            let e = e.into_inner();
-            if e.is::<http_body_util::LengthLimitError>() {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::BadBody(e.to_string())
-            }
-        })?;
+    let value = read_body(&state, body, MAX_BODY_BYTES).await?;
     forward_write(
         &state,
         WriteOp::Put {

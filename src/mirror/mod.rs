@@ -7,6 +7,7 @@
 pub mod load;
 pub mod mode;
 pub mod persist;
+pub mod pin;
 pub mod render;
 pub mod store;
 pub mod sync;

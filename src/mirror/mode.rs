@@ -16,13 +16,15 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 use serde::Serialize;
 
-use crate::upstream::Observation;
+use crate::config::Live;
+use crate::mirror::pin::{self, Pin, PinRequest, PinRequests, PinSource, PinUnavailable};
+use crate::upstream::{EndpointPool, Observation};
 
 /// What the sidecar can currently promise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -143,6 +145,8 @@ pub struct ModeMachine {
     reach_streak: u32,
     /// Whether the watch is running; `full` needs it.
     watching: bool,
+    /// The mode an operator pinned: what is served is the lower of it and the facts' mode.
+    pinned: Option<Mode>,
 }
 
 impl ModeMachine {
@@ -156,12 +160,50 @@ impl ModeMachine {
             quorum_streak: 0,
             reach_streak: 0,
             watching: false,
+            pinned: None,
         }
     }
 
-    /// The current mode.
+    /// The mode served: the facts' mode, lowered to the pin if there is one. A pin never claims
+    /// more than the facts, and nothing loaded stays `starting`.
     pub fn mode(&self) -> Mode {
+        match self.pinned {
+            Some(pin) if self.mode != Mode::Starting => self.mode.min(pin),
+            _ => self.mode,
+        }
+    }
+
+    /// The mode the facts alone allow.
+    pub fn facts(&self) -> Mode {
         self.mode
+    }
+
+    /// Pins the served mode to `pin` (`None`: back to the facts). Pinned `cache-only`, the
+    /// sidecar sends etcd nothing, so what it knew stops holding: the facts drop to `cache-only`
+    /// too and, once unpinned, climb back by the usual path (probe rounds, then a resynced watch).
+    pub fn pin(&mut self, pin: Option<Mode>, reason: &str, now: SystemTime) -> Option<Transition> {
+        debug_assert!(pin.is_none_or(|m| m == Mode::ReadOnly || m == Mode::CacheOnly));
+        let before = self.mode();
+        self.pinned = pin;
+        if pin == Some(Mode::CacheOnly) {
+            if self.mode > Mode::CacheOnly {
+                self.mode = Mode::CacheOnly;
+            }
+            self.watching = false;
+            self.worse.clear();
+            self.quorum_streak = 0;
+            self.reach_streak = 0;
+        }
+        let after = self.mode();
+        (before != after).then(|| Transition {
+            from: before,
+            to: after,
+            reason: match pin {
+                Some(m) => format!("pinned to {} by the operator: {reason}", m.as_str()),
+                None => format!("unpinned by the operator: {reason}"),
+            },
+            at_unix_ms: unix_ms(now),
+        })
     }
 
     /// The current health.
@@ -255,12 +297,14 @@ impl ModeMachine {
         if target == self.mode {
             return None;
         }
-        let from = self.mode;
+        let from = self.mode();
         self.mode = target;
         self.worse.clear();
-        Some(Transition {
+        // Behind a pin the facts may change without changing what is served.
+        let to = self.mode();
+        (from != to).then(|| Transition {
             from,
-            to: target,
+            to,
             reason,
             at_unix_ms: unix_ms(now),
         })
@@ -322,6 +366,12 @@ pub struct ModeHandle {
     health: Mutex<Health>,
     /// Each transition, for change streams (`event: mode`).
     transitions_tx: tokio::sync::broadcast::Sender<Transition>,
+    /// The operator's pin, as the mode task last applied it.
+    pin: Mutex<Option<Pin>>,
+    /// The pinned mode as `Mode as u8` (0: none), read per response for `X-Config-Pinned`.
+    pinned: AtomicU8,
+    /// Where pin requests go: the mode task, once it runs.
+    pin_requests: OnceLock<PinRequests>,
 }
 
 impl Default for ModeHandle {
@@ -334,6 +384,9 @@ impl Default for ModeHandle {
             history: Mutex::new((VecDeque::new(), 0)),
             counts: Mutex::new(Vec::new()),
             health: Mutex::new(Health::Unhealthy),
+            pin: Mutex::new(None),
+            pinned: AtomicU8::new(0),
+            pin_requests: OnceLock::new(),
         }
     }
 }
@@ -363,6 +416,44 @@ impl ModeHandle {
         drop(counts);
         // No receivers is fine: no stream is open.
         let _ = self.transitions_tx.send(transition.clone());
+    }
+
+    /// The pin in force, if any.
+    pub fn pin(&self) -> Option<Pin> {
+        self.pin.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The pinned mode, if any (cheap: for every response's headers).
+    pub fn pinned(&self) -> Option<Mode> {
+        match self.pinned.load(Ordering::Acquire) {
+            0 => None,
+            v => Some(Mode::from_u8(v)),
+        }
+    }
+
+    fn set_pin(&self, pin: Option<Pin>) {
+        self.pinned
+            .store(pin.as_ref().map_or(0, |p| p.mode as u8), Ordering::Release);
+        *self.pin.lock().unwrap_or_else(|e| e.into_inner()) = pin;
+    }
+
+    /// Asks the mode task to pin `mode` (`None`: unpin) and waits until it is in force.
+    pub async fn request_pin(
+        &self,
+        mode: Option<Mode>,
+        reason: String,
+        source: PinSource,
+    ) -> Result<(), PinUnavailable> {
+        let requests = self.pin_requests.get().ok_or(PinUnavailable)?;
+        let (done, applied) = tokio::sync::oneshot::channel();
+        let request = PinRequest {
+            mode,
+            reason,
+            source,
+            done: Some(done),
+        };
+        requests.send(request).await.map_err(|_| PinUnavailable)?;
+        applied.await.map_err(|_| PinUnavailable)
     }
 
     /// Follows the transitions from now on.
@@ -422,6 +513,12 @@ pub struct ModeTask {
     verdicts: tokio::sync::mpsc::Receiver<Observation>,
     /// Transitions for the webhook task, which posts them when a webhook is configured.
     webhook: tokio::sync::mpsc::Sender<Transition>,
+    /// Pin requests from the admin API.
+    pins: tokio::sync::mpsc::Receiver<PinRequest>,
+    /// The settings, followed for a change of the `pin` setting.
+    live: Option<Live>,
+    /// The pool to hold while `cache-only` is pinned.
+    pool: Option<Arc<EndpointPool>>,
 }
 
 impl ModeTask {
@@ -433,30 +530,110 @@ impl ModeTask {
         verdicts: tokio::sync::mpsc::Receiver<Observation>,
         webhook: tokio::sync::mpsc::Sender<Transition>,
     ) -> Self {
+        let (requests, pins) = tokio::sync::mpsc::channel(8);
+        // One mode task per handle; a second one's requests would go nowhere.
+        let _ = handle.pin_requests.set(requests);
         ModeTask {
             machine: ModeMachine::new(hysteresis),
             handle,
             signals,
             verdicts,
             webhook,
+            pins,
+            live: None,
+            pool: None,
         }
+    }
+
+    /// The same task, following `live` for the `pin` setting and holding `pool` while
+    /// `cache-only` is pinned.
+    pub fn with_pin_control(mut self, live: Live, pool: Arc<EndpointPool>) -> Self {
+        // Held before any task that calls etcd starts, so a configured cache-only pin sends
+        // nothing, not even the first load.
+        pool.hold(live.get(|c| pin::from_setting(c.mode.pin)) == Some(Mode::CacheOnly));
+        self.live = Some(live);
+        self.pool = Some(pool);
+        self
+    }
+
+    /// The `pin` setting now, if the task follows the settings.
+    fn pin_setting(&self) -> Option<Option<Mode>> {
+        self.live
+            .as_ref()
+            .map(|live| live.get(|c| pin::from_setting(c.mode.pin)))
     }
 
     /// Runs until every sender of signals and of verdicts is gone.
     pub async fn run(mut self) {
+        let mut setting = self.pin_setting().flatten();
+        if setting.is_some() {
+            self.apply_pin(
+                setting,
+                "set in the configuration".into(),
+                PinSource::Config,
+            );
+        }
         loop {
             let signal = tokio::select! {
                 Some(signal) = self.signals.recv() => signal,
                 Some(verdict) = self.verdicts.recv() => Signal::Probe(verdict),
+                Some(mut request) = self.pins.recv() => {
+                    self.apply_pin(request.mode, request.reason, request.source);
+                    if let Some(done) = request.done.take() {
+                        let _ = done.send(());
+                    }
+                    continue;
+                }
+                true = changed(&mut self.live) => {
+                    // Only a change of the setting itself pins: a reload that leaves it alone
+                    // leaves the admin API's pin alone too.
+                    let now = self.pin_setting().flatten();
+                    if now != setting {
+                        setting = now;
+                        self.apply_pin(now, "changed in the configuration".into(), PinSource::Config);
+                    }
+                    continue;
+                }
                 else => return,
             };
             let transition = self.machine.on(signal, SystemTime::now());
             if matches!(signal, Signal::Probe(_) | Signal::LeaderLost) {
                 self.handle.set_health(self.machine.health());
             }
-            let Some(transition) = transition else {
-                continue;
-            };
+            if let Some(transition) = transition {
+                self.publish(transition);
+            }
+        }
+    }
+
+    /// Pins (or unpins) and publishes the pin and the transition it causes. The pool is held
+    /// first, so that nothing reaches etcd once `cache-only` is pinned.
+    fn apply_pin(&mut self, mode: Option<Mode>, reason: String, source: PinSource) {
+        let now = SystemTime::now();
+        if let Some(pool) = &self.pool {
+            pool.hold(mode == Some(Mode::CacheOnly));
+        }
+        let transition = self.machine.pin(mode, &reason, now);
+        match mode {
+            Some(m) => {
+                tracing::warn!(mode = m.as_str(), ?source, %reason, "mode pinned by the operator")
+            }
+            None => tracing::info!(?source, %reason, "mode unpinned by the operator"),
+        }
+        self.handle.set_pin(mode.map(|mode| Pin {
+            mode,
+            reason,
+            source,
+            since_unix_ms: unix_ms(now),
+        }));
+        if let Some(transition) = transition {
+            self.publish(transition);
+        }
+    }
+
+    /// Logs a transition, publishes it to readers and hands it to the webhook without waiting.
+    fn publish(&self, transition: Transition) {
+        {
             if transition.to < transition.from {
                 tracing::warn!(from = transition.from.as_str(), to = transition.to.as_str(), reason = %transition.reason, "mode degraded");
             } else {
@@ -468,6 +645,17 @@ impl ModeTask {
             }
         }
     }
+}
+
+/// Completes with `true` when the followed settings change; never without settings to follow
+/// (or once their sender is gone).
+async fn changed(live: &mut Option<Live>) -> bool {
+    if let Some(live) = live {
+        if live.changed().await {
+            return true;
+        }
+    }
+    std::future::pending().await
 }
 
 #[cfg(test)]
@@ -537,6 +725,58 @@ mod tests {
         );
         assert_eq!(feed(&mut m, &[Signal::LeaderLost]), vec![]);
         assert_eq!(m.mode(), Mode::CacheOnly, "never upgrades a worse mode");
+    }
+
+    #[test]
+    fn a_read_only_pin_lowers_what_is_served_and_never_raises_it() {
+        let mut m = full();
+        let now = SystemTime::now();
+        let t = m.pin(Some(Mode::ReadOnly), "maintenance", now).unwrap();
+        assert_eq!((t.from, t.to), (Mode::Full, Mode::ReadOnly));
+        assert!(t.reason.contains("maintenance"), "{}", t.reason);
+        // The facts still move behind the pin; only a change of what is served is a transition.
+        assert_eq!(feed(&mut m, &[NO_QUORUM, NO_QUORUM, NO_QUORUM]), vec![]);
+        assert_eq!(m.facts(), Mode::ReadOnly);
+        assert_eq!(
+            feed(&mut m, &[GONE, GONE, GONE]),
+            vec![(Mode::ReadOnly, Mode::CacheOnly)],
+            "a pin never claims more than the facts"
+        );
+        assert_eq!(
+            feed(&mut m, &[QUORUM, QUORUM, Signal::WatchRunning]),
+            vec![(Mode::CacheOnly, Mode::ReadOnly)]
+        );
+        assert_eq!(m.facts(), Mode::Full);
+        let t = m.pin(None, "done", now).unwrap();
+        assert_eq!((t.from, t.to), (Mode::ReadOnly, Mode::Full));
+    }
+
+    #[test]
+    fn a_cache_only_pin_forgets_the_facts_and_unpinned_they_climb_back() {
+        let mut m = full();
+        let now = SystemTime::now();
+        let t = m.pin(Some(Mode::CacheOnly), "etcd upgrade", now).unwrap();
+        assert_eq!((t.from, t.to), (Mode::Full, Mode::CacheOnly));
+        assert_eq!(m.facts(), Mode::CacheOnly);
+        assert!(
+            m.pin(None, "upgrade done", now).is_none(),
+            "nothing known yet"
+        );
+        assert_eq!(feed(&mut m, &[QUORUM]), vec![]);
+        assert_eq!(
+            feed(&mut m, &[QUORUM]),
+            vec![(Mode::CacheOnly, Mode::ReadOnly)]
+        );
+        assert_eq!(
+            feed(&mut m, &[Signal::WatchRunning]),
+            vec![(Mode::ReadOnly, Mode::Full)],
+            "full again only with the watch resynced"
+        );
+        // A pin before anything is loaded keeps `starting`, then lowers the first mode.
+        let mut m = ModeMachine::new(H);
+        assert!(m.pin(Some(Mode::ReadOnly), "early", now).is_none());
+        let t = m.on(Signal::LoadedFromEtcd, now).unwrap();
+        assert_eq!((t.from, t.to), (Mode::Starting, Mode::ReadOnly));
     }
 
     #[test]

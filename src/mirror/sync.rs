@@ -42,6 +42,8 @@ pub enum SyncState {
     Watching,
     /// The last attempt failed; waiting to retry.
     Reconnecting,
+    /// The operator pinned `cache-only`: no watch, nothing sent to etcd.
+    Held,
 }
 
 /// Longest time between progress requests on an idle watch.
@@ -120,6 +122,8 @@ enum SessionError {
     Compacted { wanted: i64, compact: i64 },
     #[error("{0}")]
     Store(#[from] crate::mirror::store::StoreError),
+    #[error("the operator pinned cache-only; watch closed")]
+    Held,
 }
 
 impl From<ReadError> for SessionError {
@@ -142,7 +146,7 @@ impl SessionError {
             SessionError::Cancelled(reason) if reason == NO_LEADER => Some(Failure::NoLeader),
             SessionError::Cancelled(reason) if reason == BEHIND => None,
             SessionError::Cancelled(_) => Some(Failure::Refused),
-            SessionError::Compacted { .. } | SessionError::Store(_) => None,
+            SessionError::Compacted { .. } | SessionError::Store(_) | SessionError::Held => None,
         }
     }
 
@@ -153,6 +157,19 @@ impl SessionError {
             SessionError::Etcd(e) => Failure::of(e) == Failure::NoLeader,
             SessionError::Cancelled(reason) => reason == NO_LEADER,
             _ => false,
+        }
+    }
+}
+
+/// Completes once the operator's `cache-only` pin holds calls to etcd.
+async fn until_held(holds: &mut watch::Receiver<bool>) {
+    loop {
+        if *holds.borrow_and_update() {
+            return;
+        }
+        if holds.changed().await.is_err() {
+            // The pool is gone: nothing will ever hold.
+            std::future::pending::<()>().await;
         }
     }
 }
@@ -304,6 +321,7 @@ impl WatchTask {
         }
         loop {
             self.heartbeat.beat();
+            self.wait_while_held().await;
             let chosen = match self.pool.choose(previous).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -325,6 +343,11 @@ impl WatchTask {
                 .await;
             self.pool.watch_lost();
             self.signal(Signal::WatchLost).await;
+            if matches!(err, SessionError::Held) {
+                tracing::info!(endpoint = %chosen.url, "cache-only pinned: watch closed, nothing sent to etcd until unpinned");
+                previous = None;
+                continue;
+            }
             if err.is_no_leader() {
                 // The member says there is no leader (etcd cancels a watch that requires one
                 // after three election timeouts without): the mode machine degrades at once.
@@ -353,6 +376,20 @@ impl WatchTask {
                 sleep(backoff.next_delay()).await;
             }
         }
+    }
+
+    /// Waits while the operator's `cache-only` pin holds calls to etcd, beating the heartbeat.
+    async fn wait_while_held(&self) {
+        let mut holds = self.pool.holds();
+        if !*holds.borrow_and_update() {
+            return;
+        }
+        self.status.send_modify(|s| s.state = SyncState::Held);
+        while *holds.borrow_and_update() {
+            self.heartbeat.beat();
+            let _ = timeout(Duration::from_secs(1), holds.changed()).await;
+        }
+        tracing::info!("unpinned: resuming the watch from the mirror's revision");
     }
 
     /// One connection's worth of work: load if needed, then watch until something fails.
@@ -534,6 +571,7 @@ impl WatchTask {
         // An etcd gRPC proxy answers no progress request, so through one a quiet watch is silent
         // and its silence means nothing; the ticks still beat the heartbeat.
         let proxied = self.pool.grpc_proxy();
+        let mut holds = self.pool.holds();
         // Asking often keeps the staleness of a quiet mirror near zero; answers are tiny.
         let mut ask_progress = tokio::time::interval((deadline / 3).min(PROGRESS_EVERY));
         ask_progress.tick().await;
@@ -558,6 +596,7 @@ impl WatchTask {
                     }
                 }
                 _ = &mut silence, if !proxied => return Err(SessionError::Stuck(deadline)),
+                _ = until_held(&mut holds) => return Err(SessionError::Held),
             }
         }
     }

@@ -147,6 +147,17 @@ impl prometheus_client::collector::Collector for Collector {
             let v = i64::from(mode == current);
             ConstGauge::new(v).encode(m.encode_family(&[("mode", mode.as_str())])?)?;
         }
+        let pinned = state.mode.pinned();
+        let mut m = e.encode_descriptor(
+            "mode_pinned",
+            "1 for the mode the operator pinned (read-only or cache-only), 0 for the other",
+            None,
+            MetricType::Gauge,
+        )?;
+        for mode in [Mode::ReadOnly, Mode::CacheOnly] {
+            let v = i64::from(pinned == Some(mode));
+            ConstGauge::new(v).encode(m.encode_family(&[("mode", mode.as_str())])?)?;
+        }
         let mut m = e.encode_descriptor(
             "mode_transitions",
             "Mode changes, by from and to",

@@ -83,6 +83,7 @@ impl Report for Reporter {
             "status": checks::overall(&checks),
             "checks": checks,
             "mode": state.mode.mode(),
+            "pin": state.mode.pin(),
             "health": state.mode.health(),
             "ready": state.ready(snapshot),
             "revision": snapshot.revision,

@@ -62,13 +62,18 @@ pub async fn serve_live(
         degrade_after: config.mode.degrade_after,
         recover_after: config.mode.recover_after,
     };
+    let pool = Arc::new(EndpointPool::new(
+        config.etcd.clone(),
+        config.sync.prefixes.as_slice()[0].clone(),
+    ));
     let mode_task = ModeTask::new(
         hysteresis,
         mode.clone(),
         signals_rx,
         verdicts_rx,
         transitions,
-    );
+    )
+    .with_pin_control(live.clone(), pool.clone());
     spawn("mode", tokio::spawn(mode_task.run()), None);
 
     let prefixes = config.sync.prefixes.as_slice().to_vec();
@@ -94,7 +99,6 @@ pub async fn serve_live(
         )
     });
 
-    let pool = Arc::new(EndpointPool::new(config.etcd.clone(), prefixes[0].clone()));
     let mut sync = WatchTask::new(
         pool.clone(),
         store.clone(),

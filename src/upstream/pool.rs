@@ -70,6 +70,9 @@ pub struct EndpointPool {
     watch_heard: Mutex<Option<Instant>>,
     /// The raft term the watch last saw, and until when a change of it keeps the probes active.
     term: Mutex<(u64, Option<Instant>)>,
+    /// True while the operator pins `cache-only`: nothing at all is sent to etcd (the watch
+    /// closes, probes and requests wait or are refused) until it is false again.
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 /// How long after an election (a new raft term on the watch) the probes keep running rounds, to
@@ -142,6 +145,7 @@ impl EndpointPool {
             check_key,
             watch_heard: Mutex::new(None),
             term: Mutex::new((0, None)),
+            held: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -204,6 +208,13 @@ impl EndpointPool {
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        if self.held() {
+            return Err(RequestFailed {
+                kind: Failure::Refused,
+                applied: Applied::No,
+                message: "the operator pinned cache-only: nothing is sent to etcd".to_string(),
+            });
+        }
         let started = Instant::now();
         let mut last = RequestFailed {
             kind: Failure::Deadline,
@@ -378,6 +389,28 @@ impl EndpointPool {
             base: self.config.cooldown,
             max: self.config.cooldown_max,
         }
+    }
+
+    /// Holds (`true`) or releases every call to etcd: the operator's `cache-only` pin.
+    pub fn hold(&self, on: bool) {
+        self.held.send_replace(on);
+        if on {
+            // Dropping the kept clients closes their connections once the tasks let go of
+            // theirs: etcd then sees nothing of this sidecar, not even keep-alive pings.
+            for member in self.members().iter_mut() {
+                member.clients = Default::default();
+            }
+        }
+    }
+
+    /// Whether calls to etcd are held.
+    pub fn held(&self) -> bool {
+        *self.held.borrow()
+    }
+
+    /// Follows the hold: tasks that call etcd on their own wait on it.
+    pub fn holds(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.held.subscribe()
     }
 
     /// Whether the endpoints are etcd gRPC proxies.

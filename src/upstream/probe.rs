@@ -161,10 +161,18 @@ impl ProbeTask {
         // member without a leader, or a failed request, makes every round full until a round
         // sees quorum everywhere again.
         let mut suspect = false;
+        let mut holds = self.pool.holds();
         loop {
             let started = tokio::time::Instant::now();
             let (interval, timeout) = self.settings();
             self.heartbeat.beat();
+            if *holds.borrow_and_update() {
+                // The operator pinned cache-only: nothing is sent, and nothing is judged.
+                let _ = tokio::time::timeout(interval, holds.changed()).await;
+                // Unpinned, the first round is a full one.
+                next_light = tokio::time::Instant::now();
+                continue;
+            }
             let quiet = self.pool.watch_fresh(WATCH_FRESH)
                 && !(proxied && (suspect || !self.pool.all_healthy()));
             let observation = if quiet && started < next_light {
