@@ -99,6 +99,20 @@ pub struct WatchFacts {
     pub watch_deadline: Duration,
     /// The mirror's revision.
     pub revision: i64,
+    /// How the watch stands when its silence says nothing against it.
+    pub quiet: Quiet,
+}
+
+/// Why a quiet watch may be fine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quiet {
+    /// Nothing special: a watch confirms freshness within its deadline.
+    No,
+    /// A watch open through an etcd gRPC proxy, which answers no progress request: silence
+    /// between events is normal.
+    ThroughProxy,
+    /// The operator pinned `cache-only`: there is no watch, by design.
+    Pinned,
 }
 
 /// The watch: critical, because a mirror that stopped following a healthy etcd serves ever-older
@@ -110,6 +124,23 @@ pub fn watch_check(facts: &WatchFacts, probes: &[MemberProbe]) -> Check {
     let stale = facts.staleness.unwrap_or(Duration::MAX);
     let (status, reason) = if !facts.loaded {
         (Status::Degraded, "nothing loaded yet".to_string())
+    } else if facts.quiet == Quiet::Pinned {
+        (
+            Status::Degraded,
+            format!(
+                "cache-only pinned by the operator: no watch; last confirmed current {}",
+                ago(facts.staleness)
+            ),
+        )
+    } else if facts.quiet == Quiet::ThroughProxy && stale > facts.watch_deadline {
+        (
+            Status::Healthy,
+            format!(
+                "watching through a gRPC proxy, which answers no progress request: last confirmed current {}, at revision {}",
+                ago(facts.staleness),
+                facts.revision
+            ),
+        )
     } else if stale <= facts.watch_deadline {
         (
             Status::Healthy,
@@ -265,6 +296,7 @@ mod tests {
             staleness: Some(Duration::from_secs(stale_s)),
             watch_deadline: Duration::from_secs(6),
             revision: 10,
+            quiet: Quiet::No,
         };
         let healthy = [probe(true, true, 12)];
         let no_quorum = [probe(true, false, 12)];
@@ -279,6 +311,18 @@ mod tests {
             "{}",
             stuck.reason
         );
+
+        // Silence that says nothing: through a proxy, or with no watch by the operator's pin.
+        let proxied = WatchFacts {
+            quiet: Quiet::ThroughProxy,
+            ..facts(60)
+        };
+        assert_eq!(watch_check(&proxied, &healthy).status, Status::Healthy);
+        let pinned = WatchFacts {
+            quiet: Quiet::Pinned,
+            ..facts(60)
+        };
+        assert_eq!(watch_check(&pinned, &healthy).status, Status::Degraded);
 
         let member_down = member_checks(&[probe(false, false, 0)]);
         assert_eq!(member_down[0].status, Status::Unhealthy);

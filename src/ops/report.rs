@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::http::{AppState, Report};
 use crate::mirror::persist::WriterStats;
 use crate::mirror::store::Snapshot;
-use crate::ops::checks::{self, Check, WatchFacts};
+use crate::ops::checks::{self, Check, Quiet, WatchFacts};
 use crate::upstream::{MemberProbe, ProbeResults};
 
 /// The parts only the operator's side reports on.
@@ -54,6 +54,15 @@ impl Reporter {
             staleness: state.mode.staleness(SystemTime::now()),
             watch_deadline: self.watch_deadline,
             revision: snapshot.revision,
+            quiet: if state.pool.held() {
+                Quiet::Pinned
+            } else if state.pool.grpc_proxy()
+                && state.sync.borrow().state == crate::mirror::sync::SyncState::Watching
+            {
+                Quiet::ThroughProxy
+            } else {
+                Quiet::No
+            },
         };
         checks.push(checks::watch_check(&facts, probes));
         if let Some(path) = &self.snapshot_path {
