@@ -477,15 +477,18 @@ impl EndpointPool {
     /// shows the password.
     fn connect_options(&self) -> ConnectOptions {
         let mut options = ConnectOptions::new().with_connect_timeout(self.config.dial_timeout);
-        // etcd's gRPC proxy closes a connection pinged more often than every 5 minutes (gRPC's
-        // default policy) unless it sends data, which a quiet proxied watch does not.
+        // Pings only while a call or the watch is open on the connection: etcd answers pings on
+        // an idle connection (more often than its --grpc-keepalive-min-time, 5 s) with GOAWAY
+        // `too_many_pings`, measured here on every idle probe connection. etcd's gRPC proxy
+        // closes a connection pinged more often than every 5 minutes (gRPC's default policy)
+        // unless it sends data, which a quiet proxied watch does not: no pings at all there.
         if !self.config.grpc_proxy {
             options = options
                 .with_keep_alive(
                     self.config.keepalive_interval,
                     self.config.keepalive_timeout,
                 )
-                .with_keep_alive_while_idle(true);
+                .with_keep_alive_while_idle(false);
         }
         if let Some(tls) = &self.config.tls {
             let mut t = TlsOptions::new();
