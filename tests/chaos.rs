@@ -1313,8 +1313,12 @@ async fn chaos_history_is_consistent() {
         .count();
     let success = succeeded as f64 / counted.len().max(1) as f64;
     if success < 0.999 {
+        let mut statuses = std::collections::BTreeMap::new();
+        for r in counted.iter().filter(|r| !matches!(r.status, 200 | 404)) {
+            *statuses.entry(r.status).or_insert(0) += 1;
+        }
         note(format!(
-            "only {:.3}% of {} reads succeeded",
+            "only {:.3}% of {} reads succeeded; failed by status (0: no answer): {statuses:?}",
             success * 100.0,
             counted.len()
         ));

@@ -360,7 +360,9 @@ async fn sighup_applies_live_settings_and_refuses_what_needs_a_restart() {
         "cut after the timeout, not before"
     );
     // The pin setting is live too: pinned read-only by the file, then back to auto.
-    let more = format!("webhook = \"{hook_url}\"\nheader_read_timeout = \"1s\"\n");
+    let more = format!(
+        "webhook = \"{hook_url}\"\nheader_read_timeout = \"1s\"\nalert_min_interval = \"0s\"\n"
+    );
     write_config("debug", "/hup/", &format!("{more}pin = \"read-only\"\n"));
     child.signal(Signal::HUP);
     let mode_of = || {

@@ -1,9 +1,12 @@
 //! Configuration: every setting declared once in [`settings`] (flag, `CONFIG_SIDECAR_*`
 //! environment variable, TOML file key, default, whether SIGHUP applies it), then resolved and
 //! validated into [`Config`] before anything binds or connects ([`resolve`]); a bad setting is
-//! one message naming it and exit code 2. [`Live`] follows the settings a reload may change;
+//! one message naming it and exit code 2; [`choices`] holds the settings named from a few words.
+//! [`Live`] follows the settings a reload may change;
 //! [`Prefixes`] are the mirrored key prefixes, normalised.
 
+pub mod choices;
+pub mod defaults;
 pub mod live;
 pub mod prefixes;
 pub mod resolve;
@@ -14,12 +17,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use defaults::Defaults;
 pub use live::Live;
 pub use prefixes::{prefix_range_end, Prefixes};
 pub use secret::Secret;
 pub use settings::{
-    Cli, Environment, Given, LogFormat, PinSetting, Selection, Settings, DEFAULT_ENDPOINTS,
-    DEFAULT_LISTEN,
+    Cli, Environment, Given, LogFormat, PinSetting, Selection, Settings, WebhookFormat,
+    DEFAULT_ENDPOINTS, DEFAULT_LISTEN,
 };
 
 /// How the sidecar talks to etcd.
@@ -128,6 +132,10 @@ pub struct ModeConfig {
     pub recover_after: u32,
     /// Where transitions are posted.
     pub webhook: Option<String>,
+    /// The webhook's body.
+    pub webhook_format: WebhookFormat,
+    /// The flapping bound of alerts, per check.
+    pub alert_min_interval: Duration,
     /// The mode pinned by configuration.
     pub pin: PinSetting,
     /// The bearer token of the admin API, read from its file; never printed.
@@ -174,6 +182,8 @@ pub struct Config {
     pub writes: WriteConfig,
     /// The disk snapshot, if any.
     pub snapshot: Option<SnapshotConfig>,
+    /// The bundled defaults, if any: served when etcd gives nothing and no snapshot is usable.
+    pub defaults: Option<Defaults>,
     /// etcd connection settings.
     pub etcd: EtcdConfig,
     /// Mirror settings.

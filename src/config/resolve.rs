@@ -5,6 +5,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use crate::config::defaults::read_defaults;
 use crate::config::secret::{read_pem, read_secret};
 use crate::config::settings::{self, Environment, Given, Settings};
 use crate::config::{
@@ -125,6 +126,10 @@ impl Config {
                 ));
             }
         }
+        let defaults = match &s.defaults {
+            Some(path) => Some(read_defaults(path, &Prefixes::new(prefixes.clone()))?),
+            None => None,
+        };
         let admin_token = s
             .admin_token_file
             .map(|path| read_secret("--admin-token-file", &path))
@@ -171,6 +176,8 @@ impl Config {
                 degrade_after: s.degrade_after,
                 recover_after: s.recover_after,
                 webhook: s.webhook,
+                webhook_format: s.webhook_format,
+                alert_min_interval: s.alert_min_interval,
                 pin: s.pin,
                 admin_token,
             },
@@ -179,6 +186,7 @@ impl Config {
                 token,
             },
             snapshot,
+            defaults,
             etcd: EtcdConfig {
                 endpoints,
                 dial_timeout: s.dial_timeout,
@@ -359,6 +367,23 @@ mod tests {
         let mut argv = vec!["config-sidecar"];
         argv.extend_from_slice(args);
         Config::from_args(argv, Environment::Ignored).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn zero_is_a_duration_only_where_it_means_none() {
+        let c = cli(&[
+            "--prefix",
+            "/c/",
+            "--first-load-jitter",
+            "0s",
+            "--alert-min-interval",
+            "0s",
+        ])
+        .unwrap();
+        assert!(c.sync.first_load_jitter.is_zero());
+        assert!(c.mode.alert_min_interval.is_zero());
+        let e = cli(&["--prefix", "/c/", "--probe-interval", "0s"]).unwrap_err();
+        assert!(e.contains("greater than zero"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser};
 
 use crate::config::secret::Secret;
 use crate::config::ConfigError;
@@ -30,51 +30,7 @@ pub const DEFAULT_ENDPOINTS: &str = "http://127.0.0.1:2379";
 /// Default listen address: loopback only, on the sidecar's documented port.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7379";
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Plain,
-    /// One JSON object per line, for log shippers.
-    Json,
-}
-
-/// The mode an operator pins in the file or on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PinSetting {
-    /// No pin: the mode follows the facts.
-    Auto,
-    /// Reads served, writes refused.
-    ReadOnly,
-    /// Reads from memory; nothing at all is sent to etcd.
-    CacheOnly,
-}
-
-/// Which healthy etcd member each request goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Selection {
-    /// The list order (e.g. the local zone's member first).
-    Ordered,
-    /// The list shuffled once at start: a fleet of sidecars spreads its watches and requests
-    /// over the members.
-    Random,
-    /// One sidecar's requests spread over the members in turn.
-    RoundRobin,
-    /// The lowest recent latency (a peak-EWMA of request and probe latencies).
-    Latency,
-}
-
-impl Selection {
-    /// The name as given in settings.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Selection::Ordered => "ordered",
-            Selection::Random => "random",
-            Selection::RoundRobin => "round-robin",
-            Selection::Latency => "latency",
-        }
-    }
-}
+pub use crate::config::choices::{LogFormat, PinSetting, Selection, WebhookFormat};
 
 /// Every setting. Each field is one flag, one environment variable and one file key; the
 /// comments are the help text.
@@ -167,7 +123,7 @@ pub struct Settings {
     pub backoff_max: Duration,
     /// Longest random wait before the first load when there is no disk snapshot to bring up to
     /// date, so that pods started together do not all load at once (0s: none).
-    #[arg(long, env = "CONFIG_SIDECAR_FIRST_LOAD_JITTER", default_value = "500ms", value_parser = duration, help_heading = "sync")]
+    #[arg(long, env = "CONFIG_SIDECAR_FIRST_LOAD_JITTER", default_value = "500ms", value_parser = duration_or_zero, help_heading = "sync")]
     pub first_load_jitter: Duration,
     /// Keys per page of a full load.
     #[arg(long, env = "CONFIG_SIDECAR_PAGE_SIZE", default_value = "1000", value_parser = clap::value_parser!(i64).range(1..), help_heading = "sync")]
@@ -242,6 +198,20 @@ pub struct Settings {
         help_heading = "mode"
     )]
     pub webhook: Option<String>,
+    /// The webhook's body: json (the alert's fields) or slack ({"text": ...}) [SIGHUP applies it].
+    #[arg(
+        long,
+        env = "CONFIG_SIDECAR_WEBHOOK_FORMAT",
+        value_enum,
+        default_value = "json",
+        help_heading = "mode"
+    )]
+    pub webhook_format: WebhookFormat,
+    /// At most one alert per check (and per mode) in this time; changes within it are held
+    /// back and the latest is posted when it ends, with how many were held (0s: every change)
+    /// [SIGHUP applies it].
+    #[arg(long, env = "CONFIG_SIDECAR_ALERT_MIN_INTERVAL", default_value = "60s", value_parser = duration_or_zero, help_heading = "mode")]
+    pub alert_min_interval: Duration,
     /// Pin the mode: read-only (writes refused) or cache-only (nothing sent to etcd: no watch, no
     /// probe), or auto (follow the facts); a pin never serves more than the facts allow. The
     /// admin API can change it until the next change here [SIGHUP applies it].
@@ -265,6 +235,10 @@ pub struct Settings {
     #[arg(long, env = "CONFIG_SIDECAR_WRITE_TOKEN_FILE", help_heading = "writes")]
     pub write_token_file: Option<PathBuf>,
 
+    /// JSON object of full keys (inside the mirrored prefixes) to string values, served in
+    /// cache-only when a start finds no usable snapshot and etcd gives no data in time.
+    #[arg(long, env = "CONFIG_SIDECAR_DEFAULTS", help_heading = "snapshot")]
+    pub defaults: Option<PathBuf>,
     /// File the mirror is saved to and served from after a restart while etcd is unreachable.
     #[arg(long, env = "CONFIG_SIDECAR_SNAPSHOT", help_heading = "snapshot")]
     pub snapshot: Option<PathBuf>,
@@ -661,6 +635,12 @@ fn duration(text: &str) -> Result<Duration, String> {
         return Err("must be greater than zero".into());
     }
     Ok(d)
+}
+
+/// A duration that may be zero, for settings where zero means "none" or "no bound".
+fn duration_or_zero(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration such as 2s or 0s: {e}"))
 }
 
 /// A size such as `200MiB` or a number of bytes, not zero.

@@ -64,6 +64,9 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 pub const REVISION_HEADER: HeaderName = HeaderName::from_static("x-config-revision");
 /// Header: the mode the sidecar was in when it answered.
 pub const MODE_HEADER: HeaderName = HeaderName::from_static("x-config-mode");
+/// Where the data came from, on every mirror answer not served from etcd's: `snapshot` (the disk
+/// snapshot after a restart) or `defaults` (the bundled defaults file).
+pub const SOURCE_HEADER: HeaderName = HeaderName::from_static("x-config-source");
 /// The mode the operator pinned, on every mirror answer while a pin is in force.
 pub const PINNED_HEADER: HeaderName = HeaderName::from_static("x-config-pinned");
 /// Header: the index to pass to the next blocking query (`?index=`).

@@ -11,8 +11,10 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 
 use crate::http::state::AppState;
-use crate::http::{INDEX_HEADER, MODE_HEADER, PINNED_HEADER, REVISION_HEADER, STALE_HEADER};
-use crate::mirror::store::{Entry, Snapshot};
+use crate::http::{
+    INDEX_HEADER, MODE_HEADER, PINNED_HEADER, REVISION_HEADER, SOURCE_HEADER, STALE_HEADER,
+};
+use crate::mirror::store::{Entry, Snapshot, Source};
 
 /// Whether `If-None-Match` names `etag` (or `*`).
 pub(crate) fn etag_matches(headers: &HeaderMap, etag: &HeaderValue) -> bool {
@@ -69,6 +71,12 @@ pub(crate) fn with_mirror_headers<B>(
     headers.insert(MODE_HEADER, state.mode.mode().header());
     if let Some(pinned) = state.mode.pinned() {
         headers.insert(PINNED_HEADER, pinned.header());
+    }
+    if snapshot.source != Source::Etcd {
+        headers.insert(
+            SOURCE_HEADER,
+            HeaderValue::from_static(snapshot.source.as_str()),
+        );
     }
     THREAD_HEADERS.with(|cell| {
         let mut mine = cell.borrow_mut();

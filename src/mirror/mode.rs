@@ -94,6 +94,8 @@ pub enum Signal {
     LoadedFromEtcd,
     /// The mirror was loaded from the disk snapshot.
     LoadedFromSnapshot,
+    /// The mirror holds the bundled defaults (no snapshot was usable, etcd gave nothing).
+    LoadedFromDefaults,
     /// The watch is running at the current revision (first time, or after an outage).
     WatchRunning,
     /// The watch stopped.
@@ -229,6 +231,15 @@ impl ModeMachine {
                 (
                     Mode::CacheOnly,
                     "serving the disk snapshot until etcd answers".to_string(),
+                )
+            }
+            Signal::LoadedFromDefaults => {
+                if self.mode != Mode::Starting {
+                    return None;
+                }
+                (
+                    Mode::CacheOnly,
+                    "serving the bundled defaults until etcd answers".to_string(),
                 )
             }
             Signal::WatchRunning => {

@@ -376,7 +376,12 @@ impl SnapshotWriter {
     /// Writes now if the mirror moved since the last write.
     pub async fn write_if_changed(&mut self) {
         let snapshot = self.store.snapshot();
-        if !snapshot.loaded || snapshot.revision == self.written {
+        // Defaults are not etcd's data: they never reach the disk, where a restart would take
+        // them for a snapshot of etcd.
+        if !snapshot.loaded
+            || snapshot.revision == self.written
+            || snapshot.source == crate::mirror::store::Source::Defaults
+        {
             return;
         }
         let confirmed = self

@@ -184,6 +184,31 @@ pub struct Snapshot {
     pub bytes: u64,
     /// Wall-clock time this snapshot was published.
     pub published_at: SystemTime,
+    /// Where its data came from: etcd, or a fallback while etcd gave nothing.
+    pub source: Source,
+}
+
+/// Where a snapshot's data came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// etcd: a load or the watch.
+    Etcd,
+    /// The disk snapshot, after a restart, until etcd answers.
+    Snapshot,
+    /// The bundled defaults file, when there was no usable snapshot either.
+    Defaults,
+}
+
+impl Source {
+    /// The name in `X-Config-Source` and `/v1/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Etcd => "etcd",
+            Source::Snapshot => "snapshot",
+            Source::Defaults => "defaults",
+        }
+    }
 }
 
 impl Snapshot {
@@ -195,6 +220,7 @@ impl Snapshot {
             entries: OrdSet::new(),
             bytes: 0,
             published_at: SystemTime::now(),
+            source: Source::Etcd,
         }
     }
 
@@ -229,9 +255,11 @@ impl Snapshot {
         self.entries.is_empty()
     }
 
+    /// The snapshot as published at `revision` by etcd's data (a load or the watch).
     fn publishable(mut self, revision: i64) -> Self {
         self.revision = revision;
         self.published_at = SystemTime::now();
+        self.source = Source::Etcd;
         self
     }
 }
@@ -410,22 +438,24 @@ impl Store {
         entries: Vec<Entry>,
     ) -> Result<Vec<Change>, StoreError> {
         let mut history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.replace_locked(&mut history, cluster_id, revision, entries)
+        self.replace_locked(&mut history, cluster_id, revision, entries, Source::Etcd)
     }
 
-    /// Publishes the disk snapshot's data, unless etcd's already is (then `Ok(false)`): the
-    /// check and the swap happen under the writer lock, so a load from etcd is never replaced.
+    /// Publishes fallback data (the disk snapshot's, or the bundled defaults at revision 0),
+    /// unless etcd's already is (then `Ok(false)`): the check and the swap happen under the
+    /// writer lock, so a load from etcd is never replaced.
     pub fn load_fallback(
         &self,
         cluster_id: u64,
         revision: i64,
         entries: Vec<Entry>,
+        source: Source,
     ) -> Result<bool, StoreError> {
         let mut history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if self.current.load().loaded {
             return Ok(false);
         }
-        self.replace_locked(&mut history, cluster_id, revision, entries)?;
+        self.replace_locked(&mut history, cluster_id, revision, entries, source)?;
         Ok(true)
     }
 
@@ -435,6 +465,7 @@ impl Store {
         cluster_id: u64,
         revision: i64,
         entries: Vec<Entry>,
+        source: Source,
     ) -> Result<Vec<Change>, StoreError> {
         let old = self.current.load_full();
         let same_cluster = old.cluster_id == 0 || cluster_id == 0 || old.cluster_id == cluster_id;
@@ -483,7 +514,9 @@ impl Store {
             ..Snapshot::empty()
         }
         .publishable(revision);
-        let origin = if old.loaded && same_cluster {
+        let next = Snapshot { source, ..next };
+        // Defaults do not lead anywhere etcd's data follows from: whoever follows starts over.
+        let origin = if old.loaded && same_cluster && old.source != Source::Defaults {
             Origin::Resync
         } else {
             Origin::Restart

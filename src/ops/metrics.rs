@@ -168,6 +168,16 @@ impl prometheus_client::collector::Collector for Collector {
             ConstCounter::new(n)
                 .encode(m.encode_family(&[("from", from.as_str()), ("to", to.as_str())])?)?;
         }
+        let mut m = e.encode_descriptor(
+            "alerts",
+            "Alerts (mode transitions and check changes) by check and outcome: posted, held_back (flapping bound), dropped (queue full)",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((check, result), n) in self.reporter.alerts.snapshot() {
+            ConstCounter::new(n)
+                .encode(m.encode_family(&[("check", check.as_str()), ("result", result)])?)?;
+        }
 
         let snapshot = state.store.peek();
         gauge(

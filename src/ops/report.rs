@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::http::{AppState, Report};
 use crate::mirror::persist::WriterStats;
 use crate::mirror::store::Snapshot;
+use crate::ops::alerts::AlertCounts;
 use crate::ops::checks::{self, Check, Quiet, WatchFacts};
 use crate::upstream::{MemberProbe, ProbeResults};
 
@@ -27,6 +28,8 @@ pub struct Reporter {
     pub watch_deadline: Duration,
     /// Process start, for uptime.
     pub started: Instant,
+    /// Alerts by check and outcome, for `/metrics`.
+    pub alerts: Arc<AlertCounts>,
 }
 
 impl Reporter {
@@ -38,6 +41,7 @@ impl Reporter {
             snapshot_path: config.snapshot.as_ref().map(|s| s.path.clone()),
             watch_deadline: config.sync.watch_deadline,
             started: Instant::now(),
+            alerts: Arc::default(),
         }
     }
 
@@ -96,6 +100,7 @@ impl Report for Reporter {
             "health": state.mode.health(),
             "ready": state.ready(snapshot),
             "revision": snapshot.revision,
+            "source": snapshot.source,
             "cluster_id": snapshot.cluster_id,
             "stale_ms": state.mode.staleness(SystemTime::now()).map(|s| s.as_millis() as u64),
             "keys": snapshot.len(),

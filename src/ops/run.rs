@@ -13,13 +13,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, Live};
+use crate::config::{Config, Defaults, Live};
 use crate::http::{self, AppState, Gate};
 use crate::liveness::{Heartbeat, Liveness};
 use crate::mirror::mode::{Hysteresis, ModeHandle, ModeTask, Signal};
 use crate::mirror::persist::{self, SnapshotWriter};
-use crate::mirror::store::Store;
+use crate::mirror::store::{Entry, Source, Store};
 use crate::mirror::sync::WatchTask;
+use crate::ops::alerts::{AlertTask, Evaluate};
 use crate::ops::report::Reporter;
 use crate::ops::webhook::WebhookTask;
 use crate::server;
@@ -55,9 +56,11 @@ pub async fn serve_live(
         tasks.push(task);
     };
 
-    // Always running, so that a webhook configured by a reload gets the transitions after it.
-    let (webhook, transitions) = WebhookTask::new(live.clone(), config.sync.backoff_min);
+    // Always running, so that a webhook configured by a reload gets the alerts after it.
+    let (webhook, alerts) = WebhookTask::new(live.clone(), config.sync.backoff_min);
     spawn("webhook", tokio::spawn(webhook.run()), None);
+    // Mode transitions go to the alerts task (started once the state it checks exists).
+    let (transitions, transitions_rx) = mpsc::channel(64);
     let hysteresis = Hysteresis {
         degrade_after: config.mode.degrade_after,
         recover_after: config.mode.recover_after,
@@ -113,13 +116,18 @@ pub async fn serve_live(
     }
     let probes = ProbeTask::new(pool.clone(), live.clone(), verdicts, prefixes[0].clone());
     // A short-lived task, so not watched by liveness; aborted at shutdown with the rest.
-    let fallback = fallback.map(|file| {
-        tokio::spawn(serve_snapshot_unless_etcd_answers(
+    let fallback = match (fallback, &config.defaults) {
+        (Some(file), _) => Some(Fallback::Snapshot(file)),
+        (None, Some(defaults)) => Some(Fallback::Defaults(Arc::new(defaults.clone()))),
+        (None, None) => None,
+    };
+    let fallback = fallback.map(|fallback| {
+        tokio::spawn(serve_fallback_unless_etcd_answers(
             store.clone(),
             mode.clone(),
             signals,
             probes.results(),
-            file,
+            fallback,
         ))
     });
     let reporter = Reporter::new(
@@ -133,10 +141,33 @@ pub async fn serve_live(
         pool,
         sync.status(),
         mode,
-        Arc::new(reporter),
+        Arc::new(reporter.clone()),
     )
     .with_liveness(liveness.clone())
     .with_live(live.clone());
+    let evaluate: Evaluate = {
+        let (state, reporter) = (state.clone(), reporter.clone());
+        Box::new(move || {
+            let snapshot = state.store.snapshot();
+            if !snapshot.loaded {
+                return None;
+            }
+            let probes = reporter
+                .probes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            Some(reporter.checks(&state, &snapshot, &probes))
+        })
+    };
+    let alerting = AlertTask::new(
+        live.clone(),
+        evaluate,
+        transitions_rx,
+        alerts,
+        reporter.alerts.clone(),
+    );
+    spawn("alerts", tokio::spawn(alerting.run()), None);
     let closer = state.clone();
     let beat = sync.heartbeat();
     spawn("sync", tokio::spawn(sync.run()), Some(beat));
@@ -204,15 +235,23 @@ pub fn standalone_state(config: &Config, store: Arc<Store>, mode: Arc<ModeHandle
 /// before the restart; etcd's data never is, so it is preferred whenever it comes quickly.
 pub const SNAPSHOT_FALLBACK_AFTER: Duration = Duration::from_secs(2);
 
-/// Serves the disk snapshot `file` unless etcd answers first: as soon as the first probe round
-/// finds no member with quorum (etcd cannot give current data), or after
-/// [`SNAPSHOT_FALLBACK_AFTER`]. If the sync loads from etcd before that, the snapshot is dropped.
-async fn serve_snapshot_unless_etcd_answers(
+/// What a start serves when etcd gives it nothing in time.
+enum Fallback {
+    /// The disk snapshot.
+    Snapshot(Arc<persist::SnapshotFile>),
+    /// The bundled defaults, when no snapshot is usable.
+    Defaults(Arc<Defaults>),
+}
+
+/// Serves the fallback unless etcd answers first: as soon as the first probe round finds no
+/// member with quorum (etcd cannot give current data), or after [`SNAPSHOT_FALLBACK_AFTER`]. If
+/// the sync loads from etcd before that, the fallback is dropped.
+async fn serve_fallback_unless_etcd_answers(
     store: Arc<Store>,
     mode: Arc<ModeHandle>,
     signals: mpsc::Sender<Signal>,
     probes: ProbeResults,
-    file: Arc<persist::SnapshotFile>,
+    fallback: Fallback,
 ) {
     let started = tokio::time::Instant::now();
     while !store.is_loaded() && started.elapsed() < SNAPSHOT_FALLBACK_AFTER {
@@ -225,9 +264,38 @@ async fn serve_snapshot_unless_etcd_answers(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let file = match fallback {
+        Fallback::Snapshot(file) => file,
+        Fallback::Defaults(defaults) => {
+            let entries = defaults
+                .entries
+                .iter()
+                .map(|(k, v)| Entry::new(bytes::Bytes::from(k.clone()), v.as_bytes(), 0, 0, 1))
+                .collect();
+            // Revision 0 and no cluster: etcd's first load replaces them wholesale.
+            match store.load_fallback(0, 0, entries, Source::Defaults) {
+                Ok(true) => {
+                    let _ = signals.send(Signal::LoadedFromDefaults).await;
+                    tracing::warn!(
+                        path = %defaults.path.display(),
+                        keys = defaults.entries.len(),
+                        "etcd gave no data and no snapshot is usable: serving the bundled defaults until etcd answers"
+                    );
+                }
+                Ok(false) => tracing::info!("etcd answered first; the defaults are not needed"),
+                Err(e) => tracing::warn!(error = %e, "defaults not loaded"),
+            }
+            return;
+        }
+    };
     let (revision, keys) = (file.revision, file.entries.len());
     let confirmed = SystemTime::UNIX_EPOCH + Duration::from_millis(file.confirmed_at_unix_ms);
-    match store.load_fallback(file.cluster_id, file.revision, file.entries.clone()) {
+    match store.load_fallback(
+        file.cluster_id,
+        file.revision,
+        file.entries.clone(),
+        Source::Snapshot,
+    ) {
         Ok(true) => {
             mode.confirm(confirmed);
             let _ = signals.send(Signal::LoadedFromSnapshot).await;

@@ -1,29 +1,31 @@
-//! Posts mode transitions as JSON to an operator's URL, in order, with a timeout and retries with
-//! backoff. It runs on its own task behind a bounded queue, so a slow or dead webhook never blocks
-//! serving or the mode machine; when the queue is full, transitions are dropped with a log line.
+//! Posts alerts (mode transitions and health check changes, from [`crate::ops::alerts`]) to an
+//! operator's URL, in order, as JSON or as Slack's `{"text": ...}`, with a timeout and retries
+//! with backoff. It runs on its own task behind a bounded queue, so a slow or dead webhook never
+//! blocks serving, the mode machine or the alerts; when the queue is full, alerts are dropped
+//! with a log line.
 
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::config::Live;
-use crate::mirror::mode::Transition;
+use crate::config::{Live, WebhookFormat};
 use crate::mirror::sync::Backoff;
+use crate::ops::alerts::Alert;
 
-/// Transitions waiting to be posted at most.
+/// Alerts waiting to be posted at most.
 pub const WEBHOOK_QUEUE: usize = 64;
 /// Timeout of one POST.
 pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(2);
-/// Attempts per transition before it is given up.
+/// Attempts per alert before it is given up.
 pub const WEBHOOK_ATTEMPTS: u32 = 5;
 
 /// The posting task.
 pub struct WebhookTask {
-    /// Where to post: the configured URL, read at each transition since SIGHUP may change it
-    /// (no URL: the transition is not posted).
+    /// Where and how to post: the configured URL and format, read at each alert since SIGHUP
+    /// may change them (no URL: the alert is not posted).
     live: Live,
     /// What to post.
-    queue: mpsc::Receiver<Transition>,
+    queue: mpsc::Receiver<Alert>,
     /// HTTP client (plain HTTP).
     client: reqwest::Client,
     /// Backoff between attempts.
@@ -32,7 +34,7 @@ pub struct WebhookTask {
 
 impl WebhookTask {
     /// A task posting to the webhook `live` names, and the sender that feeds it.
-    pub fn new(live: Live, backoff_min: Duration) -> (Self, mpsc::Sender<Transition>) {
+    pub fn new(live: Live, backoff_min: Duration) -> (Self, mpsc::Sender<Alert>) {
         let (tx, queue) = mpsc::channel(WEBHOOK_QUEUE);
         let client = reqwest::Client::builder()
             .timeout(WEBHOOK_TIMEOUT)
@@ -49,13 +51,16 @@ impl WebhookTask {
         )
     }
 
-    /// Posts every transition in order until the sender is gone.
+    /// Posts every alert in order until the sender is gone.
     pub async fn run(mut self) {
-        while let Some(transition) = self.queue.recv().await {
-            let Some(url) = self.live.get(|c| c.mode.webhook.clone()) else {
+        while let Some(alert) = self.queue.recv().await {
+            let Some((url, format)) = self
+                .live
+                .get(|c| Some((c.mode.webhook.clone()?, c.mode.webhook_format)))
+            else {
                 continue;
             };
-            let body = serde_json::to_vec(&transition).expect("transitions serialise");
+            let body = body(&alert, format);
             let mut backoff = Backoff::new(self.backoff_min, self.backoff_min * 16);
             for attempt in 1..=WEBHOOK_ATTEMPTS {
                 let result = self
@@ -68,14 +73,15 @@ impl WebhookTask {
                 match result {
                     Ok(r) if r.status().is_success() => break,
                     Ok(r) => {
-                        tracing::warn!(status = %r.status(), attempt, "webhook refused a transition")
+                        tracing::warn!(status = %r.status(), attempt, "webhook refused an alert")
                     }
                     Err(e) => tracing::warn!(error = %e, attempt, "webhook unreachable"),
                 }
                 if attempt == WEBHOOK_ATTEMPTS {
                     tracing::error!(
-                        to = transition.to.as_str(),
-                        "giving up posting a transition to the webhook"
+                        check = %alert.check,
+                        to = %alert.to,
+                        "giving up posting an alert to the webhook"
                     );
                 } else {
                     tokio::time::sleep(backoff.next_delay()).await;
@@ -85,10 +91,19 @@ impl WebhookTask {
     }
 }
 
+/// The body of `alert` in `format`.
+pub fn body(alert: &Alert, format: WebhookFormat) -> Vec<u8> {
+    let value = match format {
+        WebhookFormat::Json => serde_json::to_value(alert).expect("alerts serialise"),
+        WebhookFormat::Slack => serde_json::json!({ "text": alert.text() }),
+    };
+    serde_json::to_vec(&value).expect("JSON serialises")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mirror::mode::Mode;
+    use crate::mirror::mode::{Mode, Transition};
     use axum::http::StatusCode;
     use axum::routing::post;
     use axum::{Json, Router};
@@ -103,13 +118,32 @@ mod tests {
         Live::fixed(config)
     }
 
-    fn transition(i: u64) -> Transition {
-        Transition {
+    fn transition(i: u64) -> Alert {
+        let t = Transition {
             from: Mode::Full,
             to: Mode::ReadOnly,
             reason: format!("t{i}"),
             at_unix_ms: i,
-        }
+        };
+        Alert::mode(&t, "pod-1")
+    }
+
+    #[test]
+    fn json_keeps_the_transition_fields_and_slack_gets_one_line() {
+        let json: serde_json::Value =
+            serde_json::from_slice(&body(&transition(7), WebhookFormat::Json)).unwrap();
+        assert_eq!(json["from"], "full");
+        assert_eq!(json["to"], "read-only");
+        assert_eq!(json["reason"], "t7");
+        assert_eq!(json["at_unix_ms"], 7);
+        assert_eq!(json["kind"], "mode");
+        assert_eq!(json["sidecar"], "pod-1");
+        let slack: serde_json::Value =
+            serde_json::from_slice(&body(&transition(7), WebhookFormat::Slack)).unwrap();
+        assert_eq!(
+            slack,
+            serde_json::json!({"text": "config-sidecar pod-1: mode full → read-only: t7"})
+        );
     }
 
     #[tokio::test]
