@@ -30,29 +30,16 @@ async fn put(sidecar: &Sidecar, key: &str, value: &str) -> reqwest::Response {
         .unwrap()
 }
 
-fn index_of(r: &reqwest::Response) -> i64 {
-    r.headers()["x-config-index"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// The watchers etcd's members hold, from their own `/metrics`.
 async fn member_watchers(cluster: &EtcdCluster) -> f64 {
     let mut total = 0.0;
     for endpoint in cluster.endpoints() {
-        let text = reqwest::get(format!("{endpoint}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        total += text
-            .lines()
-            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
-            .and_then(|v| v.parse::<f64>().ok())
-            .expect("watcher gauge");
+        let text = metrics_text(&endpoint).await;
+        assert!(
+            text.contains("etcd_debugging_mvcc_watcher_total "),
+            "watcher gauge"
+        );
+        total += metric_sum(&text, "etcd_debugging_mvcc_watcher_total ");
     }
     total
 }

@@ -8,14 +8,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use etcd_client::{Txn, TxnOp};
 
-fn index_of(r: &reqwest::Response) -> i64 {
-    r.headers()["x-config-index"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_polls_fire_on_change_and_time_out() {
     let cluster = EtcdCluster::start(1).await;

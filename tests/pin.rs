@@ -39,22 +39,11 @@ async fn put(sidecar: &Sidecar, key: &str, value: &str) -> reqwest::Response {
 /// One member's counters: every gRPC call started (unary and streams), every stream message it
 /// received, and the watchers it holds.
 async fn etcd_counts(endpoint: &str) -> (f64, f64, f64) {
-    let text = reqwest::get(format!("{endpoint}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let sum = |name: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum()
-    };
+    let text = metrics_text(endpoint).await;
     (
-        sum("grpc_server_started_total{"),
-        sum("grpc_server_msg_received_total{"),
-        sum("etcd_debugging_mvcc_watcher_total "),
+        metric_sum(&text, "grpc_server_started_total{"),
+        metric_sum(&text, "grpc_server_msg_received_total{"),
+        metric_sum(&text, "etcd_debugging_mvcc_watcher_total "),
     )
 }
 

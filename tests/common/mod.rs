@@ -975,3 +975,31 @@ impl SseClient {
         }
     }
 }
+
+/// The text of an etcd member's (or gRPC proxy's) own `/metrics`.
+pub async fn metrics_text(endpoint: &str) -> String {
+    reqwest::get(format!("{endpoint}/metrics"))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The sum of every sample whose line starts with `series` (a name, with `{` for labelled ones
+/// or a space for a bare one) in a metrics text.
+pub fn metric_sum(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The `X-Config-Index` of an answer: what the next blocking query passes.
+pub fn index_of(r: &reqwest::Response) -> i64 {
+    r.headers()["x-config-index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
