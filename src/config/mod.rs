@@ -9,6 +9,7 @@ pub mod choices;
 pub mod defaults;
 pub mod live;
 pub mod prefixes;
+pub mod render;
 pub mod resolve;
 pub mod secret;
 pub mod settings;
@@ -20,6 +21,7 @@ use std::time::Duration;
 pub use defaults::Defaults;
 pub use live::Live;
 pub use prefixes::{prefix_range_end, Prefixes};
+pub use render::{Format, RenderTarget};
 pub use secret::Secret;
 pub use settings::{
     Cli, Environment, Given, LogFormat, PinSetting, Selection, Settings, WebhookFormat,
@@ -184,6 +186,8 @@ pub struct Config {
     pub snapshot: Option<SnapshotConfig>,
     /// The bundled defaults, if any: served when etcd gives nothing and no snapshot is usable.
     pub defaults: Option<Defaults>,
+    /// The files rendered from the mirror.
+    pub render: Vec<RenderTarget>,
     /// etcd connection settings.
     pub etcd: EtcdConfig,
     /// Mirror settings.

@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use crate::config::defaults::read_defaults;
+use crate::config::render::read_targets;
 use crate::config::secret::{read_pem, read_secret};
 use crate::config::settings::{self, Environment, Given, Settings};
 use crate::config::{
@@ -130,6 +131,7 @@ impl Config {
             Some(path) => Some(read_defaults(path, &Prefixes::new(prefixes.clone()))?),
             None => None,
         };
+        let render = read_targets(&s.render, &Prefixes::new(prefixes.clone()))?;
         let admin_token = s
             .admin_token_file
             .map(|path| read_secret("--admin-token-file", &path))
@@ -187,6 +189,7 @@ impl Config {
             },
             snapshot,
             defaults,
+            render,
             etcd: EtcdConfig {
                 endpoints,
                 dial_timeout: s.dial_timeout,

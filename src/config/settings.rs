@@ -239,6 +239,16 @@ pub struct Settings {
     /// cache-only when a start finds no usable snapshot and etcd gives no data in time.
     #[arg(long, env = "CONFIG_SIDECAR_DEFAULTS", help_heading = "snapshot")]
     pub defaults: Option<PathBuf>,
+    /// Render a mirrored directory into a file for apps that read files: PREFIX=PATH, the format
+    /// from the extension (.json: the /v1/tree JSON; .env: KEY='value' lines; .properties);
+    /// repeat the flag or separate with commas.
+    #[arg(
+        long = "render",
+        env = "CONFIG_SIDECAR_RENDER",
+        value_delimiter = ',',
+        help_heading = "render"
+    )]
+    pub render: Vec<String>,
     /// File the mirror is saved to and served from after a restart while etcd is unreachable.
     #[arg(long, env = "CONFIG_SIDECAR_SNAPSHOT", help_heading = "snapshot")]
     pub snapshot: Option<PathBuf>,

@@ -250,19 +250,17 @@ pub fn load(path: &Path, prefixes: &[String]) -> Result<Option<SnapshotFile>, Sn
     Ok(Some(file))
 }
 
-/// Writes `path` atomically with what `fill` writes, readable by the owner only: a temp file in
-/// the same directory, fsync, rename over `path`, fsync of the directory.
+/// Writes `path` atomically with what `fill` writes, with permission bits `mode` (whatever the
+/// umask): a temp file in the same directory, fsync, rename over `path`, fsync of the directory.
 pub fn write_atomic_with(
     path: &Path,
+    mode: u32,
     fill: impl FnOnce(&mut io::BufWriter<&mut File>) -> io::Result<()>,
 ) -> io::Result<()> {
     let dir = crate::config::directory_of(path);
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "snapshot path has no file name",
-        )
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
     let mut tmp_name = name.to_os_string();
     tmp_name.push(format!(".tmp.{}", std::process::id()));
     let tmp = dir.join(tmp_name);
@@ -272,6 +270,8 @@ pub fn write_atomic_with(
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut f = options.open(&tmp)?;
+        #[cfg(unix)]
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         let mut buffered = io::BufWriter::with_capacity(1 << 20, &mut f);
         fill(&mut buffered)?;
         buffered.flush()?;
@@ -393,7 +393,7 @@ impl SnapshotWriter {
         let prefixes = self.prefixes.clone();
         let revision = snapshot.revision;
         let result = tokio::task::spawn_blocking(move || {
-            write_atomic_with(&path, |out| {
+            write_atomic_with(&path, 0o600, |out| {
                 encode_into(out, &snapshot, &prefixes, confirmed)
             })
         })
@@ -512,7 +512,7 @@ mod tests {
         let path = dir.path().join("mirror.snap");
         assert!(load(&path, &["/p/".into()]).unwrap().is_none());
         let bytes = encode(&store().snapshot(), &["/p/".into()], 1);
-        write_atomic_with(&path, |f| f.write_all(&bytes)).unwrap();
+        write_atomic_with(&path, 0o600, |f| f.write_all(&bytes)).unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -533,7 +533,10 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         // The streamed write is byte for byte the in-memory encoding.
         let snap = store().snapshot();
-        write_atomic_with(&path, |out| encode_into(out, &snap, &["/p/".into()], 1)).unwrap();
+        write_atomic_with(&path, 0o600, |out| {
+            encode_into(out, &snap, &["/p/".into()], 1)
+        })
+        .unwrap();
         assert_eq!(fs::read(&path).unwrap(), encode(&snap, &["/p/".into()], 1));
     }
 }

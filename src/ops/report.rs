@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::http::{AppState, Report};
+use crate::mirror::files::FileStatuses;
 use crate::mirror::persist::WriterStats;
 use crate::mirror::store::Snapshot;
 use crate::ops::alerts::AlertCounts;
@@ -30,6 +31,8 @@ pub struct Reporter {
     pub started: Instant,
     /// Alerts by check and outcome, for `/metrics`.
     pub alerts: Arc<AlertCounts>,
+    /// The rendered files, when there are any.
+    pub files: Option<FileStatuses>,
 }
 
 impl Reporter {
@@ -42,6 +45,7 @@ impl Reporter {
             watch_deadline: config.sync.watch_deadline,
             started: Instant::now(),
             alerts: Arc::default(),
+            files: None,
         }
     }
 
@@ -109,6 +113,7 @@ impl Report for Reporter {
             "endpoints": state.pool.status(),
             "endpoint_selection": state.pool.selection().as_str(),
             "probes": probes,
+            "render": self.files.as_ref().map(|f| f.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             "sync": sync,
             "transitions": transitions,
             "transitions_total": transitions_total,

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, Defaults, Live};
 use crate::http::{self, AppState, Gate};
 use crate::liveness::{Heartbeat, Liveness};
+use crate::mirror::files::FileRenderer;
 use crate::mirror::mode::{Hysteresis, ModeHandle, ModeTask, Signal};
 use crate::mirror::persist::{self, SnapshotWriter};
 use crate::mirror::store::{Entry, Source, Store};
@@ -130,11 +131,17 @@ pub async fn serve_live(
             fallback,
         ))
     });
-    let reporter = Reporter::new(
+    let files = (!config.render.is_empty())
+        .then(|| FileRenderer::new(store.clone(), config.render.clone()));
+    let mut reporter = Reporter::new(
         &config,
         probes.results(),
         writer.as_ref().map(|w| w.stats()),
     );
+    reporter.files = files.as_ref().map(FileRenderer::statuses);
+    if let Some(files) = files {
+        spawn("render", tokio::spawn(files.run()), None);
+    }
     let state = AppState::new(
         &config,
         store,

@@ -1,0 +1,161 @@
+//! Rendered files against a real etcd and real files: the JSON is the `/v1/tree` body, a reader
+//! never sees a partial file or a partial revision, an unchanged render keeps the file (same
+//! inode), `.env` files source in `sh` and `bash`, and the permission is 0644.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use etcd_client::{Txn, TxnOp};
+
+/// The sidecar's status of rendered file `path`.
+async fn file_status(sidecar: &Sidecar, path: &Path) -> serde_json::Value {
+    let path = path.display().to_string();
+    let status = sidecar.json("/v1/status").await;
+    status["render"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == path.as_str())
+        .unwrap()
+        .clone()
+}
+
+/// Waits until the sidecar reports `path` rendered at `revision` or later; its status then.
+async fn rendered(sidecar: &Sidecar, path: &Path, revision: i64) -> serde_json::Value {
+    eventually(Duration::from_secs(5), "the file rendered", || async {
+        file_status(sidecar, path).await["revision"]
+            .as_i64()
+            .unwrap()
+            >= revision
+    })
+    .await;
+    file_status(sidecar, path).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_files_are_whole_revisions_written_only_when_they_change() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut etcd = cluster.client().await;
+    etcd.put("/app/web/title", "Hello", None).await.unwrap();
+    etcd.put("/app/web/limits/conns", "10", None).await.unwrap();
+    etcd.put("/app/web/pair/a", "0", None).await.unwrap();
+    etcd.put("/app/web/pair/b", "0", None).await.unwrap();
+    etcd.put("/app/db/url", "postgres://db/app", None)
+        .await
+        .unwrap();
+    etcd.put("/app/env/greeting", "it's $HOME `uname` \"quoted\"", None)
+        .await
+        .unwrap();
+    etcd.put("/app/env/db/max-conns", "32", None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("web.json");
+    let env = dir.path().join("app.env");
+    let mut config = sidecar_config(&cluster.endpoints(), &["/app/"]);
+    config.render = config_sidecar::config::Config::from_args(
+        [
+            "config-sidecar".to_string(),
+            "--prefix".into(),
+            "/app/".into(),
+            "--render".into(),
+            format!("/app/web={}", json.display()),
+            "--render".into(),
+            format!("/app/env/={}", env.display()),
+        ],
+        config_sidecar::config::Environment::Ignored,
+    )
+    .unwrap()
+    .render;
+    let sidecar = start_sidecar(config).await;
+    let revision = put_rev(&mut etcd, "/app/web/title", "Hello!").await;
+    rendered(&sidecar, &json, revision).await;
+
+    // The JSON is exactly the tree the HTTP API serves, and the file is 0644.
+    let tree = sidecar.get("/v1/tree/app/web").await.bytes().await.unwrap();
+    assert_eq!(std::fs::read(&json).unwrap(), tree.to_vec());
+    let value: serde_json::Value = serde_json::from_slice(&tree).unwrap();
+    assert_eq!(value["title"], "Hello!");
+    assert_eq!(value["limits"]["conns"], 10);
+    assert_eq!(
+        std::fs::metadata(&json).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+
+    // A reader parsing the file in a loop while 60 two-key transactions land never sees a
+    // partial file, nor a revision half applied (both keys always equal).
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (stop, reads, path) = (stop.clone(), reads.clone(), json.clone());
+        std::thread::spawn(move || {
+            let mut last = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let bytes = std::fs::read(&path).expect("the file is always there");
+                let v: serde_json::Value =
+                    serde_json::from_slice(&bytes).expect("never a partial file");
+                let (a, b) = (&v["pair"]["a"], &v["pair"]["b"]);
+                assert_eq!(a, b, "never half a revision");
+                let n = a.as_i64().unwrap();
+                assert!(n >= last, "never back in time: {n} after {last}");
+                last = n;
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+            last
+        })
+    };
+    let mut last_revision = 0;
+    for n in 1..=60 {
+        let txn = Txn::new().and_then([
+            TxnOp::put("/app/web/pair/a", n.to_string(), None),
+            TxnOp::put("/app/web/pair/b", n.to_string(), None),
+        ]);
+        last_revision = etcd.txn(txn).await.unwrap().header().unwrap().revision();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = rendered(&sidecar, &json, last_revision).await;
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(reader.join().unwrap(), 60, "the last revision is written");
+    assert!(reads.load(Ordering::Relaxed) > 60);
+    let writes = status["writes"].as_u64().unwrap();
+    assert!(
+        writes < 60,
+        "bursts coalesced: {writes} writes for 60 revisions"
+    );
+    eprintln!(
+        "60 revisions, {writes} writes, {} reads checked",
+        reads.load(Ordering::Relaxed)
+    );
+
+    // A change outside the rendered directory: rendered again, unchanged, not rewritten.
+    let inode = std::fs::metadata(&json).unwrap().ino();
+    let revision = put_rev(&mut etcd, "/app/db/url", "postgres://db2/app").await;
+    let after = rendered(&sidecar, &json, revision).await;
+    assert_eq!(after["writes"], status["writes"], "not rewritten");
+    assert!(after["unchanged"].as_u64().unwrap() > status["unchanged"].as_u64().unwrap());
+    assert_eq!(std::fs::metadata(&json).unwrap().ino(), inode, "same file");
+
+    // The .env file sources in sh and in bash, every value literal.
+    rendered(&sidecar, &env, revision).await;
+    for shell in ["sh", "bash"] {
+        let out = std::process::Command::new(shell)
+            .arg("-c")
+            .arg(format!(
+                "set -a; . '{}'; printf '%s|%s' \"$GREETING\" \"$DB_MAX_CONNS\"",
+                env.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            "it's $HOME `uname` \"quoted\"|32",
+            "{shell}"
+        );
+    }
+    sidecar.stop().await;
+}
