@@ -157,5 +157,50 @@ async fn rendered_files_are_whole_revisions_written_only_when_they_change() {
             "{shell}"
         );
     }
+
+    // A value the format cannot hold: the render fails, the last good file stays, the render
+    // check says which file and why; fixed, it is healthy again.
+    let render_check = || async {
+        let status = sidecar.json("/v1/status").await;
+        status["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "render")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(render_check().await["status"], "healthy");
+    let good = std::fs::read(&env).unwrap();
+    let bad = put_rev(&mut etcd, "/app/env/bad", "a\0b").await;
+    eventually(Duration::from_secs(5), "the failure shown", || async {
+        let check = render_check().await;
+        check["status"] == "unhealthy" && check["reason"].as_str().unwrap().contains("NUL")
+    })
+    .await;
+    assert_eq!(
+        std::fs::read(&env).unwrap(),
+        good,
+        "the last good file stays"
+    );
+    let status = file_status(&sidecar, &env).await;
+    assert!(status["failures"].as_u64().unwrap() >= 1);
+    assert!(status["revision"].as_i64().unwrap() < bad);
+    let metrics = sidecar.get("/metrics").await.text().await.unwrap();
+    let series = format!(
+        "config_sidecar_render_failures_total{{path=\"{}\"}}",
+        env.display()
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(&series) && !l.ends_with(" 0")),
+        "{series} in\n{metrics}"
+    );
+    etcd.delete("/app/env/bad", None).await.unwrap();
+    eventually(Duration::from_secs(5), "healthy again", || async {
+        render_check().await["status"] == "healthy"
+    })
+    .await;
     sidecar.stop().await;
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::liveness::Liveness;
+use crate::mirror::files::FileStatus;
 use crate::upstream::MemberProbe;
 
 /// A check's verdict, worst last.
@@ -214,6 +215,34 @@ pub fn snapshot_check(path: &Path, mirror_bytes: u64, last_write_failed: bool) -
         ),
     };
     Check::new("snapshot", status, false, reason)
+}
+
+/// The rendered files: unhealthy while a file's last render failed (it keeps its last good
+/// content), degraded until each has been rendered once. Not critical: the HTTP API serves on.
+pub fn render_check(files: &[FileStatus]) -> Check {
+    let failing: Vec<String> = files
+        .iter()
+        .filter_map(|f| Some(format!("{}: {}", f.path, f.error.as_ref()?)))
+        .collect();
+    let pending = files.iter().filter(|f| f.revision == 0).count();
+    let (status, reason) = if !failing.is_empty() {
+        (Status::Unhealthy, failing.join("; "))
+    } else if pending > 0 {
+        (
+            Status::Degraded,
+            format!("{pending} of {} files not rendered yet", files.len()),
+        )
+    } else {
+        let oldest = files.iter().map(|f| f.revision).min().unwrap_or_default();
+        (
+            Status::Healthy,
+            format!(
+                "{} files rendered, at revision {oldest} or later",
+                files.len()
+            ),
+        )
+    };
+    Check::new("render", status, false, reason)
 }
 
 /// Memory against the budget: degraded above 80%, unhealthy above it. Not critical: the budget

@@ -168,6 +168,27 @@ impl prometheus_client::collector::Collector for Collector {
             ConstCounter::new(n)
                 .encode(m.encode_family(&[("from", from.as_str()), ("to", to.as_str())])?)?;
         }
+        if let Some(files) = &self.reporter.files {
+            let files = files.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for (name, help, value) in [
+                (
+                    "render_writes",
+                    "Rendered files written, by path",
+                    (|f: &crate::mirror::files::FileStatus| f.writes) as fn(&_) -> u64,
+                ),
+                (
+                    "render_failures",
+                    "Renders or writes of a rendered file that failed, by path",
+                    |f| f.failures,
+                ),
+            ] {
+                let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for f in &files {
+                    ConstCounter::new(value(f))
+                        .encode(m.encode_family(&[("path", f.path.as_str())])?)?;
+                }
+            }
+        }
         let mut m = e.encode_descriptor(
             "alerts",
             "Alerts (mode transitions and check changes) by check and outcome: posted, held_back (flapping bound), dropped (queue full)",

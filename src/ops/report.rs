@@ -77,6 +77,10 @@ impl Reporter {
             let failing = self.snapshot_stats.as_ref().is_some_and(|s| s.failing());
             checks.push(checks::snapshot_check(path, snapshot.bytes, failing));
         }
+        if let Some(files) = &self.files {
+            let files = files.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            checks.push(checks::render_check(&files));
+        }
         checks.push(checks::memory_check(
             checks::resident_bytes(),
             state.live.get(|c| c.memory_budget),
