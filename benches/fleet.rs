@@ -59,15 +59,8 @@ fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
-async fn counters(http: &reqwest::Client, endpoint: &str) -> Counters {
-    let text = http
-        .get(format!("{endpoint}/metrics"))
-        .send()
-        .await
-        .expect("member metrics")
-        .text()
-        .await
-        .unwrap();
+async fn counters(endpoint: &str) -> Counters {
+    let text = common::metrics_text(endpoint).await;
     let mut c = Counters::default();
     for (name, labels, value) in text.lines().filter_map(sample) {
         match name {
@@ -90,12 +83,18 @@ async fn counters(http: &reqwest::Client, endpoint: &str) -> Counters {
     c
 }
 
-async fn all_counters(http: &reqwest::Client, cluster: &EtcdCluster) -> Vec<Counters> {
+async fn all_counters(cluster: &EtcdCluster) -> Vec<Counters> {
     let mut all = Vec::new();
     for endpoint in cluster.endpoints() {
-        all.push(counters(http, &endpoint).await);
+        all.push(counters(&endpoint).await);
     }
     all
+}
+
+/// etcd's revision now.
+async fn head_revision(etcd: &mut etcd_client::Client) -> i64 {
+    let answer = etcd.get("/", None).await.expect("a read of etcd");
+    answer.header().expect("response header").revision()
 }
 
 /// One sidecar binary.
@@ -234,15 +233,15 @@ async fn run(n: usize, keys: usize, rest: Duration) -> String {
 
     // etcd's own idle CPU (raft heartbeats, housekeeping), which no sidecar causes.
     let idle_window = rest.min(Duration::from_secs(15));
-    let idle_from = all_counters(&http, &cluster).await;
+    let idle_from = all_counters(&cluster).await;
     let idle_started = Instant::now();
     tokio::time::sleep(idle_window).await;
-    let idle_to = all_counters(&http, &cluster).await;
+    let idle_to = all_counters(&cluster).await;
     let etcd_idle_cpu = (sum(&idle_to, |c| c.cpu) - sum(&idle_from, |c| c.cpu))
         / idle_started.elapsed().as_secs_f64();
 
     // First start: every sidecar loads its prefix.
-    let before_start = all_counters(&http, &cluster).await;
+    let before_start = all_counters(&cluster).await;
     let started = Instant::now();
     let mut sidecars = Vec::new();
     for i in 0..n {
@@ -263,24 +262,18 @@ async fn run(n: usize, keys: usize, rest: Duration) -> String {
         ];
         sidecars.push(Sidecar::start(args, format!("http://{listen}"), prefix));
     }
-    let head = etcd
-        .get("/", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
+    let head = head_revision(&mut etcd).await;
     let first_start = all_current(&http, &sidecars, head, started).await;
-    let after_start = all_counters(&http, &cluster).await;
+    let after_start = all_counters(&cluster).await;
     let first_bytes = sum(&after_start, |c| c.sent) - sum(&before_start, |c| c.sent);
 
     // At rest: nothing changes in etcd.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rest_from = all_counters(&http, &cluster).await;
+    let rest_from = all_counters(&cluster).await;
     let sidecar_cpu_from: Vec<f64> = sidecars.iter().map(Sidecar::cpu_seconds).collect();
     let started = Instant::now();
     tokio::time::sleep(rest).await;
-    let rest_to = all_counters(&http, &cluster).await;
+    let rest_to = all_counters(&cluster).await;
     let seconds = started.elapsed().as_secs_f64();
     let sidecar_cpu: Vec<f64> = sidecars
         .iter()
@@ -312,14 +305,8 @@ async fn run(n: usize, keys: usize, rest: Duration) -> String {
             .await
             .unwrap();
     }
-    let head = etcd
-        .get("/", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    let restart_from = all_counters(&http, &cluster).await;
+    let head = head_revision(&mut etcd).await;
+    let restart_from = all_counters(&cluster).await;
     let started = Instant::now();
     let restarted: Vec<Sidecar> = sidecars
         .iter()
@@ -327,7 +314,7 @@ async fn run(n: usize, keys: usize, rest: Duration) -> String {
         .collect();
     drop(sidecars);
     let restart_time = all_current(&http, &restarted, head, started).await;
-    let restart_to = all_counters(&http, &cluster).await;
+    let restart_to = all_counters(&cluster).await;
     let restart_bytes = sum(&restart_to, |c| c.sent) - sum(&restart_from, |c| c.sent);
 
     let per = |v: f64| v / n as f64;

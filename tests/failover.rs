@@ -11,15 +11,8 @@ use common::*;
 use config_sidecar::config::Selection;
 
 /// `Txn` RPCs member `i` has handled, from its own `/metrics`.
-async fn txns(http: &reqwest::Client, cluster: &EtcdCluster, i: usize) -> u64 {
-    let text = http
-        .get(format!("{}/metrics", cluster.endpoint(i)))
-        .send()
-        .await
-        .expect("member metrics")
-        .text()
-        .await
-        .unwrap();
+async fn txns(cluster: &EtcdCluster, i: usize) -> u64 {
+    let text = metrics_text(&cluster.endpoint(i)).await;
     text.lines()
         .filter(|l| {
             l.starts_with("grpc_server_handled_total{")
@@ -197,7 +190,6 @@ async fn the_request_that_finds_a_member_dead_is_retried_on_the_next() {
 async fn each_selection_sends_requests_where_it_says() {
     let cluster = EtcdCluster::start(3).await;
     let (proxies, urls) = proxy_every_member(&cluster).await;
-    let http = reqwest::Client::new();
     let writes = |sidecar: &Sidecar, n: usize| {
         let (http, url) = (sidecar.http.clone(), sidecar.url("/v1/kv/fo/s"));
         async move {
@@ -210,7 +202,7 @@ async fn each_selection_sends_requests_where_it_says() {
     let counts = || async {
         let mut c = Vec::new();
         for i in 0..3 {
-            c.push(txns(&http, &cluster, i).await);
+            c.push(txns(&cluster, i).await);
         }
         c
     };
