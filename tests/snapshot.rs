@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{eventually, free_port, sidecar_command, Process, Signal};
+use common::{eventually, free_port, metrics_text, sidecar_command, Process, Signal};
 use config_sidecar::mirror::persist;
 use config_sidecar::mirror::store::{Entry, Store};
 
@@ -265,16 +265,8 @@ async fn a_restart_with_etcd_up_reads_only_what_changed_since_the_snapshot() {
             .await
             .unwrap();
     }
-    let http = reqwest::Client::new();
     let sent = || async {
-        let text = http
-            .get(format!("{}/metrics", cluster.endpoint(0)))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&cluster.endpoint(0)).await;
         text.lines()
             .find_map(|l| l.strip_prefix("etcd_network_client_grpc_sent_bytes_total "))
             .and_then(|v| v.parse::<f64>().ok())

@@ -512,7 +512,7 @@ impl ModeHandle {
 }
 
 /// Drives the machine: feeds it every signal, publishes each transition to the handle, logs it,
-/// and hands it to the webhook without ever waiting for it.
+/// and hands it to the alerts task without ever waiting for it.
 pub struct ModeTask {
     /// The machine.
     machine: ModeMachine,
@@ -522,8 +522,8 @@ pub struct ModeTask {
     signals: tokio::sync::mpsc::Receiver<Signal>,
     /// Each probe round's verdict.
     verdicts: tokio::sync::mpsc::Receiver<Observation>,
-    /// Transitions for the webhook task, which posts them when a webhook is configured.
-    webhook: tokio::sync::mpsc::Sender<Transition>,
+    /// Transitions for the alerts task, which logs, counts and posts them.
+    alerts: tokio::sync::mpsc::Sender<Transition>,
     /// Pin requests from the admin API.
     pins: tokio::sync::mpsc::Receiver<PinRequest>,
     /// The settings, followed for a change of the `pin` setting.
@@ -539,7 +539,7 @@ impl ModeTask {
         handle: std::sync::Arc<ModeHandle>,
         signals: tokio::sync::mpsc::Receiver<Signal>,
         verdicts: tokio::sync::mpsc::Receiver<Observation>,
-        webhook: tokio::sync::mpsc::Sender<Transition>,
+        alerts: tokio::sync::mpsc::Sender<Transition>,
     ) -> Self {
         let (requests, pins) = tokio::sync::mpsc::channel(8);
         // One mode task per handle; a second one's requests would go nowhere.
@@ -549,7 +549,7 @@ impl ModeTask {
             handle,
             signals,
             verdicts,
-            webhook,
+            alerts,
             pins,
             live: None,
             pool: None,
@@ -642,18 +642,16 @@ impl ModeTask {
         }
     }
 
-    /// Logs a transition, publishes it to readers and hands it to the webhook without waiting.
+    /// Logs a transition, publishes it to readers and hands it to the alerts task without waiting.
     fn publish(&self, transition: Transition) {
-        {
-            if transition.to < transition.from {
-                tracing::warn!(from = transition.from.as_str(), to = transition.to.as_str(), reason = %transition.reason, "mode degraded");
-            } else {
-                tracing::info!(from = transition.from.as_str(), to = transition.to.as_str(), reason = %transition.reason, "mode changed");
-            }
-            self.handle.publish(&transition);
-            if self.webhook.try_send(transition).is_err() {
-                tracing::warn!("webhook queue full or closed; a mode transition was not posted");
-            }
+        if transition.to < transition.from {
+            tracing::warn!(from = transition.from.as_str(), to = transition.to.as_str(), reason = %transition.reason, "mode degraded");
+        } else {
+            tracing::info!(from = transition.from.as_str(), to = transition.to.as_str(), reason = %transition.reason, "mode changed");
+        }
+        self.handle.publish(&transition);
+        if self.alerts.try_send(transition).is_err() {
+            tracing::warn!("alert queue full or closed; a mode transition was not alerted");
         }
     }
 }

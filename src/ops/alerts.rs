@@ -95,12 +95,15 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// Whether the check's last post is at least `min` ago (or there was none).
+    fn due(&self, now: Instant, min: Duration) -> bool {
+        self.last_posted
+            .is_none_or(|at| now.duration_since(at) >= min)
+    }
+
     /// A change: posted at once when the check's last post is at least `min` ago, else held.
     pub fn offer(&mut self, mut alert: Alert, now: Instant, min: Duration) -> Option<Alert> {
-        let due = self
-            .last_posted
-            .is_none_or(|at| now.duration_since(at) >= min);
-        if due && self.pending.is_none() {
+        if self.due(now, min) && self.pending.is_none() {
             self.last_posted = Some(now);
             return Some(alert);
         }
@@ -115,10 +118,7 @@ impl Limiter {
 
     /// The held change, once the interval since the last post has passed.
     pub fn flush(&mut self, now: Instant, min: Duration) -> Option<Alert> {
-        let due = self
-            .last_posted
-            .is_none_or(|at| now.duration_since(at) >= min);
-        if !due {
+        if !self.due(now, min) {
             return None;
         }
         let mut alert = self.pending.take()?;

@@ -490,6 +490,17 @@ impl Process {
         Process(Some(command.spawn().expect("spawn the process")))
     }
 
+    /// Its resident memory, in bytes (0 when /proc does not say).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    }
+
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: Signal) {
         let pid = Pid::from_raw(self.id() as i32).expect("a child has a pid");
