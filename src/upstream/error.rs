@@ -57,8 +57,10 @@ impl Failure {
         }
     }
 
-    /// Whether `error` proves the request never reached etcd: the connection it needed was
-    /// refused (the member is down; nothing listens), found in the error's chain of causes.
+    /// Whether `error` proves the request never reached etcd, found in the error's chain of
+    /// causes: the connection it needed was refused (the member is down; nothing listens), or
+    /// hyper canceled it before handing it to the connection (`is_canceled`: the connection
+    /// closed, a killed member's, while the request still waited in hyper's queue).
     pub fn not_sent(error: &etcd_client::Error) -> bool {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = match error {
             etcd_client::Error::GRpcStatus(status) => std::error::Error::source(status),
@@ -69,6 +71,8 @@ impl Failure {
         while let Some(c) = cause {
             if c.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+                || c.downcast_ref::<hyper::Error>()
+                    .is_some_and(hyper::Error::is_canceled)
             {
                 return true;
             }
