@@ -1356,8 +1356,25 @@ async fn chaos_history_is_consistent() {
     let unavailable: Vec<&Attempt> = available.iter().copied().filter(|a| !a.ok).collect();
     let availability = 1.0 - unavailable.len() as f64 / available.len().max(1) as f64;
     if availability < 0.99 {
+        // Each failure placed after the last fault that began before it, to tell a slow return
+        // to full from a refusal out of nowhere.
+        let placed: Vec<String> = unavailable
+            .iter()
+            .map(|a| {
+                let last = record.faults.iter().filter(|f| f.injected <= a.started).last();
+                match last {
+                    Some(f) => format!(
+                        "{:?}: {:.1}s after its injection, {:.1}s after full again",
+                        f.fault,
+                        (a.started - f.injected).as_secs_f64(),
+                        a.started.saturating_duration_since(f.full_again).as_secs_f64()
+                    ),
+                    None => "before any fault".into(),
+                }
+            })
+            .collect();
         note(format!(
-            "only {:.2}% of {} writes and consistent reads succeeded while etcd had quorum; first: {}",
+            "only {:.2}% of {} writes and consistent reads succeeded while etcd had quorum; first: {}; each after: {placed:?}",
             availability * 100.0,
             available.len(),
             unavailable.first().map_or("", |a| a.what.as_str())
