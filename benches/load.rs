@@ -13,15 +13,14 @@ mod common;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
     compact_to, eventually, proxy_every_member, put_rev, sidecar_command, EtcdCluster, Fault,
-    Process, SseClient,
+    Nginx, Process, SseClient,
 };
 use etcd_client::{Txn, TxnOp};
 
@@ -150,82 +149,6 @@ fn start_ceiling(body: Bytes) -> SocketAddr {
     addr
 }
 
-/// nginx serving `value` at `/bench/key`, `worker_processes auto`. Its master is our child and
-/// leads a process group of its own, which holds its workers too; stopping it (on drop, so also
-/// when the benchmark panics) leaves none of them behind.
-struct Nginx {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Nginx {
-    fn start(value: &[u8]) -> Nginx {
-        let dir = tempfile::tempdir().unwrap();
-        let www = dir.path().join("www/bench");
-        std::fs::create_dir_all(&www).unwrap();
-        std::fs::write(www.join("key"), value).unwrap();
-        let addr = free_addr();
-        let conf = dir.path().join("nginx.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "worker_processes auto;\ndaemon off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-                 events {{ worker_connections 1024; }}\n\
-                 http {{ access_log off; sendfile on; tcp_nodelay on; keepalive_requests 1000000;\n\
-                 server {{ listen {addr}; location / {{ root {d}/www; }} }} }}\n",
-                d = dir.path().display()
-            ),
-        )
-        .unwrap();
-        // Debian puts nginx in /usr/sbin, which not every PATH has.
-        let bin = if Path::new("/usr/sbin/nginx").exists() {
-            "/usr/sbin/nginx"
-        } else {
-            "nginx"
-        };
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(dir.path())
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx runs (scripts/install-deps.sh installs it)");
-        Nginx {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Nginx {
-    /// SIGQUIT is nginx's graceful stop: the master stops its workers, waits for them, then exits.
-    /// Killing the master alone would orphan the workers, so the group is killed too, in case the
-    /// master did not exit within the grace time or left a worker behind. The master is reaped
-    /// only after that: until then its pid, which names the group, cannot be reused.
-    fn drop(&mut self) {
-        use rustix::process::{kill_process, kill_process_group, waitid, Pid, Signal};
-        use rustix::process::{WaitId, WaitIdOptions};
-        let master = Pid::from_raw(self.child.id() as i32).expect("a child has a pid");
-        let _ = kill_process(master, Signal::QUIT);
-        // Exited, but not reaped (NOWAIT).
-        let exited = || {
-            let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
-            matches!(waitid(WaitId::Pid(master), options), Ok(Some(_)))
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !exited() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = kill_process_group(master, Signal::KILL);
-        let _ = self.child.wait();
-    }
-}
-
 /// The sidecar binary as a child process.
 struct SidecarProcess {
     /// The running binary (killed when dropped).
@@ -339,7 +262,14 @@ async fn run(plan: Plan) -> String {
     let r = http.get(&key_url).send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), value);
     let ceiling = start_ceiling(Bytes::from(value.clone()));
-    let nginx = Nginx::start(value.as_bytes());
+    let nginx = {
+        let dir = tempfile::tempdir().unwrap();
+        let www = dir.path().join("www/bench");
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("key"), value.as_bytes()).unwrap();
+        let root = dir.path().join("www");
+        Nginx::start(dir, &format!("location / {{ root {}; }}", root.display()))
+    };
     let nginx_url = format!("http://{}/bench/key", nginx.addr);
     eventually(Duration::from_secs(10), "nginx serves", || {
         let (http, url) = (http.clone(), nginx_url.clone());

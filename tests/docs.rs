@@ -137,6 +137,17 @@ impl Invocation {
             let value = if name == "CONFIG_SIDECAR_SNAPSHOT" {
                 let file = Path::new(value).file_name().unwrap();
                 here.path().join(file).display().to_string()
+            } else if name == "CONFIG_SIDECAR_RENDER" {
+                // Rendered files too: their volume is checked by `rendered_dirs`.
+                let moved: Vec<String> = value
+                    .split(';')
+                    .map(|target| {
+                        let (prefix, path) = target.split_once('=').unwrap();
+                        let file = Path::new(path).file_name().unwrap();
+                        format!("{prefix}={}", here.path().join(file).display())
+                    })
+                    .collect();
+                moved.join(";")
             } else if self.secret_files.contains(value) {
                 // Stand-ins for the mounted secrets, of the kind the setting expects.
                 let file = here.path().join(Path::new(value).file_name().unwrap());
@@ -193,6 +204,18 @@ fn healthcheck_path(what: &str, command: &[String]) -> String {
         "{what}: {path} is not a route"
     );
     path
+}
+
+/// The directories of the files a deployment's `CONFIG_SIDECAR_RENDER` renders.
+fn rendered_dirs(env: &[(String, String)]) -> Vec<String> {
+    env.iter()
+        .filter(|(name, _)| name == "CONFIG_SIDECAR_RENDER")
+        .flat_map(|(_, value)| value.split(';'))
+        .map(|target| {
+            let path = Path::new(target.split_once('=').unwrap().1);
+            path.parent().unwrap().display().to_string()
+        })
+        .collect()
 }
 
 fn strings(yaml: &Yaml) -> Vec<String> {
@@ -260,7 +283,7 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
     // compose: the sidecar service and the app sharing its network namespace.
     let compose = &load_yaml("docker/compose.yml")[0];
     let sidecar = &compose["services"]["sidecar"];
-    let env = sidecar["environment"]
+    let env: Vec<(String, String)> = sidecar["environment"]
         .as_hash()
         .unwrap()
         .iter()
@@ -271,6 +294,7 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
             )
         })
         .collect();
+    let rendered = rendered_dirs(&env);
     let port = Invocation {
         what: "compose sidecar".into(),
         args: strings(&sidecar["command"]),
@@ -291,12 +315,27 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
         reads.contains(&format!("localhost:{port}/v1/")),
         "the demo app reads the sidecar on its port: {reads}"
     );
-    let volume = strings(&sidecar["volumes"]).join(" ");
-    let snapshot_dir = volume.split(':').nth(1).unwrap().to_string();
+    let volumes = strings(&sidecar["volumes"]);
+    let snapshot_dir = volumes[0].split(':').nth(1).unwrap().to_string();
     assert!(sidecar["environment"]["CONFIG_SIDECAR_SNAPSHOT"]
         .as_str()
         .unwrap()
         .starts_with(&snapshot_dir));
+    // Each rendered file is on a volume the app mounts too.
+    assert!(!rendered.is_empty(), "compose shows a rendered file");
+    let app_volumes = strings(&app["volumes"]);
+    for dir in &rendered {
+        let volume = volumes
+            .iter()
+            .find_map(|v| v.strip_suffix(&format!(":{dir}")))
+            .unwrap_or_else(|| panic!("compose: {dir} is not a sidecar volume: {volumes:?}"));
+        assert!(
+            app_volumes
+                .iter()
+                .any(|v| v.starts_with(&format!("{volume}:{dir}"))),
+            "compose: the app mounts {volume} at {dir}: {app_volumes:?}"
+        );
+    }
 
     // Kubernetes: the sidecar container of the Deployment.
     let deployment = &load_yaml("docker/k8s/deployment.yaml")[0];
@@ -357,6 +396,7 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
         env.iter().any(|(n, _)| n == "CONFIG_SIDECAR_ETCD_KEY_FILE"),
         "etcd TLS from a Secret"
     );
+    let rendered = rendered_dirs(&env);
     let port = Invocation {
         what: "k8s config-sidecar".into(),
         args: strings(&sidecar["args"]),
@@ -397,6 +437,30 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
         .unwrap();
     let reads = strings(&app["args"]).join(" ");
     assert!(reads.contains(&format!("localhost:{port}/v1/")), "{reads}");
+    // Each rendered file is on an emptyDir the app mounts too.
+    assert!(!rendered.is_empty(), "the manifest shows a rendered file");
+    let mounted = |container: &Yaml, dir: &str| {
+        container["volumeMounts"]
+            .as_vec()
+            .into_iter()
+            .flatten()
+            .find(|m| m["mountPath"].as_str() == Some(dir))
+            .and_then(|m| m["name"].as_str())
+            .map(str::to_string)
+    };
+    for dir in &rendered {
+        let volume = mounted(sidecar, dir).unwrap_or_else(|| panic!("k8s: {dir} not mounted"));
+        assert_eq!(
+            mounted(app, dir),
+            Some(volume.clone()),
+            "k8s: the app mounts {dir}"
+        );
+        assert!(pod["volumes"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"].as_str() == Some(&volume) && !v["emptyDir"].is_badvalue()));
+    }
 }
 
 /// The README's settings table, as the schema says it must read: one row per setting, in the

@@ -1,6 +1,7 @@
 //! Rendered files against a real etcd and real files: the JSON is the `/v1/tree` body, a reader
 //! never sees a partial file or a partial revision, an unchanged render keeps the file (same
-//! inode), `.env` files source in `sh` and `bash`, and the permission is 0644.
+//! inode), `.env` files source in `sh` and `bash`, and the permission is 0644; YAML reads back as
+//! the tree; a template feeds a real nginx, reloaded by `on_change` when the value changes.
 
 mod common;
 
@@ -12,6 +13,22 @@ use std::time::Duration;
 
 use common::*;
 use etcd_client::{Txn, TxnOp};
+
+/// The render targets `--render` values give, mirroring `/app/`.
+fn targets(values: &[String]) -> Vec<config_sidecar::config::RenderTarget> {
+    let mut args = vec![
+        "config-sidecar".to_string(),
+        "--prefix".into(),
+        "/app/".into(),
+    ];
+    for value in values {
+        args.push("--render".into());
+        args.push(value.clone());
+    }
+    config_sidecar::config::Config::from_args(args, config_sidecar::config::Environment::Ignored)
+        .unwrap()
+        .render
+}
 
 /// The sidecar's status of rendered file `path`.
 async fn file_status(sidecar: &Sidecar, path: &Path) -> serde_json::Value {
@@ -57,20 +74,10 @@ async fn rendered_files_are_whole_revisions_written_only_when_they_change() {
     let json = dir.path().join("web.json");
     let env = dir.path().join("app.env");
     let mut config = sidecar_config(&cluster.endpoints(), &["/app/"]);
-    config.render = config_sidecar::config::Config::from_args(
-        [
-            "config-sidecar".to_string(),
-            "--prefix".into(),
-            "/app/".into(),
-            "--render".into(),
-            format!("/app/web={}", json.display()),
-            "--render".into(),
-            format!("/app/env/={}", env.display()),
-        ],
-        config_sidecar::config::Environment::Ignored,
-    )
-    .unwrap()
-    .render;
+    config.render = targets(&[
+        format!("/app/web={}", json.display()),
+        format!("/app/env/={}", env.display()),
+    ]);
     let sidecar = start_sidecar(config).await;
     let revision = put_rev(&mut etcd, "/app/web/title", "Hello!").await;
     rendered(&sidecar, &json, revision).await;
@@ -160,21 +167,11 @@ async fn rendered_files_are_whole_revisions_written_only_when_they_change() {
 
     // A value the format cannot hold: the render fails, the last good file stays, the render
     // check says which file and why; fixed, it is healthy again.
-    let render_check = || async {
-        let status = sidecar.json("/v1/status").await;
-        status["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == "render")
-            .unwrap()
-            .clone()
-    };
-    assert_eq!(render_check().await["status"], "healthy");
+    assert_eq!(render_check(&sidecar).await["status"], "healthy");
     let good = std::fs::read(&env).unwrap();
     let bad = put_rev(&mut etcd, "/app/env/bad", "a\0b").await;
     eventually(Duration::from_secs(5), "the failure shown", || async {
-        let check = render_check().await;
+        let check = render_check(&sidecar).await;
         check["status"] == "unhealthy" && check["reason"].as_str().unwrap().contains("NUL")
     })
     .await;
@@ -199,8 +196,136 @@ async fn rendered_files_are_whole_revisions_written_only_when_they_change() {
     );
     etcd.delete("/app/env/bad", None).await.unwrap();
     eventually(Duration::from_secs(5), "healthy again", || async {
-        render_check().await["status"] == "healthy"
+        render_check(&sidecar).await["status"] == "healthy"
     })
     .await;
     sidecar.stop().await;
+}
+
+/// The render check in `/v1/status`.
+async fn render_check(sidecar: &Sidecar) -> serde_json::Value {
+    let status = sidecar.json("/v1/status").await;
+    status["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "render")
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_feeds_nginx_which_on_change_reloads() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut etcd = cluster.client().await;
+    etcd.put("/app/web/greeting", "hello", None).await.unwrap();
+    etcd.put("/app/web/limits/conns", "10", None).await.unwrap();
+    let nginx_dir = tempfile::tempdir().unwrap();
+    let d = nginx_dir.path().to_path_buf();
+    let template = d.join("site.conf.j2");
+    std::fs::write(
+        &template,
+        "location / { default_type text/plain; return 200 \"{{ tree.greeting }} ({{ tree.limits.conns }})\\n\"; }\n",
+    )
+    .unwrap();
+    let site = d.join("site.conf");
+    let yaml = d.join("web.yaml");
+    let mut reload = vec![Nginx::bin().to_string()];
+    reload.extend(Nginx::args(&nginx_dir));
+    reload.extend(["-s".to_string(), "reload".to_string()]);
+    let mut config = sidecar_config(&cluster.endpoints(), &["/app/"]);
+    config.render = targets(&[
+        serde_json::json!({
+            "prefix": "/app/web/", "path": site, "template": template, "mode": "0600",
+            "on_change": { "command": reload, "timeout": "10s" },
+        })
+        .to_string(),
+        format!("/app/web/={}", yaml.display()),
+    ]);
+    let sidecar = start_sidecar(config).await;
+    let first = rendered(&sidecar, &site, 1).await;
+    assert_eq!(
+        std::fs::read_to_string(&site).unwrap(),
+        "location / { default_type text/plain; return 200 \"hello (10)\\n\"; }\n"
+    );
+    assert_eq!(
+        std::fs::metadata(&site).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The sidecar came first: its reload found no nginx to reload, and says so.
+    assert_eq!(first["actions"], 0);
+    eventually(
+        Duration::from_secs(5),
+        "the failed reload shown",
+        || async {
+            let check = render_check(&sidecar).await;
+            check["status"] == "unhealthy"
+                && check["reason"].as_str().unwrap().contains("on_change")
+        },
+    )
+    .await;
+
+    // YAML reads back as the tree the HTTP API serves.
+    rendered(&sidecar, &yaml, 1).await;
+    let tree: serde_json::Value = sidecar.json("/v1/tree/app/web").await;
+    let docs =
+        yaml_rust2::YamlLoader::load_from_str(&std::fs::read_to_string(&yaml).unwrap()).unwrap();
+    assert_eq!(docs[0]["greeting"].as_str(), tree["greeting"].as_str());
+    assert_eq!(
+        docs[0]["limits"]["conns"].as_i64(),
+        tree["limits"]["conns"].as_i64()
+    );
+
+    // nginx starts on the rendered file and serves the value.
+    let nginx = Nginx::start(nginx_dir, &format!("include {};", site.display()));
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/", nginx.addr);
+    let served = |want: &'static str| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            eventually(Duration::from_secs(10), want, || async {
+                match http.get(&url).send().await {
+                    Ok(r) => r.text().await.unwrap_or_default() == want,
+                    Err(_) => false,
+                }
+            })
+            .await
+        }
+    };
+    served("hello (10)\n").await;
+
+    // The value changes in etcd: the file is rewritten, on_change runs `nginx -s reload`, and
+    // nginx serves the new value; the owed reload having succeeded, the check is healthy.
+    let revision = put_rev(&mut etcd, "/app/web/greeting", "world").await;
+    rendered(&sidecar, &site, revision).await;
+    served("world (10)\n").await;
+    eventually(Duration::from_secs(5), "the reload counted", || async {
+        file_status(&sidecar, &site).await["actions"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    })
+    .await;
+    assert_eq!(render_check(&sidecar).await["status"], "healthy");
+
+    // A key the template needs is deleted: the render fails naming it, the file and nginx keep
+    // the last good value, and no reload runs.
+    let actions = file_status(&sidecar, &site).await["actions"].clone();
+    etcd.delete("/app/web/limits/conns", None).await.unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "the template error shown",
+        || async {
+            let check = render_check(&sidecar).await;
+            check["status"] == "unhealthy" && check["reason"].as_str().unwrap().contains("template")
+        },
+    )
+    .await;
+    assert!(std::fs::read_to_string(&site)
+        .unwrap()
+        .contains("world (10)"));
+    served("world (10)\n").await;
+    assert_eq!(file_status(&sidecar, &site).await["actions"], actions);
+    sidecar.stop().await;
+    drop(nginx);
 }

@@ -2,6 +2,7 @@
 //! parses with clap's `ValueEnum`.
 
 use clap::ValueEnum;
+use tracing_subscriber::filter::Targets;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -56,4 +57,14 @@ impl Selection {
             Selection::Latency => "latency",
         }
     }
+}
+
+/// Parses a level (`info`) or comma-separated `target=level` directives (`info,h2=warn`).
+///
+/// Target directives, not `EnvFilter`'s span and field matching: that needs a regex engine, and
+/// its code is resident in every sidecar of the fleet for a feature nobody filters logs with here.
+pub fn log_filter(level: &str) -> Result<Targets, String> {
+    level
+        .parse::<Targets>()
+        .map_err(|e| format!("{level:?} is not a level or a list of target=level directives: {e}"))
 }

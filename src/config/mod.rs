@@ -7,6 +7,7 @@
 
 pub mod choices;
 pub mod defaults;
+mod file;
 pub mod live;
 pub mod prefixes;
 pub mod render;
@@ -18,10 +19,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use choices::log_filter;
 pub use defaults::Defaults;
 pub use live::Live;
 pub use prefixes::{prefix_range_end, Prefixes};
-pub use render::{Format, RenderTarget};
+pub use render::{Format, OnChange, RenderTarget, Template};
 pub use secret::Secret;
 pub use settings::{
     Cli, Environment, Given, LogFormat, PinSetting, Selection, Settings, WebhookFormat,
@@ -200,6 +202,8 @@ pub struct Config {
     pub log_level: String,
     /// Resident memory budget in bytes, for the memory health check.
     pub memory_budget: Option<u64>,
+    /// Runtime worker threads.
+    pub worker_threads: usize,
     /// The text every setting was given: what a reload compares.
     pub given: Given,
 }

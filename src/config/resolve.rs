@@ -98,11 +98,8 @@ impl Config {
                 ));
             }
         }
-        if tracing_subscriber::EnvFilter::try_new(&s.log_level).is_err() {
-            return Err(ConfigError::new(
-                "--log-level",
-                format!("{:?} is not a level or tracing filter", s.log_level),
-            ));
+        if let Err(e) = super::log_filter(&s.log_level) {
+            return Err(ConfigError::new("--log-level", e));
         }
         if s.endpoint_cooldown_max < s.endpoint_cooldown {
             return Err(ConfigError::new(
@@ -227,6 +224,7 @@ impl Config {
             log_format: s.log_format,
             log_level: s.log_level,
             memory_budget: s.memory_budget,
+            worker_threads: s.worker_threads as usize,
             given,
         })
     }
@@ -464,6 +462,64 @@ mod tests {
         std::fs::write(&path, "prefixes = [\"/f/\"]\nunknown_key = 1\n").unwrap();
         let e = cli(&["--config", p]).unwrap_err();
         assert!(e.contains("--config") && e.contains("unknown_key"), "{e}");
+    }
+
+    #[test]
+    fn render_tables_in_the_file_are_render_targets() {
+        use crate::config::{Format, OnChange};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "prefixes = [\"/app/\"]\n\
+                 [[render]]\nprefix = \"/app/web/\"\npath = \"{d}/web.yml\"\nmode = 0o640\n\
+                 on_change = {{ command = [\"sh\", \"-c\", \"a; b, c\"], timeout = \"5s\" }}\n\
+                 [[render]]\nprefix = \"/app/\"\npath = \"{d}/app.conf\"\nformat = \"env\"\n\
+                 on_change = {{ signal = \"HUP\", pid_file = \"{d}/app.pid\" }}\n"
+            ),
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = cli(&["--config", p]).unwrap();
+        assert_eq!(c.render.len(), 2);
+        assert_eq!(
+            (c.render[0].format, c.render[0].mode),
+            (Format::Yaml, 0o640)
+        );
+        assert_eq!(
+            c.render[0].on_change,
+            Some(OnChange::Command {
+                argv: vec!["sh".into(), "-c".into(), "a; b, c".into()],
+                timeout: Duration::from_secs(5)
+            })
+        );
+        assert_eq!(c.render[1].format, Format::Env);
+        assert!(matches!(
+            c.render[1].on_change,
+            Some(OnChange::Signal { .. })
+        ));
+
+        // --check-config prints them as inline tables, and that file reads back the same.
+        let parsed =
+            crate::config::settings::parse(["config-sidecar", "--config", p], Environment::Ignored)
+                .unwrap();
+        let described = parsed.describe();
+        assert!(described.contains("render = [{ "), "{described}");
+        std::fs::write(&path, &described).unwrap();
+        assert_eq!(cli(&["--config", p]).unwrap().render, c.render);
+
+        // A flag value is PREFIX=PATH or the same table as JSON, separated by semicolons.
+        let c = cli(&[
+            "--prefix",
+            "/app/",
+            "--render",
+            &format!("/app/={d}/a.json;{{\"prefix\":\"/app/\",\"path\":\"{d}/b.properties\"}}"),
+        ])
+        .unwrap();
+        assert_eq!(c.render.len(), 2);
+        assert_eq!(c.render[1].format, Format::Properties);
     }
 
     #[test]

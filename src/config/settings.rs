@@ -12,12 +12,13 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser};
 
+use crate::config::file;
 use crate::config::secret::Secret;
 use crate::config::ConfigError;
 
@@ -240,12 +241,13 @@ pub struct Settings {
     #[arg(long, env = "CONFIG_SIDECAR_DEFAULTS", help_heading = "snapshot")]
     pub defaults: Option<PathBuf>,
     /// Render a mirrored directory into a file for apps that read files: PREFIX=PATH, the format
-    /// from the extension (.json: the /v1/tree JSON; .env: KEY='value' lines; .properties);
-    /// repeat the flag or separate with commas.
+    /// from the extension (.json: the /v1/tree JSON; .yaml/.yml; .env: KEY='value' lines;
+    /// .properties), or a JSON object with the keys of a file's [[render]] table (prefix, path,
+    /// format, template, mode, on_change); repeat the flag or separate with semicolons.
     #[arg(
         long = "render",
         env = "CONFIG_SIDECAR_RENDER",
-        value_delimiter = ',',
+        value_delimiter = ';',
         help_heading = "render"
     )]
     pub render: Vec<String>,
@@ -268,7 +270,8 @@ pub struct Settings {
         help_heading = "process"
     )]
     pub log_format: LogFormat,
-    /// Log level or tracing filter (e.g. info, debug, config_sidecar=trace) [SIGHUP applies it].
+    /// Log level, or target=level directives (e.g. info, debug, info,config_sidecar=trace)
+    /// [SIGHUP applies it].
     #[arg(
         long,
         env = "CONFIG_SIDECAR_LOG_LEVEL",
@@ -280,6 +283,10 @@ pub struct Settings {
     /// and unhealthy above it [SIGHUP applies it].
     #[arg(long, env = "CONFIG_SIDECAR_MEMORY_BUDGET", value_parser = size, help_heading = "process")]
     pub memory_budget: Option<u64>,
+    /// Threads serving requests and the mirror. Not the node's core count: a sidecar in every pod
+    /// of a 64-core node would each start 64, every one holding its stack and allocator arena.
+    #[arg(long, env = "CONFIG_SIDECAR_WORKER_THREADS", default_value = "2", value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "process")]
+    pub worker_threads: u32,
 }
 
 /// The command line: every setting, the file, and the health check client.
@@ -325,8 +332,8 @@ pub struct Setting {
     pub live: bool,
     /// Whether its value must never be printed.
     pub sensitive: bool,
-    /// Whether it takes a list of values.
-    pub list: bool,
+    /// The character between the values of a list setting (`None`: one value).
+    pub delimiter: Option<char>,
     /// Its help text.
     pub doc: String,
 }
@@ -354,7 +361,7 @@ pub fn schema() -> Vec<Setting> {
                 section: a.get_help_heading().unwrap_or_default().to_string(),
                 live: doc.contains(LIVE),
                 sensitive: a.is_hide_env_values_set(),
-                list: a.get_value_delimiter().is_some(),
+                delimiter: a.get_value_delimiter(),
                 doc,
             }
         })
@@ -461,12 +468,14 @@ impl Parsed {
                 .map(|v| {
                     if setting.sensitive {
                         "\"<redacted>\"".to_string()
+                    } else if let Some(table) = file::table_value(v) {
+                        table.to_string()
                     } else {
                         toml::Value::String(v.clone()).to_string()
                     }
                 })
                 .collect();
-            let value = if setting.list {
+            let value = if setting.delimiter.is_some() {
                 format!("[{}]", quoted.join(", "))
             } else {
                 quoted.join(",")
@@ -511,7 +520,7 @@ where
     // The flags of the settings the file gave, to name the file's key if one is refused.
     let mut from_file = Vec::new();
     if let Some(path) = &file {
-        for (name, value) in read_file(path)? {
+        for (name, value) in file::read_file(path)? {
             let setting = schema.iter().find(|s| s.name == name).ok_or_else(|| {
                 ConfigError::new(
                     "--config",
@@ -524,7 +533,7 @@ where
             ) {
                 continue;
             }
-            for text in file_values(path, &name, value)? {
+            for text in file::file_values(path, setting, value)? {
                 args.push(format!("--{}={text}", setting.flag).into());
             }
             from_file.push(setting);
@@ -603,38 +612,6 @@ fn clap_error(error: &clap::Error) -> ConfigError {
     // "--listen <LISTEN>" names the flag; a bare "--bogus" is the flag itself.
     let flag = flag.split_whitespace().next().unwrap_or("arguments");
     ConfigError::new(flag, reason)
-}
-
-/// Reads the TOML file into its key / value pairs.
-fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
-    })?;
-    text.parse::<toml::Table>()
-        .map_err(|e| ConfigError::new("--config", format!("{}: {}", path.display(), e.message())))
-}
-
-/// A file value as the text a flag would carry: strings as they are, numbers and booleans
-/// written out, arrays one value each.
-fn file_values(path: &Path, name: &str, value: toml::Value) -> Result<Vec<String>, ConfigError> {
-    let bad =
-        |what: &str| ConfigError::new("--config", format!("{}: {name}: {what}", path.display()));
-    match value {
-        toml::Value::String(s) => Ok(vec![s]),
-        toml::Value::Integer(i) => Ok(vec![i.to_string()]),
-        toml::Value::Boolean(b) => Ok(vec![b.to_string()]),
-        toml::Value::Array(items) => items
-            .into_iter()
-            .map(|item| match item {
-                toml::Value::String(s) if !s.contains(',') => Ok(s),
-                toml::Value::String(_) => Err(bad("a list item may not contain a comma")),
-                _ => Err(bad("expected a list of strings")),
-            })
-            .collect(),
-        _ => Err(bad(
-            "expected a string, a number, a boolean or a list of strings",
-        )),
-    }
 }
 
 /// A duration such as `2s` or `500ms`, not zero.

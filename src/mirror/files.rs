@@ -5,7 +5,9 @@
 //! snapshot or the defaults), atomically (temp file, fsync, rename, fsync of the directory), and
 //! not at all when the rendered bytes did not change, so the file keeps its inode and the app
 //! sees no needless change. A burst of revisions is coalesced into one write of the latest
-//! within [`COALESCE`]. The read path never waits for any of it.
+//! within [`COALESCE`]. After a write the target's `on_change` runs ([`actions`]); one that
+//! failed is run again after the next change, whatever it changed, until it succeeds. The read
+//! path never waits for any of it.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,8 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::config::RenderTarget;
-use crate::mirror::formats;
+use crate::mirror::actions;
+use crate::mirror::formats::{FormatError, Shape};
 use crate::mirror::mode::unix_ms;
 use crate::mirror::persist::write_atomic_with;
 use crate::mirror::store::{Snapshot, Store};
@@ -35,8 +38,10 @@ pub struct FileStatus {
     pub writes: u64,
     /// Renders whose bytes were unchanged, so nothing was written.
     pub unchanged: u64,
-    /// Renders or writes that failed.
+    /// Renders, writes or `on_change` actions that failed.
     pub failures: u64,
+    /// `on_change` actions that succeeded.
+    pub actions: u64,
     /// The last failure, if the last render failed.
     pub error: Option<String>,
     /// When the file was last written (Unix ms).
@@ -46,13 +51,26 @@ pub struct FileStatus {
 /// Every rendered file's status, shared with the operator's side.
 pub type FileStatuses = Arc<Mutex<Vec<FileStatus>>>;
 
+/// One rendered file as the renderer keeps it.
+struct Target {
+    /// What the configuration says of it.
+    spec: RenderTarget,
+    /// How its bytes are made.
+    shape: Result<Shape, FormatError>,
+    /// The bytes the file holds now (read at start, so an unchanged file is not rewritten after
+    /// a restart either).
+    on_disk: Option<Vec<u8>>,
+    /// Whether its `on_change` still has to run: the file changed and the action has not
+    /// succeeded since.
+    action_owed: bool,
+}
+
 /// The rendering task.
 pub struct FileRenderer {
     /// What is rendered.
     store: Arc<Store>,
-    /// The targets, with the bytes each file holds now (read at start, so an unchanged file is
-    /// not rewritten after a restart either).
-    targets: Vec<(RenderTarget, Option<Vec<u8>>)>,
+    /// The targets.
+    targets: Vec<Target>,
     /// Their status.
     statuses: FileStatuses,
 }
@@ -69,15 +87,18 @@ impl FileRenderer {
                 writes: 0,
                 unchanged: 0,
                 failures: 0,
+                actions: 0,
                 error: None,
                 written_at_unix_ms: None,
             })
             .collect();
         let targets = targets
             .into_iter()
-            .map(|t| {
-                let on_disk = std::fs::read(&t.path).ok();
-                (t, on_disk)
+            .map(|spec| Target {
+                shape: Shape::new(&spec),
+                on_disk: std::fs::read(&spec.path).ok(),
+                spec,
+                action_owed: false,
             })
             .collect();
         FileRenderer {
@@ -107,6 +128,7 @@ impl FileRenderer {
                 })
                 .await
                 .expect("rendering does not panic");
+                self.run_actions().await;
             }
             if revisions.changed().await.is_err() {
                 return;
@@ -117,17 +139,26 @@ impl FileRenderer {
 
     /// Renders every target from `snapshot`, writing those whose bytes changed.
     fn render_all(&mut self, snapshot: &Snapshot) {
-        for (i, (target, on_disk)) in self.targets.iter_mut().enumerate() {
-            let outcome = formats::render(snapshot, &target.prefix, target.format)
+        for (i, target) in self.targets.iter_mut().enumerate() {
+            let outcome = target
+                .shape
+                .as_ref()
                 .map_err(|e| e.to_string())
+                .and_then(|shape| {
+                    shape
+                        .render(snapshot, &target.spec.prefix)
+                        .map_err(|e| e.to_string())
+                })
                 .and_then(|bytes| {
-                    if on_disk.as_deref() == Some(&bytes[..]) {
+                    if target.on_disk.as_deref() == Some(&bytes[..]) {
                         return Ok(false);
                     }
-                    write(target, &bytes).map_err(|e| format!("writing: {e}"))?;
-                    *on_disk = Some(bytes);
+                    write(&target.spec, &bytes).map_err(|e| format!("writing: {e}"))?;
+                    target.on_disk = Some(bytes);
+                    target.action_owed = target.spec.on_change.is_some();
                     Ok(true)
                 });
+            let target = &target.spec;
             let mut statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
             let status = &mut statuses[i];
             match outcome {
@@ -145,6 +176,35 @@ impl FileRenderer {
                 Err(e) => {
                     status.failures += 1;
                     tracing::warn!(path = %target.path.display(), revision = snapshot.revision, error = %e, "file not rendered");
+                    status.error = Some(e);
+                }
+            }
+        }
+    }
+}
+
+impl FileRenderer {
+    /// Runs the `on_change` of every file that changed (or whose last action failed), in order.
+    async fn run_actions(&mut self) {
+        for (i, target) in self.targets.iter_mut().enumerate() {
+            let Some(action) = target
+                .spec
+                .on_change
+                .as_ref()
+                .filter(|_| target.action_owed)
+            else {
+                continue;
+            };
+            let outcome = actions::run(action, &target.spec.path).await;
+            let mut statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
+            let status = &mut statuses[i];
+            match outcome {
+                Ok(()) => {
+                    target.action_owed = false;
+                    status.actions += 1;
+                }
+                Err(e) => {
+                    status.failures += 1;
                     status.error = Some(e);
                 }
             }

@@ -1,10 +1,15 @@
 //! What a rendered file holds: a mirrored prefix at one revision in the format an app reads.
-//! `.json` is exactly the `/v1/tree` body; `.env` is `KEY='value'` lines a POSIX shell sources;
-//! `.properties` is a Java properties file. Each takes a whole snapshot, so a file is always one
-//! revision.
+//! `.json` is exactly the `/v1/tree` body; `.yaml` the same tree as YAML; `.env` is
+//! `KEY='value'` lines a POSIX shell sources; `.properties` is a Java properties file; a template
+//! (MiniJinja) is given the tree and writes anything else. Each takes a whole snapshot, so a file
+//! is always one revision.
 
-use crate::config::Format;
-use crate::mirror::render::render_tree;
+use minijinja::{AutoEscape, Environment, UndefinedBehavior};
+use serde_json::Value;
+use yaml_rust2::{Yaml, YamlEmitter};
+
+use crate::config::{Format, RenderTarget};
+use crate::mirror::render::{render_tree, tree};
 use crate::mirror::store::Snapshot;
 
 /// Why a prefix cannot be rendered in a format.
@@ -16,15 +21,127 @@ pub enum FormatError {
     /// A value a shell variable cannot hold.
     #[error("the value of {0:?} contains a NUL byte, which no environment variable can hold")]
     Nul(String),
+    /// The template failed (a missing key, a filter's error), with MiniJinja's reason.
+    #[error("template: {0}")]
+    Template(String),
 }
 
-/// The bytes of `dir` (a mirrored directory, with its trailing `/`) in `snapshot`, as `format`.
+/// How one target's bytes are made: its format, with its template compiled once.
+pub struct Shape {
+    /// The format.
+    format: Format,
+    /// The template's environment (it holds the one template, named [`TEMPLATE`]).
+    template: Option<Environment<'static>>,
+}
+
+/// The name the template is registered under.
+const TEMPLATE: &str = "template";
+
+impl Shape {
+    /// The shape of `target`; its template was checked when the configuration was read.
+    pub fn new(target: &RenderTarget) -> Result<Shape, FormatError> {
+        let template = match &target.template {
+            None => None,
+            Some(template) => {
+                let mut env = Environment::new();
+                // A missing key is an error, not an empty string in a server's config: the last
+                // good file stays and the render check says why.
+                env.set_undefined_behavior(UndefinedBehavior::Strict);
+                // Config files, not HTML: whatever the file is called, nothing is escaped.
+                env.set_auto_escape_callback(|_| AutoEscape::None);
+                // The file ends as the template does (Jinja2 drops a last newline by default).
+                env.set_keep_trailing_newline(true);
+                env.add_template_owned(TEMPLATE, template.source.clone())
+                    .map_err(|e| FormatError::Template(e.to_string()))?;
+                Some(env)
+            }
+        };
+        Ok(Shape {
+            format: target.format,
+            template,
+        })
+    }
+
+    /// The bytes of `dir` in `snapshot`.
+    pub fn render(&self, snapshot: &Snapshot, dir: &str) -> Result<Vec<u8>, FormatError> {
+        match &self.template {
+            Some(env) => template(env, snapshot, dir),
+            None => render(snapshot, dir, self.format),
+        }
+    }
+}
+
+/// The bytes of `dir` (a mirrored directory, with its trailing `/`) in `snapshot`, as `format`
+/// (any but [`Format::Template`], which needs its [`Shape`]).
 pub fn render(snapshot: &Snapshot, dir: &str, format: Format) -> Result<Vec<u8>, FormatError> {
     match format {
         Format::Json => Ok(render_tree(snapshot, dir).to_vec()),
+        Format::Yaml => Ok(yaml(&tree(snapshot, dir))),
         Format::Env => lines(snapshot, dir, env_name, env_line),
         Format::Properties => lines(snapshot, dir, properties_key, properties_line),
+        Format::Template => Err(FormatError::Template("no template given".into())),
     }
+}
+
+/// The tree as a YAML document. The emitter quotes every string YAML would read as something
+/// else (`yes`, `1.0`, `null`, `: `), so the document reads back as the JSON tree.
+fn yaml(tree: &Value) -> Vec<u8> {
+    let mut out = String::new();
+    YamlEmitter::new(&mut out)
+        .dump(&yaml_value(tree))
+        .expect("writing to a String cannot fail");
+    out.push('\n');
+    out.into_bytes()
+}
+
+fn yaml_value(value: &Value) -> Yaml {
+    match value {
+        Value::Null => Yaml::Null,
+        Value::Bool(b) => Yaml::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Yaml::Integer(i),
+            None => Yaml::Real(n.to_string()),
+        },
+        Value::String(s) => Yaml::String(s.clone()),
+        Value::Array(items) => Yaml::Array(items.iter().map(yaml_value).collect()),
+        Value::Object(members) => Yaml::Hash(
+            members
+                .iter()
+                .map(|(k, v)| (Yaml::String(k.clone()), yaml_value(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// The template rendered with `tree` (the `/v1/tree` value), `keys` (each key under `dir`, as
+/// its path under it, to its text), `prefix` and `revision`.
+fn template(
+    env: &Environment<'static>,
+    snapshot: &Snapshot,
+    dir: &str,
+) -> Result<Vec<u8>, FormatError> {
+    let keys: std::collections::BTreeMap<String, String> = snapshot
+        .scan_prefix(dir.as_bytes())
+        .map(|entry| {
+            (
+                String::from_utf8_lossy(&entry.key[dir.len()..]).into_owned(),
+                String::from_utf8_lossy(entry.value()).into_owned(),
+            )
+        })
+        .collect();
+    let context = minijinja::context! {
+        tree => minijinja::Value::from_serialize(tree(snapshot, dir)),
+        keys => keys,
+        prefix => dir,
+        revision => snapshot.revision,
+    };
+    let template = env
+        .get_template(TEMPLATE)
+        .map_err(|e| FormatError::Template(e.to_string()))?;
+    template
+        .render(context)
+        .map(String::into_bytes)
+        .map_err(|e| FormatError::Template(e.to_string()))
 }
 
 /// One line per key under `dir`, named by `name` (which must not collide) and written by `line`.
@@ -184,6 +301,65 @@ mod tests {
             "db.url=jdbc:postgresql://h/db?a=b\n\
              odd\\ key\\=1=\\ leading space\\tand tab\n\
              unicode=h\\u00e9llo \\ud83d\\ude00\n"
+        );
+    }
+
+    #[test]
+    fn yaml_reads_back_as_the_tree() {
+        let s = snapshot(&[
+            ("/app/a", "1"),
+            ("/app/b/c", "\"x\""),
+            ("/app/b/yes", "yes"),
+            ("/app/b/ver", "\"1.0\""),
+            ("/app/multi", "line one\nline: two # not a comment"),
+            ("/app/flags", "[true, null, 2.5]"),
+        ]);
+        let text = String::from_utf8(render(&s, "/app/", Format::Yaml).unwrap()).unwrap();
+        let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
+        assert_eq!(docs.len(), 1, "{text}");
+        assert_eq!(docs[0], yaml_value(&tree(&s, "/app/")), "{text}");
+        assert_eq!(docs[0]["b"]["yes"].as_str(), Some("yes"), "{text}");
+        assert_eq!(docs[0]["b"]["ver"].as_str(), Some("1.0"), "{text}");
+        assert_eq!(docs[0]["a"].as_i64(), Some(1), "{text}");
+    }
+
+    #[test]
+    fn templates_see_the_tree_and_refuse_missing_keys() {
+        let s = snapshot(&[
+            ("/app/web/greeting", "hello <world>"),
+            ("/app/web/port", "8080"),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let shape = |source: &str| {
+            let mut target = crate::config::RenderTarget {
+                prefix: "/app/web/".into(),
+                path: dir.path().join("site.html"),
+                format: Format::Template,
+                template: Some(crate::config::render::Template {
+                    path: dir.path().join("t"),
+                    source: source.into(),
+                }),
+                mode: 0o644,
+                on_change: None,
+            };
+            target.prefix = "/app/web/".into();
+            Shape::new(&target).unwrap()
+        };
+        let text = shape(
+            "listen {{ tree.port + 1 }}; {{ keys['greeting'] }} @{{ revision }} {{ prefix }}",
+        )
+        .render(&s, "/app/web/")
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            "listen 8081; hello <world> @2 /app/web/"
+        );
+        let e = shape("{{ tree.missing }}")
+            .render(&s, "/app/web/")
+            .unwrap_err();
+        assert!(
+            matches!(e, FormatError::Template(ref m) if m.contains("undefined")),
+            "{e}"
         );
     }
 

@@ -3,8 +3,10 @@
 //! publishes each revision into the [`store::Store`] as one immutable snapshot. The serving [`mode`] is set by a state machine fed by the sync and the probes;
 //! [`persist`] saves the store to disk and serves it after a restart; [`render`] turns a
 //! snapshot's prefix into a listing or a tree, once per revision; [`files`] renders prefixes
-//! into files (in the [`formats`] apps read) for apps that read files.
+//! into files (in the [`formats`] apps read) for apps that read files, and [`actions`] tells
+//! the app when one changed.
 
+pub mod actions;
 pub mod files;
 pub mod formats;
 pub mod load;

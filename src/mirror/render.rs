@@ -147,6 +147,12 @@ pub const MAX_TREE_DEPTH: usize = 64;
 /// parent of other keys keeps its own value under the member `""`. Below [`MAX_TREE_DEPTH`]
 /// levels the rest of a key is one member, its segments joined by `/`.
 pub fn render_tree(snapshot: &Snapshot, dir: &str) -> Bytes {
+    Bytes::from(serde_json::to_vec(&tree(snapshot, dir)).expect("JSON values serialise"))
+}
+
+/// The tree of `dir` in `snapshot` as a JSON value: what [`render_tree`] serialises and rendered
+/// files (YAML, templates) are made from.
+pub fn tree(snapshot: &Snapshot, dir: &str) -> Value {
     let mut root = Map::new();
     for entry in snapshot.scan_prefix(dir.as_bytes()) {
         let rest = String::from_utf8_lossy(&entry.key[dir.len()..]);
@@ -185,7 +191,7 @@ pub fn render_tree(snapshot: &Snapshot, dir: &str) -> Bytes {
             }
         }
     }
-    Bytes::from(serde_json::to_vec(&Value::Object(root)).expect("JSON values serialise"))
+    Value::Object(root)
 }
 
 #[cfg(test)]

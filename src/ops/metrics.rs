@@ -178,8 +178,13 @@ impl prometheus_client::collector::Collector for Collector {
                 ),
                 (
                     "render_failures",
-                    "Renders or writes of a rendered file that failed, by path",
+                    "Renders, writes or on_change actions of a rendered file that failed, by path",
                     |f| f.failures,
+                ),
+                (
+                    "render_actions",
+                    "on_change actions (command or signal) that succeeded, by path",
+                    |f| f.actions,
                 ),
             ] {
                 let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;

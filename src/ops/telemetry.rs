@@ -1,20 +1,23 @@
 //! Logging: plain or JSON lines on stderr, filtered by the configured level or directive, which
 //! SIGHUP can change while running ([`LogControl`]).
 
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{reload, EnvFilter, Registry};
+use tracing_subscriber::{reload, Registry};
 
-use crate::config::LogFormat;
+use tracing::Level;
+
+use crate::config::{log_filter, LogFormat};
 
 /// Changes the log filter of the running process.
 #[derive(Clone)]
-pub struct LogControl(reload::Handle<EnvFilter, Registry>);
+pub struct LogControl(reload::Handle<Targets, Registry>);
 
 impl LogControl {
-    /// Replaces the filter with `level` (a level or a tracing directive).
+    /// Replaces the filter with `level` (a level or a list of `target=level` directives).
     pub fn set_level(&self, level: &str) -> Result<(), String> {
-        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        let filter = log_filter(level)?;
         self.0.reload(filter).map_err(|e| e.to_string())
     }
 }
@@ -22,7 +25,7 @@ impl LogControl {
 /// Installs the global subscriber. Called once by `main`; the filter was validated with the rest
 /// of the configuration.
 pub fn init(format: LogFormat, level: &str) -> LogControl {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(level).unwrap_or_else(|_| Targets::new().with_default(Level::INFO));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     // Colour only for a person at a terminal: a log shipper or a file would keep the escapes.

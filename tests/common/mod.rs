@@ -1022,3 +1022,83 @@ pub fn index_of(r: &reqwest::Response) -> i64 {
         .parse()
         .unwrap()
 }
+
+/// nginx (`worker_processes auto`) as a child process, its one server block listening on
+/// [`Nginx::addr`] with `server` as its body. Its files (configuration, pid, error log) live in
+/// `dir`. Its master leads a process group of its own, which holds its workers too; stopping it
+/// (on drop, so also when a test panics) leaves none of them behind.
+pub struct Nginx {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its directory, removed once it has stopped.
+    pub dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Debian puts nginx in /usr/sbin, which not every PATH has.
+    pub fn bin() -> &'static str {
+        if std::path::Path::new("/usr/sbin/nginx").exists() {
+            "/usr/sbin/nginx"
+        } else {
+            "nginx"
+        }
+    }
+
+    pub fn start(dir: tempfile::TempDir, server: &str) -> Nginx {
+        use std::os::unix::process::CommandExt as _;
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        std::fs::write(
+            dir.path().join("nginx.conf"),
+            format!(
+                "worker_processes auto;\ndaemon off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{ access_log off; sendfile on; tcp_nodelay on; keepalive_requests 1000000;\n\
+                 server {{ listen {addr}; {server} }} }}\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(Nginx::bin())
+            .args(Nginx::args(&dir))
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx runs (scripts/install-deps.sh installs it)");
+        Nginx { child, addr, dir }
+    }
+
+    /// The arguments that name this nginx's configuration: `nginx {args} -s reload` reloads it.
+    pub fn args(dir: &tempfile::TempDir) -> [String; 4] {
+        [
+            "-c".into(),
+            dir.path().join("nginx.conf").display().to_string(),
+            "-p".into(),
+            dir.path().display().to_string(),
+        ]
+    }
+}
+
+impl Drop for Nginx {
+    /// SIGQUIT is nginx's graceful stop: the master stops its workers, waits for them, then exits.
+    /// Killing the master alone would orphan the workers, so the group is killed too, in case the
+    /// master did not exit within the grace time or left a worker behind. The master is reaped
+    /// only after that: until then its pid, which names the group, cannot be reused.
+    fn drop(&mut self) {
+        use rustix::process::{kill_process, kill_process_group, waitid, WaitId, WaitIdOptions};
+        let master = Pid::from_raw(self.child.id() as i32).expect("a child has a pid");
+        let _ = kill_process(master, Signal::QUIT);
+        // Exited, but not reaped (NOWAIT).
+        let exited = || {
+            let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+            matches!(waitid(WaitId::Pid(master), options), Ok(Some(_)))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = kill_process_group(master, Signal::KILL);
+        let _ = self.child.wait();
+    }
+}
