@@ -1361,13 +1361,15 @@ async fn chaos_history_is_consistent() {
         let placed: Vec<String> = unavailable
             .iter()
             .map(|a| {
-                let last = record.faults.iter().filter(|f| f.injected <= a.started).last();
+                let last = record.faults.iter().rev().find(|f| f.injected <= a.started);
                 match last {
                     Some(f) => format!(
                         "{:?}: {:.1}s after its injection, {:.1}s after full again",
                         f.fault,
                         (a.started - f.injected).as_secs_f64(),
-                        a.started.saturating_duration_since(f.full_again).as_secs_f64()
+                        a.started
+                            .saturating_duration_since(f.full_again)
+                            .as_secs_f64()
                     ),
                     None => "before any fault".into(),
                 }
