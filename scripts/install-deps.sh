@@ -13,6 +13,8 @@
 #   etcdctl            etcd-client        etcdctl version answers                     scripts/run-local.sh's seed
 #   nginx              nginx-light        nginx -t accepts the benchmark's config     the load benchmark
 #   wrk                wrk                wrk -v prints its version                   the load benchmark
+#   python venv        python3-venv       python3 -m venv makes an environment whose  the client tests (etcd3gw
+#                                         pip runs (pip then installs from PyPI)      from PyPI, tests/clients)
 #
 # Packages are installed with --no-install-recommends, so every package a need takes is named
 # above (protobuf-compiler only *recommends* libprotobuf-dev; gcc only recommends libc6-dev).
@@ -71,7 +73,12 @@ has_wrk() {
   [[ $(wrk -v 2>&1) == "wrk "*"Copyright"* ]]
 }
 
-needs=(c_toolchain protoc well_known_protos etcd etcdctl nginx wrk)
+# The client tests install real clients (etcd3gw) from PyPI into a virtualenv of their own.
+has_python_venv() {
+  python3 -m venv "$scratch/venv" >/dev/null 2>&1 && "$scratch/venv/bin/python" -m pip --version >/dev/null 2>&1
+}
+
+needs=(c_toolchain protoc well_known_protos etcd etcdctl nginx wrk python_venv)
 declare -A packages=(
   [c_toolchain]="gcc libc6-dev"
   [protoc]=protobuf-compiler
@@ -80,6 +87,7 @@ declare -A packages=(
   [etcdctl]=etcd-client
   [nginx]=nginx-light
   [wrk]=wrk
+  [python_venv]=python3-venv
 )
 
 missing() {

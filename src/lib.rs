@@ -12,10 +12,11 @@
 //!   ([`upstream::EndpointPool`]), health probes of every member, writes as transactions.
 //! - [`mirror`]: etcd → memory: the [`mirror::sync::WatchTask`] (load at one revision, then
 //!   watch), the [`mirror::store::Store`] of snapshots, the serving [`mirror::mode`] and the
-//!   state machine that sets it, the disk snapshot, rendered listings and trees.
+//!   state machine that sets it, the disk snapshot, rendered listings and trees, and files
+//!   rendered for apps that read files.
 //! - [`http`]: memory → the app: routes and handlers, the fast path for plain key reads, change
-//!   streams and blocking queries, the gate on who may ask, and the one place errors become
-//!   responses.
+//!   streams and blocking queries, the gate on who may ask, the one place errors become
+//!   responses, and etcd's v3 JSON gateway over the same store for clients that speak it.
 //! - [`server`]: sockets: the accept loop and drain, per-connection deadlines, and the wire
 //!   screen of HTTP/1 request heads.
 //! - [`ops`]: the operator's side, on top: [`ops::serve`] wires and runs the whole; status

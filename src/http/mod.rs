@@ -9,13 +9,15 @@
 //!
 //! - [`read`], [`write`], [`watch`]: the mirror's routes; [`notify`] feeds change streams and
 //!   blocking queries; [`operator`]: `/healthz`, `/readyz`, `/v1/status`, `/metrics`;
-//!   [`admin`]: the operator's pin (`/v1/admin/mode`).
+//!   [`admin`]: the operator's pin (`/v1/admin/mode`); [`etcd_gateway`]: etcd's v3 JSON
+//!   gateway over the same store, notifications and write path.
 //! - [`query`] and [`path`] parse requests; [`respond`] writes the headers every mirror answer
 //!   carries; [`counters`] counts requests and open subscribers.
 
 pub mod admin;
 pub mod counters;
 pub mod error;
+pub mod etcd_gateway;
 pub mod fast_path;
 pub mod gate;
 pub mod notify;
@@ -32,7 +34,7 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::response::IntoResponse;
-use axum::routing::{get, MethodRouter};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use http::{HeaderName, Method, Uri};
 use tower::ServiceBuilder;
@@ -112,6 +114,15 @@ fn routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
             "/v1/admin/mode",
             get(admin::mode_get).post(admin::mode_post),
         ),
+        ("/version", get(etcd_gateway::version)),
+        ("/v3/kv/range", post(etcd_gateway::range::range)),
+        ("/v3/watch", post(etcd_gateway::watch::watch)),
+        ("/v3/kv/put", post(etcd_gateway::write::put)),
+        (
+            "/v3/kv/deleterange",
+            post(etcd_gateway::write::delete_range),
+        ),
+        ("/v3/kv/txn", post(etcd_gateway::write::txn)),
     ]
 }
 

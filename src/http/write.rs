@@ -57,13 +57,15 @@ pub(crate) async fn read_body(
         })
 }
 
-/// Checks that writes are on, the token (if any) is right, the key is mirrored and the mode
-/// allows writes; returns the key and the compare-and-swap revision, if asked for.
-fn admit_write(
-    state: &AppState,
-    uri: &Uri,
-    headers: &HeaderMap,
-) -> Result<(String, Query, Option<i64>), ApiError> {
+/// Checks that writes are on, the token (if any) is right and the mode allows writes: what
+/// every write route asks first, the etcd gateway's too.
+pub(crate) fn admit(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    admit_caller(state, headers)?;
+    admit_mode(state)
+}
+
+/// Writes are on and the token (if any) is right.
+fn admit_caller(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if !state.writes.allowed {
         return Err(ApiError::WritesDisabled);
     }
@@ -72,10 +74,11 @@ fn admit_write(
             return Err(ApiError::Unauthorized);
         }
     }
-    let query = parse_query(uri)?;
-    let key = mirrored(state, key_from_path(uri, "/v1/kv")?, query.recurse)?;
-    let if_match = header_revision(headers, header::IF_MATCH, "If-Match")?;
-    let cas = if_match.or(query.cas);
+    Ok(())
+}
+
+/// The mode allows writes.
+fn admit_mode(state: &AppState) -> Result<(), ApiError> {
     let mode = state.mode.mode();
     if mode != Mode::Full {
         return Err(ApiError::WritesRefused {
@@ -84,7 +87,31 @@ fn admit_write(
             pin: state.mode.pin(),
         });
     }
+    Ok(())
+}
+
+/// The caller and the key (which must be mirrored) checked, then the mode; returns the key and
+/// the compare-and-swap revision, if asked for.
+fn admit_write(
+    state: &AppState,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(String, Query, Option<i64>), ApiError> {
+    admit_caller(state, headers)?;
+    let query = parse_query(uri)?;
+    let key = mirrored(state, key_from_path(uri, "/v1/kv")?, query.recurse)?;
+    let if_match = header_revision(headers, header::IF_MATCH, "If-Match")?;
+    let cas = if_match.or(query.cas);
+    admit_mode(state)?;
     Ok((key.into_owned(), query, cas))
+}
+
+/// Waits (up to the etcd timeout) until the mirror has applied `revision`; whether it did.
+pub(crate) async fn mirrored_by(state: &AppState, revision: i64) -> bool {
+    let mut revisions = state.store.subscribe();
+    tokio::time::timeout(state.etcd_timeout(), revisions.wait_for(|r| *r >= revision))
+        .await
+        .is_ok_and(|r| r.is_ok())
 }
 
 /// Forwards a write, then waits until the mirror has applied it, so that a read from this sidecar
@@ -97,13 +124,7 @@ async fn forward_write(
     let result = write::apply(&state.pool, op, cas, state.etcd_timeout())
         .await
         .map_err(write_failed)?;
-    let mut revisions = state.store.subscribe();
-    let visible = tokio::time::timeout(
-        state.etcd_timeout(),
-        revisions.wait_for(|r| *r >= result.revision),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
+    let visible = mirrored_by(state, result.revision).await;
     let snapshot = state.store.snapshot();
     let body = json!({
         "revision": result.revision,
@@ -118,7 +139,7 @@ async fn forward_write(
 }
 
 /// The answer to a write etcd did not complete.
-fn write_failed(error: WriteError) -> ApiError {
+pub(crate) fn write_failed(error: WriteError) -> ApiError {
     match error {
         WriteError::PreconditionFailed {
             key,

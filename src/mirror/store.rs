@@ -245,6 +245,13 @@ impl Snapshot {
             .map(|k| &k.0)
     }
 
+    /// Every entry from `key` on, in key order.
+    pub fn from_key<'a>(&'a self, key: &'a [u8]) -> impl Iterator<Item = &'a Arc<Entry>> + 'a {
+        self.entries
+            .range::<_, [u8]>((Bound::Included(key), Bound::Unbounded))
+            .map(|k| &k.0)
+    }
+
     /// Number of keys mirrored.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -608,6 +615,25 @@ impl Store {
             let _ = self.changes_tx.send(set);
         }
         self.revision_tx.send_replace(revision);
+    }
+
+    /// The revision the history starts after: a follower can resume from it or later.
+    pub fn history_floor(&self) -> i64 {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).floor
+    }
+
+    /// The change sets after revision `since`, or `None` when the history no longer reaches
+    /// back that far.
+    pub fn changes_since(&self, since: i64) -> Option<Vec<Arc<ChangeSet>>> {
+        let history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        (since >= history.floor).then(|| {
+            history
+                .sets
+                .iter()
+                .filter(|s| s.revision > since)
+                .cloned()
+                .collect()
+        })
     }
 
     /// Follows the changes after revision `since`: what is still in the history, then live.

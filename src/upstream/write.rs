@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 
 use crate::upstream::pool::{Applied, EndpointPool, Retry};
 
@@ -58,6 +58,24 @@ pub enum WriteError {
     Unknown(String),
 }
 
+/// Applies `txn` as it is (the etcd gateway's writes) through `pool` within `deadline`; a member
+/// that certainly did not apply it hands it to the next member.
+pub async fn apply_txn(
+    pool: &Arc<EndpointPool>,
+    txn: Txn,
+    deadline: Duration,
+) -> Result<TxnResponse, WriteError> {
+    pool.request(Retry::Write, deadline, |mut client| {
+        let txn = txn.clone();
+        async move { client.txn(txn).await }
+    })
+    .await
+    .map_err(|failed| match failed.applied {
+        Applied::No => WriteError::NotApplied(failed.message),
+        Applied::Unknown => WriteError::Unknown(failed.message),
+    })
+}
+
 /// Applies `op` through `pool` within `deadline`; with `expected_mod_revision`, only if the key's
 /// mod_revision is that (0: the key must not exist), else `PreconditionFailed`. A member that
 /// certainly did not apply it (refused connection, no leader) hands it to the next member.
@@ -87,16 +105,7 @@ pub async fn apply(
             .and_then(vec![then])
             .or_else(vec![TxnOp::get(key.clone(), None)]),
     };
-    let response = pool
-        .request(Retry::Write, deadline, |mut client| {
-            let txn = txn.clone();
-            async move { client.txn(txn).await }
-        })
-        .await
-        .map_err(|failed| match failed.applied {
-            Applied::No => WriteError::NotApplied(failed.message),
-            Applied::Unknown => WriteError::Unknown(failed.message),
-        })?;
+    let response = apply_txn(pool, txn, deadline).await?;
     let revision = response.header().map(|h| h.revision()).unwrap_or_default();
     let ops = response.op_responses();
     if !response.succeeded() {

@@ -1102,3 +1102,47 @@ impl Drop for Nginx {
         let _ = self.child.wait();
     }
 }
+
+/// The Python of a virtualenv holding `packages` (pinned, from PyPI), made once in the target
+/// directory under `name` and reused while its package list stays the same. Real clients of the
+/// protocols the sidecar speaks run from it.
+pub fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let python = dir.join("bin/python");
+    let marker = dir.join("installed.txt");
+    let wanted = packages.join("\n");
+    if std::fs::read_to_string(&marker).is_ok_and(|had| had == wanted) {
+        return python;
+    }
+    let run = |command: &mut Command, what: &str| {
+        let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(
+        Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&dir),
+        "python3 -m venv (scripts/install-deps.sh checks it works)",
+    );
+    run(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages),
+        "pip install from PyPI",
+    );
+    std::fs::write(&marker, wanted).unwrap();
+    python
+}
