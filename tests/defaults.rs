@@ -1,6 +1,7 @@
 //! Bundled defaults against a real etcd: a first start with every member down and no snapshot
-//! serves them in `cache-only`, saying so; when etcd answers they are replaced wholesale and
-//! streams are told to start over.
+//! serves them in `cache-only`, saying so, and renders its files from them (an app that starts
+//! during an outage has its file); when etcd answers they are replaced wholesale, the file
+//! follows, and streams are told to start over.
 
 mod common;
 
@@ -24,22 +25,32 @@ async fn defaults_serve_a_first_start_without_etcd_and_give_way_to_it() {
         r#"{"/app/db": "from-defaults", "/app/only-defaults": "d"}"#,
     )
     .unwrap();
+    let rendered = dir.path().join("app.env");
     let mut config = sidecar_config(&cluster.endpoints(), &["/app/"]);
-    config.defaults = Some(
-        config_sidecar::config::Config::from_args(
-            [
-                "config-sidecar",
-                "--prefix",
-                "/app/",
-                "--defaults",
-                file.to_str().unwrap(),
-            ],
-            config_sidecar::config::Environment::Ignored,
-        )
-        .unwrap()
-        .defaults
-        .unwrap(),
-    );
+    let given = config_sidecar::config::Config::from_args(
+        [
+            "config-sidecar",
+            "--prefix",
+            "/app/",
+            "--defaults",
+            file.to_str().unwrap(),
+            "--render",
+            &format!("/app/={}", rendered.display()),
+        ],
+        config_sidecar::config::Environment::Ignored,
+    )
+    .unwrap();
+    config.defaults = given.defaults;
+    config.render = given.render;
+    let file_holds = |text: &'static str| {
+        let rendered = rendered.clone();
+        async move {
+            eventually(Duration::from_secs(5), text, || async {
+                std::fs::read_to_string(&rendered).is_ok_and(|t| t == text)
+            })
+            .await
+        }
+    };
     // Ready on the defaults: the app can start.
     let sidecar = start_sidecar(config).await;
     let r = sidecar.get("/v1/kv/app/db").await;
@@ -55,6 +66,7 @@ async fn defaults_serve_a_first_start_without_etcd_and_give_way_to_it() {
     assert_eq!(status["source"], "defaults");
     assert_eq!(status["mode"], "cache-only");
     assert_eq!(status["revision"], 0);
+    file_holds("DB='from-defaults'\nONLY_DEFAULTS='d'\n").await;
     assert_eq!(
         sidecar.get("/v1/kv/app/only-etcd").await.status(),
         404,
@@ -84,6 +96,7 @@ async fn defaults_serve_a_first_start_without_etcd_and_give_way_to_it() {
         Some("x")
     );
     assert_eq!(sidecar.json("/v1/status").await["source"], "etcd");
+    file_holds("DB='from-etcd'\nONLY_ETCD='x'\n").await;
     let mut reset = false;
     while let Some(e) = stream.next(Duration::from_secs(3)).await {
         if e.event == "reset" {
