@@ -16,7 +16,8 @@
 //!   rendered for apps that read files.
 //! - [`http`]: memory → the app: routes and handlers, the fast path for plain key reads, change
 //!   streams and blocking queries, the gate on who may ask, the one place errors become
-//!   responses, and etcd's v3 JSON gateway over the same store for clients that speak it.
+//!   responses, and etcd's v3 JSON gateway and Consul's KV API over the same store for clients
+//!   that speak them.
 //! - [`server`]: sockets: the accept loop and drain, per-connection deadlines, and the wire
 //!   screen of HTTP/1 request heads.
 //! - [`ops`]: the operator's side, on top: [`ops::serve`] wires and runs the whole; status

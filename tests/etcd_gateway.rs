@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine;
@@ -18,29 +18,14 @@ fn b64(text: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(text)
 }
 
-/// The Python with etcd3gw, and the client script.
-fn etcd3gw() -> (PathBuf, PathBuf) {
-    let python = python_venv("venv-etcd3gw", &["etcd3gw==2.7.0"]);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/etcd3gw_client.py");
-    (python, script)
+/// The Python with etcd3gw.
+fn etcd3gw() -> PathBuf {
+    python_venv("venv-etcd3gw", &["etcd3gw==2.7.0"])
 }
 
 /// Runs the client script once with `args`; its one JSON line.
 async fn client(port: u16, args: &[&str]) -> Value {
-    let (python, script) = etcd3gw();
-    let out = Command::new(python)
-        .arg(script)
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    run_python_client(&etcd3gw(), "etcd3gw_client.py", port, args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,10 +64,8 @@ async fn etcd3gw_reads_writes_and_watches_and_reads_on_without_quorum() {
         .is_empty());
 
     // A watch sees a put and a delete made in etcd, at etcd's revisions.
-    let (python, script) = etcd3gw();
     let mut watcher = Process::spawn(
-        Command::new(python)
-            .arg(script)
+        python_client(&etcd3gw(), "etcd3gw_client.py")
             .args([&port.to_string(), "watch", "/gw/app/", "2"])
             .stdout(Stdio::piped()),
     );
@@ -121,10 +104,7 @@ async fn etcd3gw_reads_writes_and_watches_and_reads_on_without_quorum() {
 
     // Quorum lost: reads go on from the mirror, writes are refused (503: etcd3gw's
     // ConnectionFailedError).
-    let leader = cluster.leader_index().await;
-    for i in (0..3).filter(|&i| i != leader).take(2).collect::<Vec<_>>() {
-        cluster.kill(i);
-    }
+    cluster.lose_quorum().await;
     sidecar
         .wait_mode("read-only", Duration::from_secs(15))
         .await;
@@ -136,6 +116,23 @@ async fn etcd3gw_reads_writes_and_watches_and_reads_on_without_quorum() {
     let refused = client(port, &["write", "/gw/app/"]).await;
     assert_eq!(refused["error"], "ConnectionFailedError", "{refused}");
     sidecar.stop().await;
+}
+
+/// The next newline-delimited JSON message of a watch stream (`read` holds what came after the
+/// last one); `None` once the stream has ended.
+async fn next_message(stream: &mut reqwest::Response, read: &mut String) -> Option<Value> {
+    loop {
+        if let Some(end) = read.find('\n') {
+            let line: Value = serde_json::from_str(&read[..end]).unwrap();
+            read.drain(..=end);
+            return Some(line);
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
+            .await
+            .expect("a watch message within 5 s")
+            .unwrap()?;
+        read.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
 }
 
 /// POSTs `body` to `path` at `base`: status and JSON.
@@ -267,16 +264,8 @@ async fn ranges_and_watches_answer_as_etcds_own_gateway() {
     let mut messages: Vec<Value> = Vec::new();
     let later = put_rev(&mut etcd, "/r/app/b/c", "5").await;
     while messages.len() < 3 {
-        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
-            .await
-            .expect("watch messages arrive")
-            .unwrap()
-            .expect("the stream stays open");
-        read.push_str(std::str::from_utf8(&chunk).unwrap());
-        while let Some(end) = read.find('\n') {
-            messages.push(serde_json::from_str(&read[..end]).unwrap());
-            read.drain(..=end);
-        }
+        let message = next_message(&mut stream, &mut read).await;
+        messages.push(message.expect("the stream stays open"));
     }
     assert_eq!(messages[0]["result"]["created"], true);
     let event = |m: &Value| m["result"]["events"][0]["kv"].clone();
@@ -289,6 +278,47 @@ async fn ranges_and_watches_answer_as_etcds_own_gateway() {
         later.to_string()
     );
     drop(stream);
+
+    // On the request stream: a progress request is answered with the header alone, a cancel
+    // request ends the watch with `canceled`.
+    let (requests, body) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+    let body = futures_util::stream::unfold(body, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let create = json!({"create_request": {"key": b64("/r/app/a")}}).to_string();
+    requests.send(Ok(create)).await.unwrap();
+    let mut stream = http
+        .post(sidecar.url("/v3/watch"))
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    let mut read = String::new();
+    assert_eq!(
+        next_message(&mut stream, &mut read).await.unwrap()["result"]["created"],
+        true
+    );
+    requests
+        .send(Ok(json!({"progress_request": {}}).to_string()))
+        .await
+        .unwrap();
+    let progress = next_message(&mut stream, &mut read).await.unwrap();
+    assert_eq!(
+        progress["result"]["header"]["revision"],
+        later.to_string(),
+        "{progress}"
+    );
+    assert!(progress["result"].get("events").is_none(), "{progress}");
+    requests
+        .send(Ok(json!({"cancel_request": {}}).to_string()))
+        .await
+        .unwrap();
+    let canceled = next_message(&mut stream, &mut read).await.unwrap();
+    assert_eq!(canceled["result"]["canceled"], true, "{canceled}");
+    assert!(
+        next_message(&mut stream, &mut read).await.is_none(),
+        "the stream ends after canceled"
+    );
 
     let old = lines(1).await.text().await.unwrap();
     let old: Vec<Value> = old

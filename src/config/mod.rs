@@ -99,6 +99,8 @@ pub struct SyncConfig {
 pub struct HttpConfig {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// Where to serve Consul's KV API too, if anywhere.
+    pub consul_listen: Option<SocketAddr>,
     /// Drain time at shutdown.
     pub shutdown_grace: Duration,
     /// Weight bound of the rendered-body cache.

@@ -73,14 +73,27 @@ impl Config {
                 ));
             }
         }
-        if !s.listen.ip().is_loopback() && !s.allow_remote {
+        for (flag, addr) in [
+            ("--listen", Some(s.listen)),
+            ("--consul-listen", s.consul_listen),
+        ] {
+            if addr.is_some_and(|a| !a.ip().is_loopback()) && !s.allow_remote {
+                return Err(ConfigError::new(
+                    flag,
+                    format!(
+                        "{} is reachable from other hosts; the sidecar serves the app beside it \
+                         on loopback. Give --allow-remote to listen there anyway",
+                        addr.expect("checked above")
+                    ),
+                ));
+            }
+        }
+        if s.consul_listen
+            .is_some_and(|c| c == s.listen && c.port() != 0)
+        {
             return Err(ConfigError::new(
-                "--listen",
-                format!(
-                    "{} is reachable from other hosts; the sidecar serves the app beside it \
-                     on loopback. Give --allow-remote to listen there anyway",
-                    s.listen
-                ),
+                "--consul-listen",
+                "must differ from --listen: Consul's /v1/kv/ is not the sidecar's",
             ));
         }
         let allowed_hosts: Vec<String> = trimmed(s.allowed_hosts)
@@ -210,6 +223,7 @@ impl Config {
             },
             http: HttpConfig {
                 listen: s.listen,
+                consul_listen: s.consul_listen,
                 shutdown_grace: s.shutdown_grace,
                 cache_bytes: s.cache_bytes,
                 header_read_timeout: s.header_read_timeout,

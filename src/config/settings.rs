@@ -133,6 +133,10 @@ pub struct Settings {
     /// Address to serve HTTP on; one other hosts can reach needs --allow-remote.
     #[arg(long, env = "CONFIG_SIDECAR_LISTEN", default_value = DEFAULT_LISTEN, help_heading = "http")]
     pub listen: SocketAddr,
+    /// Also serve Consul's KV API (/v1/kv/, key a/b is etcd's /a/b) on this address, for
+    /// Consul clients; off unless given. One other hosts can reach needs --allow-remote.
+    #[arg(long, env = "CONFIG_SIDECAR_CONSUL_LISTEN", help_heading = "http")]
+    pub consul_listen: Option<SocketAddr>,
     /// Allow --listen on an address other hosts can reach (a warning is logged).
     #[arg(long, env = "CONFIG_SIDECAR_ALLOW_REMOTE", num_args = 0..=1, default_value = "false", default_missing_value = "true", action = clap::ArgAction::Set, help_heading = "http")]
     pub allow_remote: bool,

@@ -48,6 +48,9 @@ pub struct SidecarService {
     kv_route: RouteIndex,
     /// Who may ask: checked before anything else looks at a request.
     gate: Arc<Gate>,
+    /// Whether plain key reads take the fast path (not on the Consul listener, whose `/v1/kv/`
+    /// means something else).
+    fast_path: bool,
 }
 
 impl SidecarService {
@@ -62,7 +65,14 @@ impl SidecarService {
             router,
             kv_route,
             gate: Arc::new(gate),
+            fast_path: true,
         }
+    }
+
+    /// The same, with every request going to `router`.
+    pub fn without_fast_path(mut self) -> Self {
+        self.fast_path = false;
+        self
     }
 }
 
@@ -84,7 +94,9 @@ impl hyper::service::Service<Request<Incoming>> for SidecarService {
         // The fast path never awaits, so catching a panic here costs nothing until one happens;
         // the router has its own catch-panic layer.
         let response = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-            plain_read(&self.state, &request)
+            self.fast_path
+                .then(|| plain_read(&self.state, &request))
+                .flatten()
         })) {
             Ok(Some(response)) => {
                 tracing::debug!(path = %request.uri().path(), status = %response.status(), "answered from the fast path");

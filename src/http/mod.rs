@@ -10,11 +10,13 @@
 //! - [`read`], [`write`], [`watch`]: the mirror's routes; [`notify`] feeds change streams and
 //!   blocking queries; [`operator`]: `/healthz`, `/readyz`, `/v1/status`, `/metrics`;
 //!   [`admin`]: the operator's pin (`/v1/admin/mode`); [`etcd_gateway`]: etcd's v3 JSON
-//!   gateway over the same store, notifications and write path.
+//!   gateway over the same store, notifications and write path; [`consul`]: Consul's KV API, on
+//!   a listener of its own ([`consul_service`]).
 //! - [`query`] and [`path`] parse requests; [`respond`] writes the headers every mirror answer
 //!   carries; [`counters`] counts requests and open subscribers.
 
 pub mod admin;
+pub mod consul;
 pub mod counters;
 pub mod error;
 pub mod etcd_gateway;
@@ -78,9 +80,15 @@ pub const STALE_HEADER: HeaderName = HeaderName::from_static("x-config-stale-ms"
 
 /// What each connection runs: `gate` first, then the fast path for plain key reads, then the
 /// router.
-pub fn service(state: AppState, gate: Gate) -> SidecarService {
-    let state = Arc::new(state);
+pub fn service(state: Arc<AppState>, gate: Gate) -> SidecarService {
     SidecarService::new(state.clone(), router(state), gate)
+}
+
+/// What each connection of the Consul listener runs: `gate`, then Consul's KV routes over the
+/// same state (no fast path: `/v1/kv/` means Consul's API there).
+pub fn consul_service(state: Arc<AppState>, gate: Gate) -> SidecarService {
+    let router = with_middleware(consul::routes(), state.clone());
+    SidecarService::new(state, router, gate).without_fast_path()
 }
 
 /// The router alone (routes and middleware), for tests that drive it with `oneshot`.
@@ -134,6 +142,14 @@ pub fn route_paths() -> Vec<&'static str> {
 
 /// Routes and middleware over the shared state.
 fn router(state: Arc<AppState>) -> Router {
+    with_middleware(routes(), state)
+}
+
+/// `routes` with the middleware every listener runs, over `state`.
+fn with_middleware(
+    routes: Vec<(&'static str, MethodRouter<Arc<AppState>>)>,
+    state: Arc<AppState>,
+) -> Router {
     let middleware = ServiceBuilder::new()
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
         .layer(
@@ -154,7 +170,7 @@ fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
 
     let mut router = Router::new();
-    for (path, methods) in routes() {
+    for (path, methods) in routes {
         router = router.route(path, methods);
     }
     router

@@ -47,6 +47,11 @@ pub fn decode_key_path(raw: &str) -> Result<Cow<'_, str>, KeyError> {
     Ok(Cow::Owned(key))
 }
 
+/// A query parameter's value, percent-decoded (not a key: no key rules apply).
+pub fn decode_query_value(raw: &str) -> Result<String, KeyError> {
+    String::from_utf8(percent_decode(raw.as_bytes())?).map_err(|_| KeyError::NotUtf8)
+}
+
 /// Checks a decoded key against the rules of [`decode_key_path`].
 pub fn validate_key(key: &str) -> Result<(), KeyError> {
     if !key.starts_with('/') {

@@ -55,7 +55,7 @@ pub(crate) fn mirrored<'k>(
 }
 
 /// The snapshot to answer from, after the request's freshness conditions hold.
-async fn readable_snapshot(
+pub(crate) async fn readable_snapshot(
     state: &AppState,
     query: &Query,
     key: &str,

@@ -65,7 +65,7 @@ pub(crate) fn admit(state: &AppState, headers: &HeaderMap) -> Result<(), ApiErro
 }
 
 /// Writes are on and the token (if any) is right.
-fn admit_caller(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn admit_caller(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if !state.writes.allowed {
         return Err(ApiError::WritesDisabled);
     }
@@ -78,7 +78,7 @@ fn admit_caller(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// The mode allows writes.
-fn admit_mode(state: &AppState) -> Result<(), ApiError> {
+pub(crate) fn admit_mode(state: &AppState) -> Result<(), ApiError> {
     let mode = state.mode.mode();
     if mode != Mode::Full {
         return Err(ApiError::WritesRefused {

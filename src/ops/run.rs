@@ -194,21 +194,37 @@ pub async fn serve_live(
     if !config.http.listen.ip().is_loopback() {
         tracing::warn!(listen = %config.http.listen, "listening on an address other hosts can reach (--allow-remote)");
     }
+    let state = Arc::new(state);
+    // Consul's KV API on a listener of its own, over the same state; it stops with the main one.
+    let consul = match config.http.consul_listen {
+        None => None,
+        Some(addr) => {
+            let consul_listener = TcpListener::bind(addr).await?;
+            let gate = Gate::new(consul_listener.local_addr()?, &config.http.allowed_hosts);
+            tracing::info!(listen = %consul_listener.local_addr()?, "serving Consul's KV API");
+            let service = http::consul_service(state.clone(), gate);
+            let mut closing = state.closing.clone();
+            let stopped = async move {
+                let _ = closing.wait_for(|c| *c).await;
+            };
+            let live = live.clone();
+            Some(tokio::spawn(async move {
+                server::run(consul_listener, service, stopped, || limits(&live)).await
+            }))
+        }
+    };
     let service = http::service(state, gate);
     let shutdown = async move {
         shutdown.await;
         // Streams and blocking queries end now; ordinary requests finish within the grace.
         closer.close();
     };
-    let result = server::run(listener, service, shutdown, || {
-        live.get(|c| server::ConnectionLimits {
-            header_read_timeout: c.http.header_read_timeout,
-            idle_timeout: c.http.idle_timeout,
-            shutdown_grace: c.http.shutdown_grace,
-            max_connections: c.http.max_connections,
-        })
-    })
-    .await;
+    let result = server::run(listener, service, shutdown, || limits(&live)).await;
+    if let Some(consul) = consul {
+        if let Ok(Err(e)) = consul.await {
+            tracing::error!(error = %e, "the Consul listener failed");
+        }
+    }
     for task in tasks.iter().chain(&fallback) {
         task.abort();
     }
@@ -222,6 +238,16 @@ pub async fn serve_live(
         }
     }
     result
+}
+
+/// The connection limits in force now (a reload may change them for the connections after).
+fn limits(live: &Live) -> server::ConnectionLimits {
+    live.get(|c| server::ConnectionLimits {
+        header_read_timeout: c.http.header_read_timeout,
+        idle_timeout: c.http.idle_timeout,
+        shutdown_grace: c.http.shutdown_grace,
+        max_connections: c.http.max_connections,
+    })
 }
 
 /// The HTTP side's state for `config` over `store` and `mode`, with no background task behind it

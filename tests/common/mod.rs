@@ -410,6 +410,14 @@ impl EtcdCluster {
         self.members[i].child = None;
     }
 
+    /// Kills both followers of a 3-member cluster: the leader that is left has no quorum.
+    pub async fn lose_quorum(&mut self) {
+        let leader = self.leader_index().await;
+        for i in (0..self.members.len()).filter(|&i| i != leader) {
+            self.kill(i);
+        }
+    }
+
     /// Starts member `i` again on its old data dir.
     pub fn restart(&mut self, i: usize) {
         assert!(self.members[i].child.is_none(), "member {i} is running");
@@ -1145,4 +1153,36 @@ pub fn python_venv(name: &str, packages: &[&str]) -> PathBuf {
     );
     std::fs::write(&marker, wanted).unwrap();
     python
+}
+
+/// A client script of `tests/clients/` run by `python` (see [`python_venv`]), its command.
+pub fn python_client(python: &std::path::Path, script: &str) -> Command {
+    let mut command = Command::new(python);
+    command.arg(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/clients")
+            .join(script),
+    );
+    command
+}
+
+/// Runs a client script once with `args` (after the port it talks to); its one JSON line.
+pub fn run_python_client(
+    python: &std::path::Path,
+    script: &str,
+    port: u16,
+    args: &[&str],
+) -> serde_json::Value {
+    let out = python_client(python, script)
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{script}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
