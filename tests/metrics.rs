@@ -152,6 +152,11 @@ async fn a_scrape_reports_what_the_sidecar_did() {
     assert!(m.value("config_sidecar_revision") >= revision as f64);
     assert_eq!(m.value("config_sidecar_keys"), 4.0);
     assert!(m.value("config_sidecar_bytes") > 0.0);
+    // One tree body held, whatever revisions were rendered: the gauge and /v1/status agree.
+    let status = sidecar.json("/v1/status").await;
+    assert_eq!(status["render_cache"]["bodies"], 1, "{status}");
+    let held = m.value("config_sidecar_render_cache_bytes");
+    assert!(held > 0.0 && held == status["render_cache"]["bytes"].as_f64().unwrap());
     assert_eq!(
         m.value("config_sidecar_watch_events_applied_total"),
         before + 2.0

@@ -152,7 +152,8 @@ pub struct Settings {
     /// Time in-flight requests get to finish at shutdown [SIGHUP applies it].
     #[arg(long, env = "CONFIG_SIDECAR_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration, help_heading = "http")]
     pub shutdown_grace: Duration,
-    /// Bytes of rendered listings and trees kept (e.g. 64MiB).
+    /// Bytes of rendered listings and trees kept, one body (the latest) per view and prefix
+    /// (e.g. 64MiB).
     #[arg(long, env = "CONFIG_SIDECAR_CACHE_BYTES", default_value = "64MiB", value_parser = size, help_heading = "http")]
     pub cache_bytes: u64,
     /// Time a client gets to send a request head, from its first byte (the slowloris guard)

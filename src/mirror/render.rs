@@ -23,13 +23,15 @@ pub enum View {
     Tree,
 }
 
-/// Cache key: the view, the prefix and the revision it was rendered at.
-type CacheKey = (View, Arc<str>, i64);
+/// Cache key: the view and the prefix. The revision is in the value: a path holds one body, the
+/// latest rendered, so a body of a revision no request will ask for again goes as soon as a newer
+/// one is rendered, rather than sitting out its turn in the byte budget.
+type CacheKey = (View, Arc<str>);
 
-/// Rendered bodies, bounded by total bytes.
+/// Rendered bodies, at most one per view and prefix, bounded by total bytes.
 pub struct RenderCache {
-    /// The bodies.
-    cache: Cache<CacheKey, Bytes>,
+    /// The bodies, each with the revision it was rendered at.
+    cache: Cache<CacheKey, (i64, Bytes)>,
     /// Lookups answered from the cache, for metrics.
     hits: AtomicU64,
     /// Lookups that rendered, for metrics.
@@ -41,8 +43,8 @@ impl RenderCache {
     pub fn new(max_bytes: u64) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|key: &CacheKey, body: &Bytes| {
-                u32::try_from(body.len() + key.1.len() + 32).unwrap_or(u32::MAX)
+            .weigher(|key: &CacheKey, (_, body): &(i64, Bytes)| {
+                u32::try_from(body.len() + key.1.len() + 40).unwrap_or(u32::MAX)
             })
             .build();
         RenderCache {
@@ -53,20 +55,34 @@ impl RenderCache {
     }
 
     /// The body of `view` over `prefix` at the snapshot's revision, rendered at most once per
-    /// revision (concurrent misses for the same key wait for one render).
+    /// revision (concurrent misses for the same key wait for one render). A request still holding
+    /// an older snapshot than the cached body's renders its own and leaves the newer in place.
     pub fn get(&self, view: View, prefix: &str, snapshot: &Snapshot) -> Bytes {
-        let key: CacheKey = (view, Arc::from(prefix), snapshot.revision);
-        let entry = self.cache.entry(key).or_insert_with(|| match view {
+        let revision = snapshot.revision;
+        let render = || match view {
             View::List => render_list(snapshot, prefix),
             View::Tree => render_tree(snapshot, prefix),
-        });
-        let counter = if entry.is_fresh() {
-            &self.misses
-        } else {
-            &self.hits
         };
+        let key: CacheKey = (view, Arc::from(prefix));
+        let entry = self
+            .cache
+            .entry(key)
+            .or_insert_with_if(|| (revision, render()), |(cached, _)| *cached < revision);
+        let fresh = entry.is_fresh();
+        let (cached, body) = entry.into_value();
+        if cached != revision {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return render();
+        }
+        let counter = if fresh { &self.misses } else { &self.hits };
         counter.fetch_add(1, Ordering::Relaxed);
-        entry.into_value()
+        body
+    }
+
+    /// Bodies held and their bytes (as weighed), for status and tests.
+    pub fn held(&self) -> (u64, u64) {
+        self.cache.run_pending_tasks();
+        (self.cache.entry_count(), self.cache.weighted_size())
     }
 
     /// Lookups answered from the cache and lookups that rendered, since start.
@@ -310,5 +326,39 @@ mod tests {
         let second = cache.get(View::List, "/c/", &store.snapshot());
         assert_ne!(first, second);
         assert!(std::str::from_utf8(&second).unwrap().contains("new"));
+    }
+
+    #[test]
+    fn cache_holds_only_the_latest_body_of_a_path() {
+        let store = Store::new();
+        let cache = RenderCache::new(1 << 20);
+        let e = |r: i64| {
+            Entry::new(
+                Bytes::from_static(b"/c/k"),
+                Bytes::from(format!("value {r} {}", "x".repeat(1000))),
+                2,
+                r,
+                1,
+            )
+        };
+        store.replace(2, vec![e(2)]).unwrap();
+        let old = store.snapshot();
+        for r in 3..50 {
+            store.replace(r, vec![e(r)]).unwrap();
+            cache.get(View::Tree, "/c/", &store.snapshot());
+        }
+        let (bodies, bytes) = cache.held();
+        assert_eq!(
+            bodies, 1,
+            "one body per path, whatever the revisions rendered"
+        );
+        assert!(bytes < 1200, "{bytes} bytes held");
+        // A request still on an older snapshot gets its own revision, and the newer stays.
+        let body = cache.get(View::Tree, "/c/", &old);
+        assert!(std::str::from_utf8(&body).unwrap().contains("value 2 "));
+        let current = cache.get(View::Tree, "/c/", &store.snapshot());
+        assert!(std::str::from_utf8(&current).unwrap().contains("value 49 "));
+        let (hits, _) = cache.hits_and_misses();
+        assert_eq!(hits, 1, "the current body came from the cache");
     }
 }

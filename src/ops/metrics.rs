@@ -220,6 +220,12 @@ impl prometheus_client::collector::Collector for Collector {
             snapshot.bytes as i64,
         )?;
         drop(snapshot);
+        gauge(
+            &mut e,
+            "render_cache_bytes",
+            "Bytes of rendered listings and trees held (one body per view and prefix)",
+            state.cache.held().1 as i64,
+        )?;
         if let Some(stale) = state.mode.staleness(SystemTime::now()) {
             gauge(
                 &mut e,

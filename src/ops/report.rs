@@ -100,6 +100,7 @@ impl Report for Reporter {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let checks = self.checks(state, snapshot, &probes);
+        let (cache_bodies, cache_bytes) = state.cache.held();
         json!({
             "status": checks::overall(&checks),
             "checks": checks,
@@ -113,6 +114,7 @@ impl Report for Reporter {
             "stale_ms": state.mode.staleness(SystemTime::now()).map(|s| s.as_millis() as u64),
             "keys": snapshot.len(),
             "bytes": snapshot.bytes,
+            "render_cache": { "bodies": cache_bodies, "bytes": cache_bytes },
             "prefixes": state.prefixes.as_slice(),
             "endpoints": state.pool.status(),
             "endpoint_selection": state.pool.selection().as_str(),
