@@ -155,6 +155,14 @@ async fn a_scrape_reports_what_the_sidecar_did() {
     // One tree body held, whatever revisions were rendered: the gauge and /v1/status agree.
     let status = sidecar.json("/v1/status").await;
     assert_eq!(status["render_cache"]["bodies"], 1, "{status}");
+    assert!(
+        m.value("config_sidecar_history_bytes") > 0.0,
+        "the two puts above are history"
+    );
+    assert!(
+        status["history"]["revisions"].as_u64().unwrap() >= 2,
+        "{status}"
+    );
     let held = m.value("config_sidecar_render_cache_bytes");
     assert!(held > 0.0 && held == status["render_cache"]["bytes"].as_f64().unwrap());
     assert_eq!(

@@ -92,6 +92,8 @@ pub struct SyncConfig {
     pub first_load_jitter: Duration,
     /// Keys per page of a full load.
     pub page_size: i64,
+    /// Most bytes of change history kept.
+    pub history_bytes: u64,
 }
 
 /// How the HTTP side behaves.

@@ -220,6 +220,7 @@ impl Config {
                 backoff_max: s.backoff_max,
                 first_load_jitter: s.first_load_jitter,
                 page_size: s.page_size,
+                history_bytes: s.history_bytes,
             },
             http: HttpConfig {
                 listen: s.listen,

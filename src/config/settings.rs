@@ -129,6 +129,11 @@ pub struct Settings {
     /// Keys per page of a full load.
     #[arg(long, env = "CONFIG_SIDECAR_PAGE_SIZE", default_value = "1000", value_parser = clap::value_parser!(i64).range(1..), help_heading = "sync")]
     pub page_size: i64,
+    /// Bytes of recent changes kept (at most 4096 revisions) for streams, blocking queries and
+    /// watches that resume or fall behind; past it the oldest go, and a subscriber that needed
+    /// them starts over.
+    #[arg(long, env = "CONFIG_SIDECAR_HISTORY_BYTES", default_value = "16MiB", value_parser = size, help_heading = "sync")]
+    pub history_bytes: u64,
 
     /// Address to serve HTTP on; one other hosts can reach needs --allow-remote.
     #[arg(long, env = "CONFIG_SIDECAR_LISTEN", default_value = DEFAULT_LISTEN, help_heading = "http")]

@@ -175,6 +175,25 @@ impl Subscriber {
         self.last = snapshot.revision;
     }
 
+    /// After falling behind the live changes: the missed ones from the history, with a fresh
+    /// subscription taken atomically with them; a reset when the history no longer reaches
+    /// back to what this subscriber has.
+    fn catch_up(&mut self) {
+        let follow = self.store.follow(self.last);
+        self.live = follow.live;
+        match follow.backlog {
+            Some(backlog) if !backlog.iter().any(|s| s.reset) => {
+                for set in &backlog {
+                    self.queue_set(set);
+                }
+            }
+            _ => self.queue_reset(
+                &follow.snapshot,
+                "the subscriber fell behind further than the history reaches",
+            ),
+        }
+    }
+
     /// Starts over from the current state, with a fresh subscription taken atomically with it,
     /// so nothing is missed after.
     fn start_over(&mut self, reason: &str) {
@@ -204,8 +223,9 @@ impl Subscriber {
                         self.start_over("the mirror was replaced (another etcd cluster)");
                     }
                     Ok(set) => self.queue_set(&set),
-                    Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
-                        self.start_over("the subscriber fell behind");
+                    Err(RecvError::Lagged(_)) => self.catch_up(),
+                    Err(RecvError::Closed) => {
+                        self.start_over("the mirror stopped");
                     }
                 },
                 received = self.modes.recv() => {
@@ -267,6 +287,54 @@ mod tests {
     use crate::mirror::mode::Mode;
     use crate::mirror::store::Entry;
     use futures_util::StreamExt;
+
+    /// A stream that falls further behind than the live buffer catches up from the history,
+    /// every change in order and no reset; past the history, it is reset.
+    #[tokio::test]
+    async fn a_lagging_stream_catches_up_from_the_history() {
+        let store = Arc::new(Store::with_history_bytes(64 * 1024));
+        store.replace(1, vec![]).unwrap();
+        let mode = ModeHandle::default();
+        let (_close, closing) = watch::channel(false);
+        let scope = Scope::Prefix(Bytes::from_static(b"/p/"));
+        let stream = event_stream(store.clone(), &mode, scope, None, closing);
+        tokio::pin!(stream);
+        let first = format!("{:?}", stream.next().await.unwrap().unwrap());
+        assert!(first.contains("reset"), "{first}");
+        let put = |r: i64| {
+            store.apply(
+                r,
+                vec![crate::mirror::store::Event::Put(Entry::new(
+                    Bytes::from(format!("/p/k{r}")),
+                    Bytes::from_static(b"v"),
+                    r,
+                    r,
+                    1,
+                ))],
+            );
+        };
+        let behind = crate::mirror::store::SUBSCRIBER_BUFFER as i64 * 3;
+        for r in 2..2 + behind {
+            put(r);
+        }
+        for r in 2..2 + behind {
+            let event = format!("{:?}", stream.next().await.unwrap().unwrap());
+            assert!(!event.contains("reset"), "caught up, not reset: {event}");
+            assert!(
+                event.contains(&format!("/p/k{r}\\\"")),
+                "in order: {r} {event}"
+            );
+        }
+        // Behind by more than the history holds: reset, then the whole state.
+        for r in 2 + behind..2 + behind + 2000 {
+            put(r);
+        }
+        let event = format!("{:?}", stream.next().await.unwrap().unwrap());
+        assert!(
+            event.contains("reset") && event.contains("further than the history"),
+            "{event}"
+        );
+    }
 
     #[tokio::test]
     async fn a_stream_carries_mode_changes() {

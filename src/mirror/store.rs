@@ -311,6 +311,17 @@ pub struct ChangeSet {
 }
 
 impl ChangeSet {
+    /// Bytes it holds, as the history counts them.
+    pub fn size(&self) -> u64 {
+        self.changes
+            .iter()
+            .map(|c| match c {
+                Change::Put(e) => e.size(),
+                Change::Delete { key, .. } => key.len() as u64,
+            } + CHANGE_OVERHEAD)
+            .sum()
+    }
+
     /// Whether any change touches a key starting with `prefix`.
     pub fn touches(&self, prefix: &[u8]) -> bool {
         self.changes.iter().any(|c| c.key().starts_with(prefix))
@@ -327,10 +338,16 @@ impl Change {
     }
 }
 
-/// How many change sets the history keeps for resuming streams and blocking queries.
+/// Most change sets the history keeps for resuming streams and blocking queries.
 pub const HISTORY_REVISIONS: usize = 4096;
-/// How many change sets a subscriber may fall behind before it is told to reset.
-pub const SUBSCRIBER_BUFFER: usize = 1024;
+/// Most bytes of keys and values the history keeps unless configured (`--history-bytes`).
+pub const DEFAULT_HISTORY_BYTES: u64 = 16 * 1024 * 1024;
+/// Change sets a live subscriber may fall behind before it catches up from the history instead
+/// (or starts over, when the history no longer reaches back): small, because what it holds is
+/// outside the history's byte bound.
+pub const SUBSCRIBER_BUFFER: usize = 64;
+/// Bytes a change is counted for beyond its key and value: the `Change`, its `Arc`, the slot.
+const CHANGE_OVERHEAD: u64 = 64;
 
 /// A subscription to the store's changes, with no gap between what it missed and what comes.
 pub struct Follow {
@@ -349,6 +366,10 @@ struct History {
     sets: VecDeque<Arc<ChangeSet>>,
     /// Every change after this revision is in `sets`.
     floor: i64,
+    /// Bytes of `sets` ([`ChangeSet::size`]).
+    bytes: u64,
+    /// Most bytes kept: the oldest sets go first past it.
+    max_bytes: u64,
 }
 
 /// The shared store: the current snapshot plus notifications of each new revision.
@@ -376,6 +397,11 @@ impl Default for Store {
 impl Store {
     /// An empty, not-yet-loaded store.
     pub fn new() -> Self {
+        Store::with_history_bytes(DEFAULT_HISTORY_BYTES)
+    }
+
+    /// An empty store whose history keeps at most `max_bytes` of changes.
+    pub fn with_history_bytes(max_bytes: u64) -> Self {
         let (revision_tx, _) = watch::channel(0);
         let (changes_tx, _) = broadcast::channel(SUBSCRIBER_BUFFER);
         Store {
@@ -383,6 +409,8 @@ impl Store {
             writer: Mutex::new(History {
                 sets: VecDeque::new(),
                 floor: 0,
+                bytes: 0,
+                max_bytes,
             }),
             revision_tx,
             changes_tx,
@@ -591,6 +619,7 @@ impl Store {
             // Nothing before this can be replayed: asking for older revisions gets a reset, and
             // whoever follows (another cluster's data, at unrelated revisions) starts over.
             history.sets.clear();
+            history.bytes = 0;
             history.floor = revision;
             let _ = self.changes_tx.send(Arc::new(ChangeSet {
                 revision,
@@ -605,16 +634,27 @@ impl Store {
                 resync: origin == Origin::Resync,
                 reset: false,
             });
+            history.bytes += set.size();
             history.sets.push_back(set.clone());
-            while history.sets.len() > HISTORY_REVISIONS {
-                if let Some(gone) = history.sets.pop_front() {
-                    history.floor = gone.revision;
-                }
+            // The oldest go first; a set larger than the whole bound goes too (a follower that
+            // needed it starts over: nothing is served wrong, nothing waits).
+            while history.sets.len() > HISTORY_REVISIONS || history.bytes > history.max_bytes {
+                let Some(gone) = history.sets.pop_front() else {
+                    break;
+                };
+                history.bytes -= gone.size();
+                history.floor = gone.revision;
             }
             // No receivers is fine: nobody is following.
             let _ = self.changes_tx.send(set);
         }
         self.revision_tx.send_replace(revision);
+    }
+
+    /// Change sets and bytes the history holds now, for status and metrics.
+    pub fn history_use(&self) -> (usize, u64) {
+        let history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        (history.sets.len(), history.bytes)
     }
 
     /// The revision the history starts after: a follower can resume from it or later.
@@ -755,6 +795,26 @@ mod tests {
         assert!(reset.reset);
         assert_eq!(store.revision(), 2);
         assert!(store.follow(1).backlog.is_none());
+    }
+
+    #[test]
+    fn the_history_is_bounded_in_bytes_oldest_first() {
+        let store = Store::with_history_bytes(10 * 1024);
+        store.replace(1, vec![]).unwrap();
+        let value = "v".repeat(1000);
+        for r in 2..40 {
+            store.apply(r, vec![Event::Put(entry("/a/k", &value, r))]);
+        }
+        let (sets, bytes) = store.history_use();
+        assert!(bytes <= 10 * 1024, "{bytes} bytes");
+        assert!((9..=10).contains(&sets), "{sets} sets of about 1 KiB");
+        let floor = store.history_floor();
+        assert_eq!(floor, 39 - sets as i64);
+        // What is still held replays; what went asks for a reset.
+        let replay = store.follow(floor).backlog.unwrap();
+        assert_eq!(replay.len(), sets);
+        assert!(store.follow(floor - 1).backlog.is_none());
+        assert!(store.changes_since(floor - 1).is_none());
     }
 
     #[test]

@@ -222,6 +222,12 @@ impl prometheus_client::collector::Collector for Collector {
         drop(snapshot);
         gauge(
             &mut e,
+            "history_bytes",
+            "Bytes of recent changes kept for streams and blocking queries",
+            state.store.history_use().1 as i64,
+        )?;
+        gauge(
+            &mut e,
             "render_cache_bytes",
             "Bytes of rendered listings and trees held (one body per view and prefix)",
             state.cache.held().1 as i64,

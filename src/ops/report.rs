@@ -101,6 +101,7 @@ impl Report for Reporter {
             .clone();
         let checks = self.checks(state, snapshot, &probes);
         let (cache_bodies, cache_bytes) = state.cache.held();
+        let (history_sets, history_bytes) = state.store.history_use();
         json!({
             "status": checks::overall(&checks),
             "checks": checks,
@@ -115,6 +116,11 @@ impl Report for Reporter {
             "keys": snapshot.len(),
             "bytes": snapshot.bytes,
             "render_cache": { "bodies": cache_bodies, "bytes": cache_bytes },
+            "history": {
+                "revisions": history_sets,
+                "bytes": history_bytes,
+                "floor": state.store.history_floor(),
+            },
             "prefixes": state.prefixes.as_slice(),
             "endpoints": state.pool.status(),
             "endpoint_selection": state.pool.selection().as_str(),

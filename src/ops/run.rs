@@ -46,7 +46,7 @@ pub async fn serve_live(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let config = live.get(Config::clone);
-    let store = Arc::new(Store::new());
+    let store = Arc::new(Store::with_history_bytes(config.sync.history_bytes));
     let mode = Arc::new(ModeHandle::default());
     let (signals, signals_rx) = mpsc::channel(256);
     let (verdicts, verdicts_rx) = mpsc::channel(16);

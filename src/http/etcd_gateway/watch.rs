@@ -196,7 +196,31 @@ async fn run(
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
     let mut body_open = true;
+    let mut lagged = false;
     loop {
+        if std::mem::take(&mut lagged) {
+            // The missed changes from the history, with a fresh subscription taken atomically
+            // with them; canceled when the history no longer reaches back.
+            let follow = state.store.follow(last);
+            live = follow.live;
+            let Some(backlog) = follow.backlog.filter(|b| !b.iter().any(|s| s.reset)) else {
+                let canceled = Canceled {
+                    reason: "the watcher fell behind further than the sidecar's history reaches"
+                        .into(),
+                    compact_revision: state.store.history_floor() + 1,
+                };
+                send(watch.canceled(cluster, last, canceled)).await;
+                return;
+            };
+            for set in &backlog {
+                last = last.max(set.revision);
+                if let Some(events) = watch.events(set, cluster) {
+                    if !send(events).await {
+                        return;
+                    }
+                }
+            }
+        }
         let outcome = tokio::select! {
             _ = closing.wait_for(|c| *c) => return,
             received = live.recv() => match received {
@@ -211,8 +235,13 @@ async fn run(
                         None => Ok(None),
                     }
                 }
-                Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => Err(Canceled {
-                    reason: "the watcher fell behind the mirror's changes".into(),
+                // Behind the live changes: caught up from the history below.
+                Err(RecvError::Lagged(_)) => {
+                    lagged = true;
+                    Ok(None)
+                }
+                Err(RecvError::Closed) => Err(Canceled {
+                    reason: "the mirror stopped".into(),
                     compact_revision: 0,
                 }),
             },
