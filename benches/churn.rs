@@ -9,7 +9,8 @@
 //! peak during, and 10 s after; puts per second achieved; the peak against the README's bound
 //! `64 MiB + 2 x mirrored bytes`; and the sidecar's own history and render cache use.
 //!
-//! `cargo bench --bench churn` runs it at full size and writes `benches/results/churn.md`.
+//! `cargo bench --bench churn` runs it at full size (`CHURN_ROUNDS` rounds per value size,
+//! default 3: the median and the worst are reported) and writes `benches/results/churn.md`.
 //! Without `--bench` (as `cargo test` runs it) it is a 2-second smoke run that only checks that
 //! every part works.
 
@@ -59,9 +60,20 @@ fn main() {
         .build()
         .unwrap();
     let sizes: &[usize] = if full { &[1024, 10 * 1024] } else { &[1024] };
+    // RSS under churn varies from run to run as much as many effects do: rounds, each with a
+    // fresh etcd and sidecar, and the median and worst reported.
+    let rounds = if full {
+        std::env::var("CHURN_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3)
+    } else {
+        1
+    };
     let runs: Vec<Run> = sizes
         .iter()
-        .map(|&size| runtime.block_on(run(size, Duration::from_secs(seconds), settle)))
+        .flat_map(|&size| std::iter::repeat_n(size, rounds))
+        .map(|size| runtime.block_on(run(size, Duration::from_secs(seconds), settle)))
         .collect();
     let mut table = String::new();
     let when = std::process::Command::new("date")
@@ -71,7 +83,7 @@ fn main() {
         .unwrap_or_default();
     writeln!(
         table,
-        "Churn benchmark, {when}: one sidecar (default settings) mirroring {KEYS} keys rewritten through a 1-member etcd in transactions of {PER_TXN} puts (aiming at {:.0} puts/s) for {seconds} s, with 4 readers of /v1/tree in a loop and 20 open change streams; RSS sampled every 100 ms.\n",
+        "Churn benchmark, {when}: one sidecar (default settings) mirroring {KEYS} keys rewritten through a 1-member etcd in transactions of {PER_TXN} puts (aiming at {:.0} puts/s) for {seconds} s, with 4 readers of /v1/tree in a loop and 20 open change streams; RSS sampled every 100 ms; {rounds} rounds per value size, each with a fresh etcd and sidecar.\n",
         puts_per_second_target()
     )
     .unwrap();
@@ -101,6 +113,28 @@ fn main() {
             mib(r.after),
             mib(r.history_bytes),
             mib(r.cache_bytes),
+        )
+        .unwrap();
+    }
+    writeln!(
+        table,
+        "\n| value size | RSS peak MiB, median / max | RSS 10 s after MiB, median / max |"
+    )
+    .unwrap();
+    writeln!(table, "| ---: | ---: | ---: |").unwrap();
+    for size in sizes {
+        let of_size: Vec<&Run> = runs.iter().filter(|r| r.value_bytes == *size).collect();
+        let median_max = |f: fn(&Run) -> u64| {
+            let mut v: Vec<u64> = of_size.iter().map(|r| f(r)).collect();
+            v.sort_unstable();
+            (mib(v[v.len() / 2]), mib(*v.last().unwrap()))
+        };
+        let (peak_median, peak_max) = median_max(|r| r.peak);
+        let (after_median, after_max) = median_max(|r| r.after);
+        writeln!(
+            table,
+            "| {} KiB | {peak_median:.1} / {peak_max:.1} | {after_median:.1} / {after_max:.1} |",
+            size / 1024
         )
         .unwrap();
     }
