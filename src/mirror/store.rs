@@ -372,6 +372,19 @@ struct History {
     max_bytes: u64,
 }
 
+impl History {
+    /// The sets after revision `since`, or `None` when the history no longer reaches back.
+    fn since(&self, since: i64) -> Option<Vec<Arc<ChangeSet>>> {
+        (since >= self.floor).then(|| {
+            self.sets
+                .iter()
+                .filter(|s| s.revision > since)
+                .cloned()
+                .collect()
+        })
+    }
+}
+
 /// The shared store: the current snapshot plus notifications of each new revision.
 pub struct Store {
     /// The snapshot readers see.
@@ -665,15 +678,10 @@ impl Store {
     /// The change sets after revision `since`, or `None` when the history no longer reaches
     /// back that far.
     pub fn changes_since(&self, since: i64) -> Option<Vec<Arc<ChangeSet>>> {
-        let history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        (since >= history.floor).then(|| {
-            history
-                .sets
-                .iter()
-                .filter(|s| s.revision > since)
-                .cloned()
-                .collect()
-        })
+        self.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .since(since)
     }
 
     /// Follows the changes after revision `since`: what is still in the history, then live.
@@ -681,14 +689,7 @@ impl Store {
         let history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let snapshot = self.current.load_full();
         let live = self.changes_tx.subscribe();
-        let backlog = (since >= history.floor).then(|| {
-            history
-                .sets
-                .iter()
-                .filter(|s| s.revision > since)
-                .cloned()
-                .collect()
-        });
+        let backlog = history.since(since);
         Follow {
             snapshot,
             backlog,
