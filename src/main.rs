@@ -7,6 +7,8 @@ use clap::Parser;
 use config_sidecar::config::{Cli, Config, Environment};
 
 fn main() -> ExitCode {
+    glibc::tune_allocator();
+    config_sidecar::ops::allocator::install_trim(glibc::trim_allocator);
     // clap itself exits with code 2 and a usage message on unknown or malformed flags.
     let cli = Cli::parse();
     if let Some(path) = &cli.healthcheck {
@@ -147,6 +149,29 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
         tokio::select! {
             () = received(interrupt) => tracing::info!("SIGINT received"),
             () = received(terminate) => tracing::info!("SIGTERM received"),
+        }
+    }
+}
+
+/// The binary's only unsafe code: two calls into glibc's allocator (the library forbids unsafe
+/// code; `config_sidecar::ops::allocator` says why and when they run).
+mod glibc {
+    /// Fixes the mmap threshold (`ops::allocator::MMAP_THRESHOLD`). Before any thread starts.
+    pub fn tune_allocator() {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt sets one parameter of the allocator; no other thread runs yet.
+        unsafe {
+            let threshold = config_sidecar::ops::allocator::MMAP_THRESHOLD as libc::c_int;
+            libc::mallopt(libc::M_MMAP_THRESHOLD, threshold);
+        }
+    }
+
+    /// Hands free memory in the allocator's arenas back to the system.
+    pub fn trim_allocator() {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim takes the arenas' locks and releases only pages no block holds.
+        unsafe {
+            libc::malloc_trim(0);
         }
     }
 }

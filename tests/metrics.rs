@@ -165,6 +165,12 @@ async fn a_scrape_reports_what_the_sidecar_did() {
     );
     let held = m.value("config_sidecar_render_cache_bytes");
     assert!(held > 0.0 && held == status["render_cache"]["bytes"].as_f64().unwrap());
+    // No request is running: the one cached body is all rendering holds.
+    let alive = m.value("config_sidecar_rendered_bytes_alive");
+    assert!(
+        alive > 0.0 && alive <= held,
+        "alive {alive}, held {held}: {status}"
+    );
     assert_eq!(
         m.value("config_sidecar_watch_events_applied_total"),
         before + 2.0

@@ -289,8 +289,9 @@ pub struct Settings {
         help_heading = "process"
     )]
     pub log_level: String,
-    /// Resident memory to stay under (e.g. 200MiB): the memory check is degraded above 80% of it
-    /// and unhealthy above it [SIGHUP applies it].
+    /// Resident memory to stay under (e.g. 200MiB): the memory check is degraded above 80% of it,
+    /// or when a burst of writes could take memory over it (README: Memory under churn), and
+    /// unhealthy above it [SIGHUP applies it].
     #[arg(long, env = "CONFIG_SIDECAR_MEMORY_BUDGET", value_parser = size, help_heading = "process")]
     pub memory_budget: Option<u64>,
     /// Threads serving requests and the mirror. Not the node's core count: a sidecar in every pod

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::mirror::mode::{ModeHandle, Transition};
 use crate::mirror::render::{entry_json, put_bytes};
-use crate::mirror::store::{Change, ChangeSet, Snapshot, Store};
+use crate::mirror::store::{Change, ChangeSet, LiveChanges, Snapshot, Store};
 
 /// Longest `wait` a blocking query may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -46,7 +46,8 @@ impl Scope {
     }
 
     fn touched_by(&self, set: &ChangeSet) -> bool {
-        set.changes.iter().any(|c| self.matches(c.key()))
+        // A replaced mirror (another cluster's data) may have changed anything.
+        set.reset || set.changes.iter().any(|c| self.matches(c.key()))
     }
 }
 
@@ -117,7 +118,7 @@ struct Subscriber {
     /// What the subscriber follows.
     scope: Scope,
     /// Change sets after `last`.
-    live: Receiver<Arc<ChangeSet>>,
+    live: LiveChanges,
     /// Mode transitions.
     modes: Receiver<Transition>,
     /// Events ready to send.

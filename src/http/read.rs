@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use etcd_client::GetOptions;
-use http::{HeaderValue, Uri};
+use http::{HeaderMap, HeaderValue, Uri};
 
 use crate::http::check_uri_length;
 use crate::http::counters::SubscriberKind;
@@ -18,7 +18,9 @@ use crate::http::error::ApiError;
 use crate::http::notify::{wait_for_change, Scope, DEFAULT_WAIT};
 use crate::http::path::decode_key_path;
 use crate::http::query::{parse_query, Query};
-use crate::http::respond::{into_axum, key_response, not_modified_or, with_mirror_headers};
+use crate::http::respond::{
+    etag_matches, into_axum, key_response, not_modified_or, with_mirror_headers,
+};
 use crate::http::state::AppState;
 use crate::mirror::render::View;
 use crate::mirror::store::Snapshot;
@@ -183,11 +185,26 @@ pub(crate) async fn kv_get(
             ),
         });
     }
+    Ok(listing(&state, headers, View::List, &key, snapshot))
+}
+
+/// A rendered listing or tree from the cache, or 304 when the client holds the snapshot's. The
+/// body may be of a newer snapshot than the one given; the headers are that body's.
+fn listing(
+    state: &AppState,
+    headers: &HeaderMap,
+    view: View,
+    prefix: &str,
+    snapshot: Arc<Snapshot>,
+) -> Response {
     // A listing changes whenever anything in the mirror changes, so its tag is the revision.
-    let response = not_modified_or(headers, list_etag(&snapshot), json_type(), || {
-        state.cache.get(View::List, &key, &snapshot)
-    });
-    Ok(into_axum(with_mirror_headers(response, &state, &snapshot)))
+    let (snapshot, body) = if etag_matches(headers, &list_etag(&snapshot)) {
+        (snapshot, Bytes::new()) // not sent: the answer is 304
+    } else {
+        state.cache.get(view, prefix, snapshot)
+    };
+    let response = not_modified_or(headers, list_etag(&snapshot), json_type(), || body);
+    into_axum(with_mirror_headers(response, state, &snapshot))
 }
 
 pub(crate) async fn tree_get(
@@ -203,10 +220,7 @@ pub(crate) async fn tree_get(
     let dir = mirrored(&state, dir, true)?;
     query.recurse = true;
     let snapshot = readable_snapshot(&state, &query, &dir).await?;
-    let response = not_modified_or(headers, list_etag(&snapshot), json_type(), || {
-        state.cache.get(View::Tree, &dir, &snapshot)
-    });
-    Ok(into_axum(with_mirror_headers(response, &state, &snapshot)))
+    Ok(listing(&state, headers, View::Tree, &dir, snapshot))
 }
 
 pub(crate) fn list_etag(snapshot: &Snapshot) -> HeaderValue {

@@ -1,8 +1,8 @@
 //! Rendering prefix listings and tree views, and the cache of rendered bodies.
 //!
 //! Rendering a large prefix costs far more than serving it, so bodies are cached in a moka cache
-//! bounded by weight (body bytes). The cache key includes the snapshot revision: a body rendered at
-//! one revision can never be served for another, and bodies of old revisions simply age out.
+//! bounded by weight (body bytes), one body per view and prefix: the newest rendered, served with
+//! the snapshot it came from, so a response always reports the revision of the body it carries.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,8 +30,13 @@ type CacheKey = (View, Arc<str>);
 
 /// Rendered bodies, at most one per view and prefix, bounded by total bytes.
 pub struct RenderCache {
-    /// The bodies, each with the revision it was rendered at.
-    cache: Cache<CacheKey, (i64, Bytes)>,
+    /// The bodies, each with the snapshot it was rendered from: a response reports its revision,
+    /// and holding it costs only the values changed since (the rest is shared with the current).
+    cache: Cache<CacheKey, (Arc<Snapshot>, Bytes)>,
+    /// Bytes of every body this cache rendered that is still alive anywhere: in the cache, in a
+    /// response being written, or in a request that rendered its own older revision. Under churn
+    /// this, not the cache's weight, is what rendering costs in memory.
+    alive: Arc<AtomicU64>,
     /// Lookups answered from the cache, for metrics.
     hits: AtomicU64,
     /// Lookups that rendered, for metrics.
@@ -43,40 +48,52 @@ impl RenderCache {
     pub fn new(max_bytes: u64) -> Self {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|key: &CacheKey, (_, body): &(i64, Bytes)| {
+            .weigher(|key: &CacheKey, (_, body): &(Arc<Snapshot>, Bytes)| {
                 u32::try_from(body.len() + key.1.len() + 40).unwrap_or(u32::MAX)
             })
             .build();
         RenderCache {
             cache,
+            alive: Arc::new(AtomicU64::new(0)),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
     }
 
-    /// The body of `view` over `prefix` at the snapshot's revision, rendered at most once per
-    /// revision (concurrent misses for the same key wait for one render). A request still holding
-    /// an older snapshot than the cached body's renders its own and leaves the newer in place.
-    pub fn get(&self, view: View, prefix: &str, snapshot: &Snapshot) -> Bytes {
+    /// The body of `view` over `prefix` at the snapshot's revision or a newer one, with the
+    /// snapshot it was rendered from (whose revision the response must report). Rendered at most
+    /// once per revision: concurrent misses wait for one render, and a request whose snapshot is
+    /// older than the cached body is answered with the newer body rather than rendering its own,
+    /// since a reader never needs an older revision than the newest the mirror holds. Under churn
+    /// that is most requests: each waited for a render that started after its snapshot was taken.
+    pub fn get(&self, view: View, prefix: &str, snapshot: Arc<Snapshot>) -> (Arc<Snapshot>, Bytes) {
         let revision = snapshot.revision;
-        let render = || match view {
-            View::List => render_list(snapshot, prefix),
-            View::Tree => render_tree(snapshot, prefix),
-        };
         let key: CacheKey = (view, Arc::from(prefix));
-        let entry = self
-            .cache
-            .entry(key)
-            .or_insert_with_if(|| (revision, render()), |(cached, _)| *cached < revision);
-        let fresh = entry.is_fresh();
-        let (cached, body) = entry.into_value();
-        if cached != revision {
+        let entry = self.cache.entry(key).or_insert_with_if(
+            || {
+                let body = match view {
+                    View::List => render_list(&snapshot, prefix),
+                    View::Tree => render_tree(&snapshot, prefix),
+                };
+                (Arc::clone(&snapshot), Alive::track(body, &self.alive))
+            },
+            |(cached, _)| cached.revision < revision,
+        );
+        if entry.is_fresh() {
             self.misses.fetch_add(1, Ordering::Relaxed);
-            return render();
+            // moka keeps each insert and hit in its logs until its next maintenance, and every
+            // logged entry holds its body: under churn that is dozens of replaced bodies of a
+            // large prefix. Maintenance now lets the replaced body go when its last reader does.
+            self.cache.run_pending_tasks();
+        } else {
+            self.hits.fetch_add(1, Ordering::Relaxed);
         }
-        let counter = if fresh { &self.misses } else { &self.hits };
-        counter.fetch_add(1, Ordering::Relaxed);
-        body
+        entry.into_value()
+    }
+
+    /// Bytes of rendered bodies still alive (see the field).
+    pub fn alive_bytes(&self) -> u64 {
+        self.alive.load(Ordering::Relaxed)
     }
 
     /// Bodies held and their bytes (as weighed), for status and tests.
@@ -91,6 +108,37 @@ impl RenderCache {
             self.hits.load(Ordering::Relaxed),
             self.misses.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// A rendered body that counts itself in the cache's `alive` bytes until its last clone drops.
+struct Alive {
+    /// The body.
+    body: Bytes,
+    /// The counter it is in.
+    alive: Arc<AtomicU64>,
+}
+
+impl Alive {
+    fn track(body: Bytes, alive: &Arc<AtomicU64>) -> Bytes {
+        alive.fetch_add(body.len() as u64, Ordering::Relaxed);
+        Bytes::from_owner(Alive {
+            body,
+            alive: Arc::clone(alive),
+        })
+    }
+}
+
+impl AsRef<[u8]> for Alive {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.alive
+            .fetch_sub(self.body.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -321,9 +369,11 @@ mod tests {
             )
         };
         store.replace(2, vec![e("old", 2)]).unwrap();
-        let first = cache.get(View::List, "/c/", &store.snapshot());
+        let (at, first) = cache.get(View::List, "/c/", store.snapshot());
+        assert_eq!(at.revision, 2);
         store.replace(3, vec![e("new", 3)]).unwrap();
-        let second = cache.get(View::List, "/c/", &store.snapshot());
+        let (at, second) = cache.get(View::List, "/c/", store.snapshot());
+        assert_eq!(at.revision, 3);
         assert_ne!(first, second);
         assert!(std::str::from_utf8(&second).unwrap().contains("new"));
     }
@@ -345,20 +395,32 @@ mod tests {
         let old = store.snapshot();
         for r in 3..50 {
             store.replace(r, vec![e(r)]).unwrap();
-            cache.get(View::Tree, "/c/", &store.snapshot());
+            cache.get(View::Tree, "/c/", store.snapshot());
         }
+        // Nothing but the cache holds a body now: every replaced one is gone, though nothing
+        // asked moka to tidy up (`held` would).
+        let (_, current) = cache.get(View::Tree, "/c/", store.snapshot());
+        assert_eq!(
+            cache.alive_bytes(),
+            current.len() as u64,
+            "only the current body is alive"
+        );
         let (bodies, bytes) = cache.held();
         assert_eq!(
             bodies, 1,
             "one body per path, whatever the revisions rendered"
         );
         assert!(bytes < 1200, "{bytes} bytes held");
-        // A request still on an older snapshot gets its own revision, and the newer stays.
-        let body = cache.get(View::Tree, "/c/", &old);
-        assert!(std::str::from_utf8(&body).unwrap().contains("value 2 "));
-        let current = cache.get(View::Tree, "/c/", &store.snapshot());
-        assert!(std::str::from_utf8(&current).unwrap().contains("value 49 "));
-        let (hits, _) = cache.hits_and_misses();
-        assert_eq!(hits, 1, "the current body came from the cache");
+        // A request still on an older snapshot gets the newer body, with the snapshot it is of.
+        let (at, body) = cache.get(View::Tree, "/c/", old);
+        assert_eq!(at.revision, 49);
+        assert!(std::str::from_utf8(&body).unwrap().contains("value 49 "));
+        assert_eq!(
+            cache.alive_bytes(),
+            current.len() as u64,
+            "no second render"
+        );
+        let (hits, misses) = cache.hits_and_misses();
+        assert_eq!((hits, misses), (2, 47));
     }
 }

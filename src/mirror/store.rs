@@ -19,7 +19,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::HeaderValue;
 use imbl::OrdSet;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::watch;
 
 /// One key as etcd last reported it. Cloning it bumps reference counts; nothing is copied.
 #[derive(Debug, Clone)]
@@ -342,9 +343,9 @@ impl Change {
 pub const HISTORY_REVISIONS: usize = 4096;
 /// Most bytes of keys and values the history keeps unless configured (`--history-bytes`).
 pub const DEFAULT_HISTORY_BYTES: u64 = 16 * 1024 * 1024;
-/// Change sets a live subscriber may fall behind before it catches up from the history instead
-/// (or starts over, when the history no longer reaches back): small, because what it holds is
-/// outside the history's byte bound.
+/// Announcements a live subscriber may fall behind before it is told it lagged. It loses
+/// nothing by it: the sets themselves are read from the history, which bounds their bytes; an
+/// announcement is a revision number.
 pub const SUBSCRIBER_BUFFER: usize = 64;
 /// Bytes a change is counted for beyond its key and value: the `Change`, its `Arc`, the slot.
 const CHANGE_OVERHEAD: u64 = 64;
@@ -357,7 +358,64 @@ pub struct Follow {
     /// longer reaches back that far (the subscriber must reset).
     pub backlog: Option<Vec<Arc<ChangeSet>>>,
     /// Change sets after `snapshot`.
-    pub live: broadcast::Receiver<Arc<ChangeSet>>,
+    pub live: LiveChanges,
+}
+
+/// That a revision was published: all a live subscriber is sent. It then reads the sets from
+/// the history, so a subscriber that falls behind holds back no values of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Announcement {
+    /// The revision published.
+    pub revision: i64,
+    /// The mirror was replaced (another cluster's data): followers start over.
+    pub reset: bool,
+}
+
+/// The change sets published after a revision, in order, as they come: announced on a
+/// broadcast channel, read from the history. Its `recv` answers like a broadcast receiver's:
+/// `Lagged` only when the history no longer reaches back to the last set received (the
+/// subscriber must start over), `Closed` when the store is gone.
+pub struct LiveChanges {
+    /// Announcements of new revisions.
+    announcements: broadcast::Receiver<Announcement>,
+    /// Where the sets are.
+    history: Arc<Mutex<History>>,
+    /// The revision received up to.
+    last: i64,
+    /// Sets read from the history, not yet received.
+    ready: VecDeque<Arc<ChangeSet>>,
+}
+
+impl LiveChanges {
+    /// The next change set after the last one received.
+    pub async fn recv(&mut self) -> Result<Arc<ChangeSet>, RecvError> {
+        loop {
+            if let Some(set) = self.ready.pop_front() {
+                self.last = set.revision;
+                return Ok(set);
+            }
+            match self.announcements.recv().await {
+                Ok(a) if a.reset => {
+                    self.last = a.revision;
+                    return Ok(Arc::new(ChangeSet {
+                        revision: a.revision,
+                        changes: Vec::new(),
+                        resync: true,
+                        reset: true,
+                    }));
+                }
+                Ok(a) if a.revision <= self.last => continue,
+                // Missed announcements lose nothing: the history has the sets.
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return Err(RecvError::Closed),
+            }
+            let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            match history.since(self.last) {
+                Some(sets) => self.ready.extend(sets),
+                None => return Err(RecvError::Lagged(0)),
+            }
+        }
+    }
 }
 
 /// Recent change sets and the revision below which they are gone.
@@ -391,12 +449,12 @@ pub struct Store {
     current: ArcSwap<Snapshot>,
     /// Serialises writers; there is one (the sync task), and this keeps it that way. Also held
     /// by subscribers while they join, so a subscription has no gap.
-    writer: Mutex<History>,
+    writer: Arc<Mutex<History>>,
     /// The revision of each published snapshot, for waiters (readiness, read-your-writes).
     revision_tx: watch::Sender<i64>,
-    /// Each published change set, for streams and blocking queries. A receiver that falls more
-    /// than [`SUBSCRIBER_BUFFER`] behind is told it lagged: memory stays bounded.
-    changes_tx: broadcast::Sender<Arc<ChangeSet>>,
+    /// Each published revision, for streams and blocking queries, which read the sets from the
+    /// history ([`LiveChanges`]): nothing but the history holds published values.
+    changes_tx: broadcast::Sender<Announcement>,
     /// Watch events applied (puts and deletes that changed the mirror), for metrics.
     events_applied: AtomicU64,
 }
@@ -419,12 +477,12 @@ impl Store {
         let (changes_tx, _) = broadcast::channel(SUBSCRIBER_BUFFER);
         Store {
             current: ArcSwap::from_pointee(Snapshot::empty()),
-            writer: Mutex::new(History {
+            writer: Arc::new(Mutex::new(History {
                 sets: VecDeque::new(),
                 floor: 0,
                 bytes: 0,
                 max_bytes,
-            }),
+            })),
             revision_tx,
             changes_tx,
             events_applied: AtomicU64::new(0),
@@ -457,6 +515,12 @@ impl Store {
     /// Whether a complete load has been published.
     pub fn is_loaded(&self) -> bool {
         self.current.load().loaded
+    }
+
+    /// Subscribes to announcements of the change sets published from now on (see
+    /// [`Store::follow`] for the sets themselves).
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<Announcement> {
+        self.changes_tx.subscribe()
     }
 
     /// Subscribes to published revisions.
@@ -634,12 +698,11 @@ impl Store {
             history.sets.clear();
             history.bytes = 0;
             history.floor = revision;
-            let _ = self.changes_tx.send(Arc::new(ChangeSet {
+            drop(changes);
+            let _ = self.changes_tx.send(Announcement {
                 revision,
-                changes,
-                resync: true,
                 reset: true,
-            }));
+            });
         } else if !changes.is_empty() {
             let set = Arc::new(ChangeSet {
                 revision,
@@ -659,7 +722,10 @@ impl Store {
                 history.floor = gone.revision;
             }
             // No receivers is fine: nobody is following.
-            let _ = self.changes_tx.send(set);
+            let _ = self.changes_tx.send(Announcement {
+                revision,
+                reset: false,
+            });
         }
         self.revision_tx.send_replace(revision);
     }
@@ -688,7 +754,12 @@ impl Store {
     pub fn follow(&self, since: i64) -> Follow {
         let history = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let snapshot = self.current.load_full();
-        let live = self.changes_tx.subscribe();
+        let live = LiveChanges {
+            announcements: self.changes_tx.subscribe(),
+            history: Arc::clone(&self.writer),
+            last: snapshot.revision,
+            ready: VecDeque::new(),
+        };
         let backlog = history.since(since);
         Follow {
             snapshot,
@@ -771,13 +842,17 @@ mod tests {
         assert_eq!(f.snapshot.revision, 5);
         let mut live = f.live;
         store.apply(6, vec![Event::Put(entry("/b/z", "3", 6))]);
-        let next = live.try_recv().unwrap();
+        let next = futures_util::FutureExt::now_or_never(live.recv())
+            .expect("published")
+            .unwrap();
         assert_eq!(next.revision, 6);
         assert!(next.touches(b"/b/") && !next.touches(b"/a/"));
         // A resync's difference is a change set too, deletions included.
         let mut live = store.follow(6).live;
         store.replace(9, vec![entry("/b/z", "3", 6)]).unwrap();
-        let resync = live.try_recv().unwrap();
+        let resync = futures_util::FutureExt::now_or_never(live.recv())
+            .expect("published")
+            .unwrap();
         assert!(resync.resync);
         assert_eq!(resync.changes.len(), 1);
         assert!(
@@ -792,10 +867,34 @@ mod tests {
         store
             .replace_from(5, 2, vec![entry("/c/q", "1", 2)])
             .unwrap();
-        let reset = live.try_recv().unwrap();
+        let reset = futures_util::FutureExt::now_or_never(live.recv())
+            .expect("published")
+            .unwrap();
         assert!(reset.reset);
         assert_eq!(store.revision(), 2);
         assert!(store.follow(1).backlog.is_none());
+    }
+
+    #[tokio::test]
+    async fn live_subscribers_read_from_the_history_and_hold_no_values() {
+        let store = Store::with_history_bytes(64 * 1024);
+        store.replace(1, vec![]).unwrap();
+        let mut live = store.follow(1).live;
+        // Three times more sets than announcements are buffered: none is lost.
+        let published = SUBSCRIBER_BUFFER as i64 * 3;
+        for r in 2..2 + published {
+            store.apply(r, vec![Event::Put(entry("/a/k", "v", r))]);
+        }
+        for r in 2..2 + published {
+            assert_eq!(live.recv().await.unwrap().revision, r);
+        }
+        // A set larger than the whole history bound is not kept: the subscriber that needed it
+        // is told it lagged (and starts over), never handed a set that was dropped.
+        let big = "v".repeat(100 * 1024);
+        let r = 2 + published;
+        store.apply(r, vec![Event::Put(entry("/a/k", &big, r))]);
+        assert!(matches!(live.recv().await, Err(RecvError::Lagged(_))));
+        assert_eq!(store.history_use(), (0, 0));
     }
 
     #[test]

@@ -245,9 +245,31 @@ pub fn render_check(files: &[FileStatus]) -> Check {
     Check::new("render", status, false, reason)
 }
 
-/// Memory against the budget: degraded above 80%, unhealthy above it. Not critical: the budget
-/// is the operator's early warning, the platform's limit is the hard one.
-pub fn memory_check(rss: Option<u64>, budget: Option<u64>) -> Check {
+/// Resident memory at rest, before anything is mirrored: the binary, the runtime, the threads
+/// (benches/fleet.rs measures about 8.5 MiB).
+pub const REST_BYTES: u64 = 10 << 20;
+/// What the allocator may keep of the memory a burst of writes churns through, before it is
+/// handed back when the burst ends (`ops::allocator`), and the streams' formatting in flight.
+pub const CHURN_SLACK_BYTES: u64 = 16 << 20;
+/// Copies of the mirrored bytes a burst may hold at once: the mirror itself, a snapshot held by
+/// the render cache or a request, the cached rendered body, one render in progress (its JSON
+/// value and its output: 3), and change sets decoded or queued beyond the history (2).
+pub const CHURN_MIRROR_COPIES: u64 = 8;
+
+/// The resident memory a sidecar may reach under a sustained burst of writes, predicted from its
+/// settings and what it mirrors: the README's formula (benches/churn.rs measures it).
+pub fn churn_peak_estimate(history_bytes: u64, mirrored: u64) -> u64 {
+    REST_BYTES
+        .saturating_add(history_bytes)
+        .saturating_add(mirrored.saturating_mul(CHURN_MIRROR_COPIES))
+        .saturating_add(CHURN_SLACK_BYTES)
+}
+
+/// Memory against the budget: degraded above 80% of it, or when a burst of writes could take it
+/// over (`peak`, from [`churn_peak_estimate`]), which warns before the limit rather than at it;
+/// unhealthy above the budget. Not critical: the budget is the operator's early warning, the
+/// platform's limit is the hard one.
+pub fn memory_check(rss: Option<u64>, budget: Option<u64>, peak: u64) -> Check {
     let (status, reason) = match (rss, budget) {
         (None, _) => (
             Status::Healthy,
@@ -255,17 +277,24 @@ pub fn memory_check(rss: Option<u64>, budget: Option<u64>) -> Check {
         ),
         (Some(rss), None) => (
             Status::Healthy,
-            format!("{rss} bytes resident; no budget set"),
+            format!(
+                "{rss} bytes resident, up to about {peak} under a burst of writes; no budget set"
+            ),
         ),
         (Some(rss), Some(budget)) => {
             let status = if rss > budget {
                 Status::Unhealthy
-            } else if rss.saturating_mul(10) > budget.saturating_mul(8) {
+            } else if rss.saturating_mul(10) > budget.saturating_mul(8) || peak > budget {
                 Status::Degraded
             } else {
                 Status::Healthy
             };
-            (status, format!("{rss} of {budget} bytes resident"))
+            (
+                status,
+                format!(
+                    "{rss} of {budget} bytes resident, up to about {peak} under a burst of writes"
+                ),
+            )
         }
     };
     Check::new("memory", status, false, reason)
@@ -360,10 +389,28 @@ mod tests {
         checks.push(stuck);
         assert_eq!(overall(&checks), Status::Unhealthy);
 
-        assert_eq!(memory_check(Some(50), Some(100)).status, Status::Healthy);
-        assert_eq!(memory_check(Some(90), Some(100)).status, Status::Degraded);
-        assert_eq!(memory_check(Some(101), Some(100)).status, Status::Unhealthy);
-        assert_eq!(memory_check(Some(101), None).status, Status::Healthy);
+        assert_eq!(
+            memory_check(Some(50), Some(100), 60).status,
+            Status::Healthy
+        );
+        assert_eq!(
+            memory_check(Some(90), Some(100), 95).status,
+            Status::Degraded
+        );
+        assert_eq!(
+            memory_check(Some(101), Some(100), 120).status,
+            Status::Unhealthy
+        );
+        assert_eq!(memory_check(Some(101), None, 120).status, Status::Healthy);
+        // Well under the budget at rest, but a burst of writes could pass it: warned now.
+        let check = memory_check(Some(30), Some(100), 140);
+        assert_eq!(check.status, Status::Degraded);
+        assert!(check.reason.contains("up to about 140"), "{}", check.reason);
+        // The formula: rest, the history, eight copies of the mirror, the allocator's slack.
+        assert_eq!(
+            churn_peak_estimate(16 << 20, 5 << 20),
+            (10 + 16 + 40 + 16) << 20
+        );
     }
 
     #[test]

@@ -232,6 +232,12 @@ impl prometheus_client::collector::Collector for Collector {
             "Bytes of rendered listings and trees held (one body per view and prefix)",
             state.cache.held().1 as i64,
         )?;
+        gauge(
+            &mut e,
+            "rendered_bytes_alive",
+            "Bytes of rendered listings and trees alive: cached, being sent, or rendered for a request on an older revision",
+            state.cache.alive_bytes() as i64,
+        )?;
         if let Some(stale) = state.mode.staleness(SystemTime::now()) {
             gauge(
                 &mut e,

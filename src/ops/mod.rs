@@ -3,9 +3,11 @@
 //! `/metrics`); [`alerts`] turns mode transitions and check changes into alerts, bounded per
 //! check, and [`webhook`] posts them;
 //! [`reload`] applies a new configuration on SIGHUP; [`telemetry`] sets up logging; [`selfcheck`]
-//! is the container health check client.
+//! is the container health check client; [`allocator`] sets glibc's allocator for bursts and
+//! hands memory back after them.
 
 pub mod alerts;
+pub mod allocator;
 pub mod checks;
 pub mod metrics;
 pub mod reload;

@@ -84,6 +84,7 @@ impl Reporter {
         checks.push(checks::memory_check(
             checks::resident_bytes(),
             state.live.get(|c| c.memory_budget),
+            checks::churn_peak_estimate(state.live.get(|c| c.sync.history_bytes), snapshot.bytes),
         ));
         checks.push(checks::tasks_check(&state.liveness));
         checks
@@ -115,7 +116,19 @@ impl Report for Reporter {
             "stale_ms": state.mode.staleness(SystemTime::now()).map(|s| s.as_millis() as u64),
             "keys": snapshot.len(),
             "bytes": snapshot.bytes,
-            "render_cache": { "bodies": cache_bodies, "bytes": cache_bytes },
+            "memory": {
+                "resident_bytes": checks::resident_bytes(),
+                "budget_bytes": state.live.get(|c| c.memory_budget),
+                "churn_peak_estimate_bytes": checks::churn_peak_estimate(
+                    state.live.get(|c| c.sync.history_bytes),
+                    snapshot.bytes,
+                ),
+            },
+            "render_cache": {
+                "bodies": cache_bodies,
+                "bytes": cache_bytes,
+                "alive_bytes": state.cache.alive_bytes(),
+            },
             "history": {
                 "revisions": history_sets,
                 "bytes": history_bytes,

@@ -22,6 +22,7 @@ use crate::mirror::persist::{self, SnapshotWriter};
 use crate::mirror::store::{Entry, Source, Store};
 use crate::mirror::sync::WatchTask;
 use crate::ops::alerts::{AlertTask, Evaluate};
+use crate::ops::allocator;
 use crate::ops::report::Reporter;
 use crate::ops::webhook::WebhookTask;
 use crate::server;
@@ -141,6 +142,10 @@ pub async fn serve_live(
     reporter.files = files.as_ref().map(FileRenderer::statuses);
     if let Some(files) = files {
         spawn("render", tokio::spawn(files.run()), None);
+    }
+    if let Some(trim) = allocator::installed_trim() {
+        let trimmer = allocator::Trimmer::new(store.subscribe_changes(), trim);
+        spawn("allocator-trim", tokio::spawn(trimmer.run()), None);
     }
     let state = AppState::new(
         &config,
