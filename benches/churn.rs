@@ -36,6 +36,8 @@ struct Run {
     value_bytes: usize,
     mirrored: u64,
     rest: u64,
+    /// The peak the README's formula predicts, from `/v1/status` at rest.
+    predicted: u64,
     peak: u64,
     after: u64,
     puts_per_second: f64,
@@ -59,7 +61,16 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let sizes: &[usize] = if full { &[1024, 10 * 1024] } else { &[1024] };
+    // `CHURN_VALUE_KIB=10` runs one value size only (comma-separated for several).
+    let sizes: Vec<usize> = match std::env::var("CHURN_VALUE_KIB") {
+        Ok(list) if full => list
+            .split(',')
+            .filter_map(|v| v.trim().parse::<usize>().ok())
+            .map(|kib| kib * 1024)
+            .collect(),
+        _ if full => vec![1024, 10 * 1024],
+        _ => vec![1024],
+    };
     // RSS under churn varies from run to run as much as many effects do: rounds, each with a
     // fresh etcd and sidecar, and the median and worst reported.
     let rounds = if full {
@@ -89,12 +100,12 @@ fn main() {
     .unwrap();
     writeln!(
         table,
-        "| value size | mirrored MiB | puts/s | RSS at rest MiB | RSS peak MiB | bound MiB (64 + 2 x mirrored) | RSS 10 s after MiB | history MiB at the end | render cache MiB |"
+        "| value size | mirrored MiB | puts/s | RSS at rest MiB | RSS peak MiB | goal MiB (64 + 2 x mirrored) | predicted MiB (README formula) | RSS 10 s after MiB | history MiB at the end | render cache MiB |"
     )
     .unwrap();
     writeln!(
         table,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     .unwrap();
     let mib = |b: u64| b as f64 / 1048576.0;
@@ -102,7 +113,7 @@ fn main() {
         let bound = 64.0 + 2.0 * mib(r.mirrored);
         writeln!(
             table,
-            "| {} KiB | {:.1} | {:.0} | {:.1} | {:.1} | {:.1}{} | {:.1} | {:.1} | {:.1} |",
+            "| {} KiB | {:.1} | {:.0} | {:.1} | {:.1} | {:.1}{} | {:.1}{} | {:.1} | {:.1} | {:.1} |",
             r.value_bytes / 1024,
             mib(r.mirrored),
             r.puts_per_second,
@@ -110,6 +121,8 @@ fn main() {
             mib(r.peak),
             bound,
             if mib(r.peak) <= bound { "" } else { " (over)" },
+            mib(r.predicted),
+            if r.peak <= r.predicted { "" } else { " (over)" },
             mib(r.after),
             mib(r.history_bytes),
             mib(r.cache_bytes),
@@ -122,7 +135,7 @@ fn main() {
     )
     .unwrap();
     writeln!(table, "| ---: | ---: | ---: |").unwrap();
-    for size in sizes {
+    for size in &sizes {
         let of_size: Vec<&Run> = runs.iter().filter(|r| r.value_bytes == *size).collect();
         let median_max = |f: fn(&Run) -> u64| {
             let mut v: Vec<u64> = of_size.iter().map(|r| f(r)).collect();
@@ -183,6 +196,9 @@ async fn run(value_bytes: usize, churn: Duration, settle: Duration) -> Run {
         "/churn/",
         "--log-level",
         "warn",
+        // The Kubernetes manifest's limit: the memory check reports the formula against it.
+        "--memory-budget",
+        "256MiB",
     ]));
     let http = reqwest::Client::new();
     eventually(Duration::from_secs(20), "sidecar ready", || async {
@@ -201,9 +217,11 @@ async fn run(value_bytes: usize, churn: Duration, settle: Duration) -> Run {
             .await
             .unwrap()
     };
-    let mirrored = status(http.clone(), base.clone()).await["bytes"]
+    let at_rest = status(http.clone(), base.clone()).await;
+    let mirrored = at_rest["bytes"].as_u64().unwrap();
+    let predicted = at_rest["memory"]["churn_peak_estimate_bytes"]
         .as_u64()
-        .unwrap();
+        .expect("the status predicts the peak");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rest = sidecar.rss_bytes();
 
@@ -288,6 +306,7 @@ async fn run(value_bytes: usize, churn: Duration, settle: Duration) -> Run {
         value_bytes,
         mirrored,
         rest,
+        predicted,
         peak,
         after,
         puts_per_second,

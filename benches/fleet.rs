@@ -115,12 +115,30 @@ impl Sidecar {
         }
     }
 
-    /// CPU seconds used so far (utime + stime), from `/proc`.
-    fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.id())).unwrap();
-        let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        ticks / rustix::param::clock_ticks_per_second() as f64
+    /// CPU nanoseconds each of its threads has used so far, from the scheduler's own count
+    /// (`/proc/<pid>/task/*/schedstat`): utime and stime come in 10 ms ticks, and an idle
+    /// sidecar uses about 7 of them in a 150 s rest, too coarse to compare 40 of them.
+    fn cpu_by_thread(&self) -> BTreeMap<String, u64> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.process.id())).unwrap();
+        tasks
+            .filter_map(|task| {
+                let task = task.ok()?;
+                let line = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+                let nanos = line.split_whitespace().next()?.parse().ok()?;
+                Some((task.file_name().to_string_lossy().into_owned(), nanos))
+            })
+            .collect()
+    }
+
+    /// CPU seconds used since `from` (threads started since count whole; a blocking thread
+    /// that ended meanwhile, idle until it did, counts nothing).
+    fn cpu_seconds_since(&self, from: &BTreeMap<String, u64>) -> f64 {
+        let nanos: u64 = self
+            .cpu_by_thread()
+            .iter()
+            .map(|(tid, now)| now.saturating_sub(from.get(tid).copied().unwrap_or(0)))
+            .sum();
+        nanos as f64 / 1e9
     }
 
     fn rss_bytes(&self) -> u64 {
@@ -263,7 +281,8 @@ async fn run(n: usize, keys: usize, rest: Duration) -> String {
     // At rest: nothing changes in etcd.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rest_from = all_counters(&cluster).await;
-    let sidecar_cpu_from: Vec<f64> = sidecars.iter().map(Sidecar::cpu_seconds).collect();
+    let sidecar_cpu_from: Vec<BTreeMap<String, u64>> =
+        sidecars.iter().map(Sidecar::cpu_by_thread).collect();
     let started = Instant::now();
     tokio::time::sleep(rest).await;
     let rest_to = all_counters(&cluster).await;
@@ -271,7 +290,7 @@ async fn run(n: usize, keys: usize, rest: Duration) -> String {
     let sidecar_cpu: Vec<f64> = sidecars
         .iter()
         .zip(&sidecar_cpu_from)
-        .map(|(s, from)| (s.cpu_seconds() - from) / seconds)
+        .map(|(s, from)| s.cpu_seconds_since(from) / seconds)
         .collect();
     let rss: Vec<u64> = sidecars.iter().map(Sidecar::rss_bytes).collect();
     let mut by_method: BTreeMap<String, f64> = BTreeMap::new();
