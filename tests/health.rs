@@ -122,3 +122,36 @@ async fn checks_and_liveness_follow_real_faults() {
     assert_eq!(sidecar.get("/healthz").await.status(), 200);
     sidecar.stop().await;
 }
+
+/// `--memory-budget` warns before the limit: at rest, far under the budget, the memory check is
+/// already degraded when the settings let a burst of writes pass it (README: Memory under churn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_check_warns_when_a_burst_could_pass_the_budget() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut etcd = cluster.client().await;
+    etcd.put("/m/a", "1", None).await.unwrap();
+    let mut config = sidecar_config(&cluster.endpoints(), &["/m/"]);
+    // A history of 1 GiB could hold that much under churn; the budget is half of it.
+    config.sync.history_bytes = 1 << 30;
+    config.memory_budget = Some(512 << 20);
+    let sidecar = start_sidecar(config).await;
+    let s = sidecar.json("/v1/status").await;
+    let memory = &s["memory"];
+    let resident = memory["resident_bytes"].as_u64().unwrap();
+    let estimate = memory["churn_peak_estimate_bytes"].as_u64().unwrap();
+    assert!(resident < 400 << 20, "{memory}: under 80% of the budget");
+    assert!(
+        estimate > 1 << 30,
+        "{memory}: the history's bound is in the estimate"
+    );
+    assert_eq!(memory["budget_bytes"], 512u64 << 20);
+    let check = check(&s, "memory");
+    assert_eq!(check["status"], "degraded", "{check}");
+    assert!(
+        check["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("up to about {estimate} under a burst of writes")),
+        "{check}"
+    );
+}

@@ -165,6 +165,9 @@ async fn a_scrape_reports_what_the_sidecar_did() {
     );
     let held = m.value("config_sidecar_render_cache_bytes");
     assert!(held > 0.0 && held == status["render_cache"]["bytes"].as_f64().unwrap());
+    // No stream is open: nothing queued, and the gauge and the status agree.
+    assert_eq!(m.value("config_sidecar_stream_queue_bytes"), 0.0);
+    assert_eq!(status["streams"]["queued_bytes"], 0, "{status}");
     // No request is running: the one cached body is all rendering holds.
     let alive = m.value("config_sidecar_rendered_bytes_alive");
     assert!(

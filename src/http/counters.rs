@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::http::error::ApiError;
 
 /// The statuses counted under their own label; anything else is `other`.
@@ -181,6 +183,9 @@ pub struct Subscribers {
     max_streams: i64,
     /// Most blocking queries at once.
     max_blocking: i64,
+    /// Bytes of events queued in change streams, not yet handed to their connections: shared
+    /// with each stream's queue ([`crate::http::notify`]), which adds and takes its own.
+    stream_queue: Arc<AtomicU64>,
 }
 
 /// Which kind of subscriber.
@@ -208,7 +213,18 @@ impl Subscribers {
             blocking: AtomicI64::new(0),
             max_streams: i64::try_from(max_streams).unwrap_or(i64::MAX),
             max_blocking: i64::try_from(max_blocking).unwrap_or(i64::MAX),
+            stream_queue: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The count of bytes queued in change streams, for a stream to keep current.
+    pub fn stream_queue(&self) -> Arc<AtomicU64> {
+        self.stream_queue.clone()
+    }
+
+    /// Bytes of events queued in change streams now.
+    pub fn stream_queue_bytes(&self) -> u64 {
+        self.stream_queue.load(Relaxed)
     }
 
     fn counter(&self, kind: SubscriberKind) -> &AtomicI64 {
@@ -241,6 +257,40 @@ impl Subscribers {
     }
 }
 
+/// A message queued for a stream's connection, counted in the streams' queued bytes until it is
+/// handed to the connection or dropped with the queue.
+pub struct QueuedMessage {
+    /// The message (empty once taken).
+    bytes: Bytes,
+    /// How many bytes it counts for.
+    counted: u64,
+    /// The total it counts in.
+    total: Arc<AtomicU64>,
+}
+
+impl QueuedMessage {
+    pub fn new(bytes: Bytes, total: &Arc<AtomicU64>) -> Self {
+        let counted = bytes.len() as u64;
+        total.fetch_add(counted, Relaxed);
+        QueuedMessage {
+            bytes,
+            counted,
+            total: total.clone(),
+        }
+    }
+
+    /// The message, for the connection: it no longer counts as queued.
+    pub fn take(mut self) -> Bytes {
+        std::mem::take(&mut self.bytes)
+    }
+}
+
+impl Drop for QueuedMessage {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.counted, Relaxed);
+    }
+}
+
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
         self.subscribers.counter(self.kind).fetch_sub(1, Relaxed);
@@ -250,6 +300,18 @@ impl Drop for SubscriberGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queued_messages_count_until_taken_or_dropped() {
+        let total = Arc::new(AtomicU64::new(0));
+        let a = QueuedMessage::new(Bytes::from_static(b"12345"), &total);
+        let b = QueuedMessage::new(Bytes::from_static(b"123"), &total);
+        assert_eq!(total.load(Relaxed), 8);
+        assert_eq!(&a.take()[..], b"12345");
+        assert_eq!(total.load(Relaxed), 3);
+        drop(b);
+        assert_eq!(total.load(Relaxed), 0);
+    }
 
     #[test]
     fn counts_from_every_thread_are_summed() {

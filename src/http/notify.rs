@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,19 +96,61 @@ pub async fn wait_for_change(
     }
 }
 
-fn change_event(change: &Change) -> Event {
+/// An event with the bytes it queues (its data, name and framing, roughly).
+type Sized = (Event, u64);
+
+fn sized(name: &str, data: String) -> Sized {
+    let bytes = (data.len() + name.len() + 24) as u64;
+    (Event::default().event(name).data(data), bytes)
+}
+
+fn change_event(change: &Change) -> Sized {
     match change {
-        Change::Put(entry) => Event::default()
-            .event("put")
-            .data(entry_json(entry).to_string()),
+        Change::Put(entry) => sized("put", entry_json(entry).to_string()),
         Change::Delete { key, revision } => {
             let mut obj = serde_json::Map::new();
             put_bytes(&mut obj, "key", key);
             obj.insert("mod_revision".into(), (*revision).into());
-            Event::default()
-                .event("delete")
-                .data(serde_json::Value::Object(obj).to_string())
+            sized("delete", serde_json::Value::Object(obj).to_string())
         }
+    }
+}
+
+/// One stream's events ready to send, counted in the bytes all streams queue
+/// (`stream_queue_bytes`), which it gives back as they are sent or when the stream goes.
+struct Queue {
+    /// The events, oldest first.
+    events: VecDeque<Sized>,
+    /// Their bytes.
+    bytes: u64,
+    /// The total over all streams.
+    total: Arc<AtomicU64>,
+}
+
+impl Queue {
+    fn push(&mut self, (event, bytes): Sized) {
+        self.bytes += bytes;
+        self.total.fetch_add(bytes, Ordering::Relaxed);
+        self.events.push_back((event, bytes));
+    }
+
+    fn extend(&mut self, events: impl IntoIterator<Item = Sized>) {
+        for event in events {
+            self.push(event);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Event> {
+        let (event, bytes) = self.events.pop_front()?;
+        self.bytes -= bytes;
+        self.total.fetch_sub(bytes, Ordering::Relaxed);
+        Some(event)
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -122,7 +165,7 @@ struct Subscriber {
     /// Mode transitions.
     modes: Receiver<Transition>,
     /// Events ready to send.
-    pending: VecDeque<Event>,
+    pending: Queue,
     /// The revision the subscriber has everything up to.
     last: i64,
     /// Becomes true when the server shuts down: the stream ends so the drain can finish.
@@ -139,40 +182,43 @@ impl Subscriber {
         if set.resync && set.changes.iter().any(|c| self.scope.matches(c.key())) {
             // A reload after a compaction: the revisions in between are gone from etcd, and
             // what follows sums them up. Say so, so a client never takes it for every change.
-            self.pending.push_back(Event::default().event("resync").data(
+            self.pending.push(sized(
+                "resync",
                 json!({ "from": self.last, "revision": set.revision, "reason": "etcd compacted the revisions in between; the changes that follow sum them up" })
                     .to_string(),
             ));
         }
-        let mut events: Vec<Event> = set
+        let mut events: Vec<Sized> = set
             .changes
             .iter()
             .filter(|c| self.scope.matches(c.key()))
             .map(change_event)
             .collect();
         self.last = set.revision;
-        if let Some(last) = events.pop() {
+        if let Some((last, bytes)) = events.pop() {
             self.pending.extend(events);
-            self.pending.push_back(last.id(set.revision.to_string()));
+            self.pending
+                .push((last.id(set.revision.to_string()), bytes));
         }
     }
 
     /// Queues `reset` and the whole current state in scope, as of `snapshot`.
     fn queue_reset(&mut self, snapshot: &Snapshot, reason: &str) {
         let (Scope::Prefix(prefix) | Scope::Key(prefix)) = &self.scope;
-        let mut events = vec![Event::default()
-            .event("reset")
-            .data(json!({ "revision": snapshot.revision, "reason": reason }).to_string())];
+        let mut events = vec![sized(
+            "reset",
+            json!({ "revision": snapshot.revision, "reason": reason }).to_string(),
+        )];
         events.extend(
             snapshot
                 .scan_prefix(prefix)
                 .filter(|e| self.scope.matches(&e.key))
                 .map(|e| change_event(&Change::Put(e.clone()))),
         );
-        let last = events.pop().expect("the reset event is there");
+        let (last, bytes) = events.pop().expect("the reset event is there");
         self.pending.extend(events);
         self.pending
-            .push_back(last.id(snapshot.revision.to_string()));
+            .push((last.id(snapshot.revision.to_string()), bytes));
         self.last = snapshot.revision;
     }
 
@@ -206,7 +252,7 @@ impl Subscriber {
     /// The next event, or `None` when the server is shutting down.
     async fn next(&mut self) -> Option<Event> {
         loop {
-            if let Some(event) = self.pending.pop_front() {
+            if let Some(event) = self.pending.pop() {
                 return Some(event);
             }
             if *self.closing.borrow() {
@@ -231,11 +277,10 @@ impl Subscriber {
                 },
                 received = self.modes.recv() => {
                     if let Ok(t) = received {
-                        self.pending.push_back(
-                            Event::default().event("mode").data(
-                                json!({ "mode": t.to, "from": t.from, "reason": t.reason }).to_string(),
-                            ),
-                        );
+                        self.pending.push(sized(
+                            "mode",
+                            json!({ "mode": t.to, "from": t.from, "reason": t.reason }).to_string(),
+                        ));
                     }
                 }
             }
@@ -252,6 +297,7 @@ pub fn event_stream(
     scope: Scope,
     since: Option<i64>,
     closing: watch::Receiver<bool>,
+    queued: Arc<AtomicU64>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let follow = store.follow(since.unwrap_or(i64::MAX));
     let mut subscriber = Subscriber {
@@ -259,7 +305,11 @@ pub fn event_stream(
         scope,
         live: follow.live,
         modes: mode.follow(),
-        pending: VecDeque::new(),
+        pending: Queue {
+            events: VecDeque::new(),
+            bytes: 0,
+            total: queued,
+        },
         last: since.unwrap_or(0),
         closing,
     };
@@ -289,6 +339,61 @@ mod tests {
     use crate::mirror::store::Entry;
     use futures_util::StreamExt;
 
+    /// What a stream has queued is counted in the shared total until it is sent or the stream
+    /// goes.
+    #[tokio::test]
+    async fn queued_events_are_counted_until_sent_or_dropped() {
+        let store = Arc::new(Store::new());
+        let put = |k: &str, r| {
+            Entry::new(
+                Bytes::from(k.to_string()),
+                Bytes::from("x".repeat(1000)),
+                r,
+                r,
+                1,
+            )
+        };
+        store
+            .replace(3, vec![put("/p/a", 2), put("/p/b", 3)])
+            .unwrap();
+        let mode = ModeHandle::default();
+        let (_close, closing) = watch::channel(false);
+        let total = Arc::new(AtomicU64::new(0));
+        let scope = Scope::Prefix(Bytes::from_static(b"/p/"));
+        let mut stream = Box::pin(event_stream(
+            store.clone(),
+            &mode,
+            scope,
+            None,
+            closing,
+            total.clone(),
+        ));
+        // The reset and two values of 1000 bytes wait to be sent.
+        let queued = total.load(Ordering::Relaxed);
+        assert!((2000..2400).contains(&queued), "{queued}");
+        for _ in 0..3 {
+            let _sent = stream.next().await.unwrap().unwrap();
+        }
+        assert_eq!(total.load(Ordering::Relaxed), 0, "all sent");
+        // Two changes arrive; one is sent, the other still counts until the stream goes.
+        store.apply(
+            4,
+            vec![
+                crate::mirror::store::Event::Put(put("/p/a", 4)),
+                crate::mirror::store::Event::Put(put("/p/b", 4)),
+            ],
+        );
+        let _sent = stream.next().await.unwrap().unwrap();
+        let queued = total.load(Ordering::Relaxed);
+        assert!((1000..1200).contains(&queued), "{queued}");
+        drop(stream);
+        assert_eq!(
+            total.load(Ordering::Relaxed),
+            0,
+            "given back when the stream went"
+        );
+    }
+
     /// A stream that falls further behind than the live buffer catches up from the history,
     /// every change in order and no reset; past the history, it is reset.
     #[tokio::test]
@@ -298,7 +403,14 @@ mod tests {
         let mode = ModeHandle::default();
         let (_close, closing) = watch::channel(false);
         let scope = Scope::Prefix(Bytes::from_static(b"/p/"));
-        let stream = event_stream(store.clone(), &mode, scope, None, closing);
+        let stream = event_stream(
+            store.clone(),
+            &mode,
+            scope,
+            None,
+            closing,
+            Default::default(),
+        );
         tokio::pin!(stream);
         let first = format!("{:?}", stream.next().await.unwrap().unwrap());
         assert!(first.contains("reset"), "{first}");
@@ -355,7 +467,7 @@ mod tests {
         let mode = ModeHandle::default();
         let (close, closing) = watch::channel(false);
         let scope = Scope::Prefix(Bytes::from_static(b"/p/"));
-        let stream = event_stream(store, &mode, scope, None, closing);
+        let stream = event_stream(store, &mode, scope, None, closing, Default::default());
         tokio::pin!(stream);
         let _reset = stream.next().await.unwrap();
         let _put = stream.next().await.unwrap();

@@ -51,6 +51,7 @@ pub(crate) async fn watch(
         scope,
         since,
         state.closing.clone(),
+        state.subscribers.stream_queue(),
     )
     // The guard lives as long as the stream: the gauge drops when the client goes.
     .map(move |event| {

@@ -234,6 +234,12 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         gauge(
             &mut e,
+            "stream_queue_bytes",
+            "Bytes of events queued in change streams, not yet handed to their connections",
+            state.subscribers.stream_queue_bytes() as i64,
+        )?;
+        gauge(
+            &mut e,
             "rendered_bytes_alive",
             "Bytes of rendered listings and trees alive: cached, being sent, or rendered for a request on an older revision",
             state.cache.alive_bytes() as i64,

@@ -124,6 +124,10 @@ impl Report for Reporter {
                     snapshot.bytes,
                 ),
             },
+            "streams": {
+                "open": state.subscribers.open(crate::http::counters::SubscriberKind::Stream),
+                "queued_bytes": state.subscribers.stream_queue_bytes(),
+            },
             "render_cache": {
                 "bodies": cache_bodies,
                 "bytes": cache_bytes,

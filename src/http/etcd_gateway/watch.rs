@@ -9,6 +9,7 @@
 //! mirror replaced by another cluster's data, ends the watch with `canceled` and a reason.
 
 use std::convert::Infallible;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use axum::body::{Body, BodyDataStream};
@@ -23,7 +24,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use super::{b64, code, header as response_header, int64, kv_json, GatewayError, KeyRange};
-use crate::http::counters::SubscriberKind;
+use crate::http::counters::{QueuedMessage, SubscriberKind};
 use crate::http::notify::HEARTBEAT;
 use crate::http::respond::with_mirror_headers;
 use crate::http::state::AppState;
@@ -123,14 +124,15 @@ pub(crate) async fn watch(
         start: create.start_revision,
         id: create.watch_id,
     };
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let (tx, rx) = mpsc::channel::<QueuedMessage>(16);
+    let queued = state.subscribers.stream_queue();
     let task_state = state.clone();
     tokio::spawn(async move {
         let _subscriber = subscriber;
-        run(task_state, watch, follow, body, pending, tx).await;
+        run(task_state, watch, follow, body, pending, tx, queued).await;
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+        rx.recv().await.map(|m| (Ok::<_, Infallible>(m.take()), rx))
     });
     let response = Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
@@ -152,7 +154,8 @@ async fn run(
     follow: Follow,
     mut body: BodyDataStream,
     mut pending: Vec<u8>,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<QueuedMessage>,
+    queued: Arc<AtomicU64>,
 ) {
     let Follow {
         snapshot,
@@ -161,11 +164,13 @@ async fn run(
     } = follow;
     let cluster = snapshot.cluster_id;
     let send = |result: Map<String, Value>| {
-        let tx = tx.clone();
+        let (tx, queued) = (tx.clone(), queued.clone());
         async move {
             let mut line = json!({ "result": Value::Object(result) }).to_string();
             line.push('\n');
-            tx.send(Bytes::from(line)).await.is_ok()
+            tx.send(QueuedMessage::new(Bytes::from(line), &queued))
+                .await
+                .is_ok()
         }
     };
     let mut created = watch.result(cluster, snapshot.revision);
