@@ -84,7 +84,7 @@ impl Reporter {
         checks.push(checks::memory_check(
             checks::resident_bytes(),
             state.live.get(|c| c.memory_budget),
-            checks::churn_peak_estimate(state.live.get(|c| c.sync.history_bytes), snapshot.bytes),
+            churn_peak(state, snapshot),
         ));
         checks.push(checks::tasks_check(&state.liveness));
         checks
@@ -119,10 +119,7 @@ impl Report for Reporter {
             "memory": {
                 "resident_bytes": checks::resident_bytes(),
                 "budget_bytes": state.live.get(|c| c.memory_budget),
-                "churn_peak_estimate_bytes": checks::churn_peak_estimate(
-                    state.live.get(|c| c.sync.history_bytes),
-                    snapshot.bytes,
-                ),
+                "churn_peak_estimate_bytes": churn_peak(state, snapshot),
             },
             "streams": {
                 "open": state.subscribers.open(crate::http::counters::SubscriberKind::Stream),
@@ -160,4 +157,9 @@ impl Report for Reporter {
     fn metrics(&self, state: &Arc<AppState>) -> Result<String, std::fmt::Error> {
         crate::ops::metrics::render(state, self)
     }
+}
+
+/// The peak a burst of writes may take this sidecar to, from its settings and its mirror.
+fn churn_peak(state: &AppState, snapshot: &Snapshot) -> u64 {
+    checks::churn_peak_estimate(state.live.get(|c| c.sync.history_bytes), snapshot.bytes)
 }
