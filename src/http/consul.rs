@@ -22,7 +22,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use serde_json::{json, Value};
 
 use crate::http::error::ApiError;
-use crate::http::query::{parse_query, Query};
+use crate::http::query::{parse_query, query_pairs, Query};
 use crate::http::read::{key_from_path, mirrored, readable_snapshot};
 use crate::http::state::AppState;
 use crate::http::write::{admit_caller, admit_mode, mirrored_by, read_body, write_failed};
@@ -54,13 +54,7 @@ struct ConsulQuery {
 
 fn consul_query(uri: &Uri) -> Result<ConsulQuery, Refusal> {
     let mut q = ConsulQuery::default();
-    for pair in uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (name, value) in query_pairs(uri) {
         match name {
             "raw" => q.raw = true,
             "keys" => q.keys = true,

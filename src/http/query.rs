@@ -37,15 +37,19 @@ fn flag(name: &str, value: &str) -> Result<bool, ApiError> {
     }
 }
 
-pub(crate) fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
-    let mut q = Query::default();
-    for pair in uri
-        .query()
+/// The `name=value` pairs of a URI's query, in order, as written (a bare `name` has value `""`).
+/// Every query parser (this one, Consul's) walks them.
+pub(crate) fn query_pairs(uri: &Uri) -> impl Iterator<Item = (&str, &str)> {
+    uri.query()
         .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
-    {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+pub(crate) fn parse_query(uri: &Uri) -> Result<Query, ApiError> {
+    let mut q = Query::default();
+    for (name, value) in query_pairs(uri) {
         match name {
             "recurse" => q.recurse = flag(name, value)?,
             "consistent" => q.consistent = flag(name, value)?,
