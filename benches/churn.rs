@@ -48,10 +48,7 @@ struct Run {
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let seconds = if full {
-        std::env::var("CHURN_SECONDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(30)
+        common::env_number("CHURN_SECONDS", 30)
     } else {
         2
     };
@@ -74,10 +71,7 @@ fn main() {
     // RSS under churn varies from run to run as much as many effects do: rounds, each with a
     // fresh etcd and sidecar, and the median and worst reported.
     let rounds = if full {
-        std::env::var("CHURN_ROUNDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3)
+        common::env_number("CHURN_ROUNDS", 3)
     } else {
         1
     };
@@ -87,11 +81,7 @@ fn main() {
         .map(|size| runtime.block_on(run(size, Duration::from_secs(seconds), settle)))
         .collect();
     let mut table = String::new();
-    let when = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let when = common::utc_minute();
     writeln!(
         table,
         "Churn benchmark, {when}: one sidecar (default settings) mirroring {KEYS} keys rewritten through a 1-member etcd in transactions of {PER_TXN} puts (aiming at {:.0} puts/s) for {seconds} s, with 4 readers of /v1/tree in a loop and 20 open change streams; RSS sampled every 100 ms; {rounds} rounds per value size, each with a fresh etcd and sidecar.\n",
@@ -162,10 +152,7 @@ fn main() {
 /// Puts per second the writers aim at: `CHURN_PUTS_PER_SECOND`, default 4000 (the rate at which
 /// issue 20 saw resident memory climb to 211 MB).
 fn puts_per_second_target() -> f64 {
-    std::env::var("CHURN_PUTS_PER_SECOND")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4000.0)
+    common::env_number("CHURN_PUTS_PER_SECOND", 4000.0)
 }
 
 async fn run(value_bytes: usize, churn: Duration, settle: Duration) -> Run {

@@ -193,14 +193,16 @@ fn sum(all: &[Counters], f: impl Fn(&Counters) -> f64) -> f64 {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let env = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
+    let n = if full {
+        common::env_number("FLEET_SIDECARS", 40)
+    } else {
+        3
     };
-    let n = if full { env("FLEET_SIDECARS", 40) } else { 3 } as usize;
-    let rest = Duration::from_secs(if full { env("FLEET_REST", 150) } else { 1 });
+    let rest = Duration::from_secs(if full {
+        common::env_number("FLEET_REST", 150)
+    } else {
+        1
+    });
     // Each prefix: 200 keys of about 1 KiB at full size, so a full load is worth avoiding.
     let keys = if full { 200 } else { 20 };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -331,11 +333,7 @@ async fn run(n: usize, keys: usize, rest: Duration) -> String {
 
     let per = |v: f64| v / n as f64;
     let mut out = String::new();
-    let when = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let when = common::utc_minute();
     let _ = writeln!(
         out,
         "Fleet benchmark, {when}: {n} idle sidecars against one 3-member etcd on this machine, each mirroring {keys} keys of about 1 KiB; rest measured over {seconds:.0} s.\n"

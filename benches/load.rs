@@ -220,10 +220,7 @@ async fn put_many(etcd: &mut etcd_client::Client, prefix: &str, n: usize, value:
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let seconds = std::env::var("LOAD_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(if full { 6 } else { 1 });
+    let seconds = common::env_number("LOAD_SECONDS", if full { 6 } else { 1 });
     let plan = Plan {
         seconds,
         rounds: if full { 5 } else { 1 },
@@ -467,12 +464,7 @@ fn report(
 ) -> String {
     let mark = |ok: bool| if ok { "met" } else { "NOT met" };
     let mut t = String::new();
-    let when = std::process::Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d %H:%M UTC")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let when = common::utc_minute();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let _ = writeln!(
         t,

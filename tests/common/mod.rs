@@ -467,6 +467,24 @@ impl Drop for EtcdCluster {
 /// The sidecar binary.
 pub const BIN: &str = env!("CARGO_BIN_EXE_config-sidecar");
 
+/// A number from the environment variable `name` (a benchmark's size), or `default` when it is
+/// unset or not a number.
+pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The time now as benchmark results are dated: `2026-12-04 05:10 UTC`.
+pub fn utc_minute() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 /// A command running the sidecar binary with `args`, as every test that runs the binary starts
 /// it: the test's own `CONFIG_SIDECAR_*` environment removed (so only what the test gives
 /// counts), stdin closed, stdout discarded, stderr discarded unless the caller redirects it.
