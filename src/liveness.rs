@@ -6,7 +6,7 @@
 //! unreachable etcd is not, so it never fails liveness. This module imports nothing of the
 //! crate's: every layer's tasks beat their heartbeats here.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +23,10 @@ pub struct Heartbeat {
     /// Longest silence that is still progress, in milliseconds: a few times the longest wait the
     /// task can be in (which a reload may change).
     allowance_ms: AtomicU64,
+    /// Whether the task is parked waiting for work (a change to write, say): a task that only
+    /// awaits a channel cannot be wedged, and beating through such a wait would wake an idle
+    /// sidecar for nothing.
+    waiting: AtomicBool,
 }
 
 impl Heartbeat {
@@ -32,17 +36,30 @@ impl Heartbeat {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
             allowance_ms: AtomicU64::new(allowance.as_millis() as u64),
+            waiting: AtomicBool::new(false),
         })
     }
 
-    /// Records progress now.
+    /// Records progress now (and the end of a wait for work).
     pub fn beat(&self) {
         let ms = self.origin.elapsed().as_millis() as u64;
         self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        self.waiting.store(false, Ordering::Relaxed);
     }
 
-    /// Time since the last beat.
+    /// The task is about to wait for work, for as long as it takes; its next [`beat`] ends the
+    /// wait. Silence while waiting is not a stall.
+    ///
+    /// [`beat`]: Heartbeat::beat
+    pub fn wait_for_work(&self) {
+        self.waiting.store(true, Ordering::Relaxed);
+    }
+
+    /// Time since the last beat (zero while the task waits for work).
     pub fn silence(&self) -> Duration {
+        if self.waiting.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
         let now = self.origin.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
@@ -156,5 +173,23 @@ mod tests {
         }
         assert_eq!(liveness.problems(), ["task mode has stopped"]);
         busy.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_waiting_for_work_is_not_stalled_until_it_works_again() {
+        let liveness = Liveness::default();
+        let beat = Heartbeat::new(Duration::from_secs(3));
+        let writer = tokio::spawn(std::future::pending::<()>());
+        liveness.watch("snapshot-writer", writer.abort_handle(), Some(beat.clone()));
+        beat.wait_for_work();
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(liveness.problems().is_empty(), "an hour without work");
+        // Work came: from now on its silence counts again.
+        beat.beat();
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let problems = liveness.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("snapshot-writer made no progress for 4000 ms"));
+        writer.abort();
     }
 }

@@ -33,8 +33,6 @@ use crate::mirror::store::{Entry, Snapshot, Store};
 pub const MAGIC: &[u8; 8] = b"CSSNAP\0\x01";
 /// Debounce of snapshot writes: at most about one per this period.
 pub const WRITE_EVERY: Duration = Duration::from_secs(1);
-/// How often the writer shows it is alive while there is nothing to write.
-const IDLE_BEAT: Duration = Duration::from_secs(1);
 
 /// The JSON header.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -359,7 +357,7 @@ impl SnapshotWriter {
             mode,
             written,
             stats: Arc::default(),
-            heartbeat: Heartbeat::new(write_timeout + WRITE_EVERY + IDLE_BEAT),
+            heartbeat: Heartbeat::new(write_timeout + WRITE_EVERY * 2),
         }
     }
 
@@ -419,12 +417,12 @@ impl SnapshotWriter {
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         let mut stop = std::pin::pin!(stop);
         let mut revisions = self.store.subscribe();
-        let mut idle = tokio::time::interval(IDLE_BEAT);
         loop {
-            self.heartbeat.beat();
+            // Nothing to write: only a change wakes the writer, and the wait is no stall.
+            self.heartbeat.wait_for_work();
             tokio::select! {
-                _ = idle.tick() => {}
                 changed = revisions.changed() => {
+                    self.heartbeat.beat();
                     if changed.is_err() {
                         break;
                     }

@@ -17,8 +17,11 @@ use crate::config::Live;
 use crate::mirror::mode::{unix_ms, Transition};
 use crate::ops::checks::{Check, Status};
 
-/// How often the checks are evaluated for changes.
-pub const EVALUATE_EVERY: Duration = Duration::from_secs(1);
+/// How often the checks are evaluated for changes, besides at every mode transition (when
+/// checks usually change too). Each evaluation wakes an idle sidecar and reads `/proc` and the
+/// snapshot directory's file system: at every second it was a fifth of an idle sidecar's CPU
+/// (benches/fleet.rs); a check's alert may come this much later than its change.
+pub const EVALUATE_EVERY: Duration = Duration::from_secs(5);
 
 /// What changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -197,14 +200,10 @@ impl AlertTask {
                     let Some(transition) = transition else { return };
                     let alert = Alert::mode(&transition, &self.sidecar);
                     self.offer(&mut limiters, alert, transition.to < transition.from);
+                    self.evaluate_checks(&mut limiters, &mut statuses);
                 }
                 _ = tick.tick() => {
-                    if let Some(checks) = (self.evaluate)() {
-                        for alert in changes(&mut statuses, &checks, &self.sidecar) {
-                            let worse = rank(&alert.to) > rank(&alert.from);
-                            self.offer(&mut limiters, alert, worse);
-                        }
-                    }
+                    self.evaluate_checks(&mut limiters, &mut statuses);
                     let min = self.min_interval();
                     let now = Instant::now();
                     for limiter in limiters.values_mut() {
@@ -213,6 +212,20 @@ impl AlertTask {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Evaluates the checks and offers each change of status as an alert.
+    fn evaluate_checks(
+        &self,
+        limiters: &mut HashMap<String, Limiter>,
+        statuses: &mut HashMap<String, Status>,
+    ) {
+        if let Some(checks) = (self.evaluate)() {
+            for alert in changes(statuses, &checks, &self.sidecar) {
+                let worse = rank(&alert.to) > rank(&alert.from);
+                self.offer(limiters, alert, worse);
             }
         }
     }
