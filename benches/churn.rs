@@ -3,7 +3,8 @@
 //!
 //! A real 1-member etcd holds 500 keys under `/churn/`; the sidecar (release build, default
 //! settings) mirrors them. For `CHURN_SECONDS` (default 30) writers rewrite them in transactions of
-//! 20 puts at `CHURN_PUTS_PER_SECOND` (default 4000), 4 readers fetch `/v1/tree/churn/` in a loop and 20 change streams stay open reading;
+//! 20 puts at `CHURN_PUTS_PER_SECOND` (default 4000), 4 readers fetch `/v1/tree/churn/` in a loop, 20 change streams stay open reading and 4 more
+//! reconnect each time they have read a reset's whole state (so resets happen mid-churn);
 //! the sidecar's RSS is sampled every 100 ms. Then everything stops and RSS is sampled again for
 //! 10 s. It runs with values of 1 KiB and of 10 KiB and reports, for each: RSS at rest before,
 //! peak during, and 10 s after; puts per second achieved; the peak against the README's bound
@@ -30,6 +31,8 @@ use futures_util::StreamExt;
 const KEYS: usize = 500;
 /// Puts per transaction.
 const PER_TXN: usize = 20;
+/// Streams that reconnect as soon as they have read a reset's whole state.
+const RESETTING_STREAMS: usize = 4;
 
 /// What one run measured.
 struct Run {
@@ -43,6 +46,8 @@ struct Run {
     puts_per_second: f64,
     history_bytes: u64,
     cache_bytes: u64,
+    /// Streams that received a reset's whole state during the churn (then reconnected).
+    resets: u64,
 }
 
 fn main() {
@@ -80,22 +85,26 @@ fn main() {
         .flat_map(|&size| std::iter::repeat_n(size, rounds))
         .map(|size| runtime.block_on(run(size, Duration::from_secs(seconds), settle)))
         .collect();
+    for r in &runs {
+        // A stage that checked nothing is no result: streams were reset under churn.
+        assert!(r.resets > 0, "no stream read a reset during the churn");
+    }
     let mut table = String::new();
     let when = common::utc_minute();
     writeln!(
         table,
-        "Churn benchmark, {when}: one sidecar (default settings) mirroring {KEYS} keys rewritten through a 1-member etcd in transactions of {PER_TXN} puts (aiming at {:.0} puts/s) for {seconds} s, with 4 readers of /v1/tree in a loop and 20 open change streams; RSS sampled every 100 ms; {rounds} rounds per value size, each with a fresh etcd and sidecar.\n",
+        "Churn benchmark, {when}: one sidecar (default settings) mirroring {KEYS} keys rewritten through a 1-member etcd in transactions of {PER_TXN} puts (aiming at {:.0} puts/s) for {seconds} s, with 4 readers of /v1/tree in a loop, 20 open change streams and {RESETTING_STREAMS} streams that reconnect as soon as they have read a reset's whole state; RSS sampled every 100 ms; {rounds} rounds per value size, each with a fresh etcd and sidecar.\n",
         puts_per_second_target()
     )
     .unwrap();
     writeln!(
         table,
-        "| value size | mirrored MiB | puts/s | RSS at rest MiB | RSS peak MiB | goal MiB (64 + 2 x mirrored) | predicted MiB (README formula) | RSS 10 s after MiB | history MiB at the end | render cache MiB |"
+        "| value size | mirrored MiB | puts/s | RSS at rest MiB | RSS peak MiB | goal MiB (64 + 2 x mirrored) | predicted MiB (README formula) | RSS 10 s after MiB | history MiB at the end | render cache MiB | resets read |"
     )
     .unwrap();
     writeln!(
         table,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     .unwrap();
     let mib = |b: u64| b as f64 / 1048576.0;
@@ -103,7 +112,7 @@ fn main() {
         let bound = 64.0 + 2.0 * mib(r.mirrored);
         writeln!(
             table,
-            "| {} KiB | {:.1} | {:.0} | {:.1} | {:.1} | {:.1}{} | {:.1}{} | {:.1} | {:.1} | {:.1} |",
+            "| {} KiB | {:.1} | {:.0} | {:.1} | {:.1} | {:.1}{} | {:.1}{} | {:.1} | {:.1} | {:.1} | {} |",
             r.value_bytes / 1024,
             mib(r.mirrored),
             r.puts_per_second,
@@ -116,6 +125,7 @@ fn main() {
             mib(r.after),
             mib(r.history_bytes),
             mib(r.cache_bytes),
+            r.resets,
         )
         .unwrap();
     }
@@ -271,6 +281,30 @@ async fn run(value_bytes: usize, churn: Duration, settle: Duration) -> Run {
             }
         }));
     }
+    // Streams that start over all the time: each reads a reset's whole state (up to the event
+    // that carries the revision's `id:`), then reconnects, so resets happen mid-churn.
+    let resets = Arc::new(AtomicU64::new(0));
+    for _ in 0..RESETTING_STREAMS {
+        let (stop, http, base, resets) = (stop.clone(), http.clone(), base.clone(), resets.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(r) = http.get(format!("{base}/v1/watch/churn/")).send().await else {
+                    continue;
+                };
+                let mut body = r.bytes_stream();
+                let mut tail = Vec::new();
+                while let Some(Ok(chunk)) = body.next().await {
+                    tail.extend_from_slice(&chunk);
+                    if tail.windows(4).any(|w| w == b"\nid:") {
+                        resets.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    // Only the end can hold the marker's start.
+                    tail.drain(..tail.len().saturating_sub(4));
+                }
+            }
+        }));
+    }
     let started = Instant::now();
     let mut peak = rest;
     while started.elapsed() < churn {
@@ -299,5 +333,6 @@ async fn run(value_bytes: usize, churn: Duration, settle: Duration) -> Run {
         puts_per_second,
         history_bytes: status_at_end["history"]["bytes"].as_u64().unwrap_or(0),
         cache_bytes: status_at_end["render_cache"]["bytes"].as_u64().unwrap_or(0),
+        resets: resets.load(Ordering::Relaxed),
     }
 }

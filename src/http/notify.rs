@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::mirror::mode::{ModeHandle, Transition};
 use crate::mirror::render::{entry_json, put_bytes};
-use crate::mirror::store::{Change, ChangeSet, LiveChanges, Snapshot, Store};
+use crate::mirror::store::{Change, ChangeSet, Entry, Follow, LiveChanges, Snapshot, Store};
 
 /// Longest `wait` a blocking query may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -70,15 +70,21 @@ pub async fn wait_for_change(
     wait: Duration,
     mut closing: watch::Receiver<bool>,
 ) -> Arc<Snapshot> {
-    let follow = store.follow(index);
-    if follow.snapshot.revision > index {
-        match &follow.backlog {
-            None => return follow.snapshot,
-            Some(sets) if sets.iter().any(|s| scope.touched_by(s)) => return follow.snapshot,
+    let Follow {
+        snapshot,
+        backlog,
+        mut live,
+    } = store.follow(index);
+    if snapshot.revision > index {
+        match &backlog {
+            None => return snapshot,
+            Some(sets) if sets.iter().any(|s| scope.touched_by(s)) => return snapshot,
             Some(_) => {}
         }
     }
-    let mut live = follow.live;
+    // A wait may last minutes: it holds neither the sets nor the snapshot (which would keep
+    // the values replaced meanwhile alive); it answers from the snapshot current then.
+    drop((snapshot, backlog));
     let deadline = tokio::time::sleep(jittered(wait));
     tokio::pin!(deadline);
     loop {
@@ -116,8 +122,9 @@ fn change_event(change: &Change) -> Sized {
     }
 }
 
-/// One stream's events ready to send, counted in the bytes all streams queue
-/// (`stream_queue_bytes`), which it gives back as they are sent or when the stream goes.
+/// One stream's events made and not yet sent, counted in the bytes all streams queue
+/// (`stream_queue_bytes`), which it gives back as they are sent or when the stream goes. Events
+/// are made one at a time as the connection takes them ([`Sending`]), so this holds one or two.
 struct Queue {
     /// The events, oldest first.
     events: VecDeque<Sized>,
@@ -134,12 +141,6 @@ impl Queue {
         self.events.push_back((event, bytes));
     }
 
-    fn extend(&mut self, events: impl IntoIterator<Item = Sized>) {
-        for event in events {
-            self.push(event);
-        }
-    }
-
     fn pop(&mut self) -> Option<Event> {
         let (event, bytes) = self.events.pop_front()?;
         self.bytes -= bytes;
@@ -154,32 +155,55 @@ impl Drop for Queue {
     }
 }
 
+/// What a stream is in the middle of sending, turned into events one at a time as the
+/// connection takes them: a stream holds a reference to a change set or snapshot the store
+/// holds anyway, not a copy of its events, however large the set or the state.
+enum Sending {
+    /// A change set's changes in scope, from index `next` on (the next one in scope, if any).
+    Set {
+        /// The set.
+        set: Arc<ChangeSet>,
+        /// Where in `set.changes` the next event in scope is.
+        next: Option<usize>,
+    },
+    /// The whole state in scope as of `snapshot`, after the `reset` event.
+    State {
+        /// The state sent.
+        snapshot: Arc<Snapshot>,
+        /// The next entry to send.
+        next: Option<Arc<Entry>>,
+    },
+}
+
 /// The state of one subscriber's stream.
 struct Subscriber {
     /// Where change sets come from.
     store: Arc<Store>,
     /// What the subscriber follows.
     scope: Scope,
-    /// Change sets after `last`.
+    /// Change sets after `last`, read from the history as the stream takes them.
     live: LiveChanges,
     /// Mode transitions.
     modes: Receiver<Transition>,
-    /// Events ready to send.
+    /// What is being sent.
+    sending: Option<Sending>,
+    /// Events made, not yet sent.
     pending: Queue,
-    /// The revision the subscriber has everything up to.
+    /// The revision the subscriber will have everything up to once `sending` is sent.
     last: i64,
     /// Becomes true when the server shuts down: the stream ends so the drain can finish.
     closing: watch::Receiver<bool>,
 }
 
 impl Subscriber {
-    /// Queues one revision's events in scope; only the last carries the `id:`, so a client that
-    /// resumes with `Last-Event-ID` never skips the rest of a half-received revision.
-    fn queue_set(&mut self, set: &ChangeSet) {
+    /// Starts sending one revision's events in scope; only the last carries the `id:`, so a
+    /// client that resumes with `Last-Event-ID` never skips the rest of a half-received revision.
+    fn send_set(&mut self, set: Arc<ChangeSet>) {
         if set.revision <= self.last {
             return;
         }
-        if set.resync && set.changes.iter().any(|c| self.scope.matches(c.key())) {
+        let next = self.next_change(&set, 0);
+        if set.resync && next.is_some() {
             // A reload after a compaction: the revisions in between are gone from etcd, and
             // what follows sums them up. Say so, so a client never takes it for every change.
             self.pending.push(sized(
@@ -188,57 +212,94 @@ impl Subscriber {
                     .to_string(),
             ));
         }
-        let mut events: Vec<Sized> = set
-            .changes
-            .iter()
-            .filter(|c| self.scope.matches(c.key()))
-            .map(change_event)
-            .collect();
         self.last = set.revision;
-        if let Some((last, bytes)) = events.pop() {
-            self.pending.extend(events);
-            self.pending
-                .push((last.id(set.revision.to_string()), bytes));
+        if next.is_some() {
+            self.sending = Some(Sending::Set { set, next });
         }
     }
 
-    /// Queues `reset` and the whole current state in scope, as of `snapshot`.
-    fn queue_reset(&mut self, snapshot: &Snapshot, reason: &str) {
+    /// The index of the first change in scope at `from` or after.
+    fn next_change(&self, set: &ChangeSet, from: usize) -> Option<usize> {
+        (from..set.changes.len()).find(|&i| self.scope.matches(set.changes[i].key()))
+    }
+
+    /// Starts sending `reset` and the whole current state in scope, as of `snapshot`.
+    fn send_reset(&mut self, snapshot: Arc<Snapshot>, reason: &str) {
         let (Scope::Prefix(prefix) | Scope::Key(prefix)) = &self.scope;
-        let mut events = vec![sized(
+        let next = self.next_entry(&snapshot, prefix.clone(), false);
+        let (event, bytes) = sized(
             "reset",
             json!({ "revision": snapshot.revision, "reason": reason }).to_string(),
-        )];
-        events.extend(
-            snapshot
-                .scan_prefix(prefix)
-                .filter(|e| self.scope.matches(&e.key))
-                .map(|e| change_event(&Change::Put(e.clone()))),
         );
-        let (last, bytes) = events.pop().expect("the reset event is there");
-        self.pending.extend(events);
-        self.pending
-            .push((last.id(snapshot.revision.to_string()), bytes));
+        let event = match next {
+            // Nothing in scope: the reset is the whole revision.
+            None => event.id(snapshot.revision.to_string()),
+            Some(_) => event,
+        };
+        self.pending.push((event, bytes));
         self.last = snapshot.revision;
+        self.sending = next.map(|next| Sending::State {
+            snapshot,
+            next: Some(next),
+        });
     }
 
-    /// After falling behind the live changes: the missed ones from the history, with a fresh
-    /// subscription taken atomically with them; a reset when the history no longer reaches
-    /// back to what this subscriber has.
-    fn catch_up(&mut self) {
-        let follow = self.store.follow(self.last);
-        self.live = follow.live;
-        match follow.backlog {
-            Some(backlog) if !backlog.iter().any(|s| s.reset) => {
-                for set in &backlog {
-                    self.queue_set(set);
+    /// The first entry in scope from `key` on (after it, when `after`).
+    fn next_entry(&self, snapshot: &Snapshot, key: Bytes, after: bool) -> Option<Arc<Entry>> {
+        let (Scope::Prefix(prefix) | Scope::Key(prefix)) = &self.scope;
+        snapshot
+            .from_key(&key)
+            .skip_while(|e| after && e.key == key)
+            .take_while(|e| e.key.starts_with(prefix))
+            .find(|e| self.scope.matches(&e.key))
+            .cloned()
+    }
+
+    /// Makes the next event of what is being sent; `false` when there is nothing being sent.
+    fn make_next(&mut self) -> bool {
+        let Some(sending) = self.sending.take() else {
+            return false;
+        };
+        match sending {
+            Sending::Set {
+                set,
+                next: Some(at),
+            } => {
+                let following = self.next_change(&set, at + 1);
+                let (event, bytes) = change_event(&set.changes[at]);
+                let event = match following {
+                    None => event.id(set.revision.to_string()),
+                    Some(_) => event,
+                };
+                self.pending.push((event, bytes));
+                if following.is_some() {
+                    self.sending = Some(Sending::Set {
+                        set,
+                        next: following,
+                    });
                 }
             }
-            _ => self.queue_reset(
-                &follow.snapshot,
-                "the subscriber fell behind further than the history reaches",
-            ),
+            Sending::State {
+                snapshot,
+                next: Some(entry),
+            } => {
+                let following = self.next_entry(&snapshot, entry.key.clone(), true);
+                let (event, bytes) = change_event(&Change::Put(entry));
+                let event = match following {
+                    None => event.id(snapshot.revision.to_string()),
+                    Some(_) => event,
+                };
+                self.pending.push((event, bytes));
+                if following.is_some() {
+                    self.sending = Some(Sending::State {
+                        snapshot,
+                        next: following,
+                    });
+                }
+            }
+            Sending::Set { next: None, .. } | Sending::State { next: None, .. } => {}
         }
+        true
     }
 
     /// Starts over from the current state, with a fresh subscription taken atomically with it,
@@ -246,7 +307,7 @@ impl Subscriber {
     fn start_over(&mut self, reason: &str) {
         let follow = self.store.follow(i64::MAX);
         self.live = follow.live;
-        self.queue_reset(&follow.snapshot, reason);
+        self.send_reset(follow.snapshot, reason);
     }
 
     /// The next event, or `None` when the server is shutting down.
@@ -257,6 +318,9 @@ impl Subscriber {
             }
             if *self.closing.borrow() {
                 return None;
+            }
+            if self.make_next() {
+                continue;
             }
             tokio::select! {
                 changed = self.closing.changed() => {
@@ -269,8 +333,10 @@ impl Subscriber {
                     Ok(set) if set.reset => {
                         self.start_over("the mirror was replaced (another etcd cluster)");
                     }
-                    Ok(set) => self.queue_set(&set),
-                    Err(RecvError::Lagged(_)) => self.catch_up(),
+                    Ok(set) => self.send_set(set),
+                    Err(RecvError::Lagged(_)) => self.start_over(
+                        "the subscriber fell behind further than the history reaches",
+                    ),
                     Err(RecvError::Closed) => {
                         self.start_over("the mirror stopped");
                     }
@@ -290,7 +356,8 @@ impl Subscriber {
 
 /// The events of a stream over `scope`: from `since` when given (replayed from the history, or
 /// `reset` plus the full state when the history does not reach back that far), else `reset` plus
-/// the full state; then live events and mode changes.
+/// the full state; then live events and mode changes. Each event is made when the connection
+/// takes the one before, so what a stream holds does not grow with the state or a backlog.
 pub fn event_stream(
     store: Arc<Store>,
     mode: &ModeHandle,
@@ -300,11 +367,13 @@ pub fn event_stream(
     queued: Arc<AtomicU64>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let follow = store.follow(since.unwrap_or(i64::MAX));
+    let replays = since.is_some() && follow.backlog.is_some();
     let mut subscriber = Subscriber {
         store,
         scope,
         live: follow.live,
         modes: mode.follow(),
+        sending: None,
         pending: Queue {
             events: VecDeque::new(),
             bytes: 0,
@@ -313,18 +382,14 @@ pub fn event_stream(
         last: since.unwrap_or(0),
         closing,
     };
-    match (since, follow.backlog) {
-        (Some(_), Some(backlog)) => {
-            for set in &backlog {
-                subscriber.queue_set(set);
-            }
-            subscriber.last = subscriber.last.max(follow.snapshot.revision);
-        }
-        (Some(_), None) => subscriber.queue_reset(
-            &follow.snapshot,
+    match since {
+        // The sets after `since` are read from the history as the stream takes them.
+        Some(since) if replays => subscriber.live = subscriber.live.replaying_from(since),
+        Some(_) => subscriber.send_reset(
+            follow.snapshot,
             "the asked revision is older than the history",
         ),
-        (None, _) => subscriber.queue_reset(&follow.snapshot, "initial state"),
+        None => subscriber.send_reset(follow.snapshot, "initial state"),
     }
     futures_util::stream::unfold(subscriber, |mut s| async move {
         let event = s.next().await?;
@@ -339,59 +404,99 @@ mod tests {
     use crate::mirror::store::Entry;
     use futures_util::StreamExt;
 
-    /// What a stream has queued is counted in the shared total until it is sent or the stream
-    /// goes.
+    fn kib_entry(key: &str, revision: i64) -> Entry {
+        Entry::new(
+            Bytes::from(key.to_string()),
+            Bytes::from("x".repeat(1024)),
+            revision,
+            revision,
+            1,
+        )
+    }
+
+    /// A stream's reset over a large state, and a large change set, are made into events one at
+    /// a time as the stream is read: what it queues never grows past one value, whatever the
+    /// state's size; the events are all there, in key order, the revision's `id:` on the last.
+    /// What it queued counts until sent or until the stream goes.
     #[tokio::test]
-    async fn queued_events_are_counted_until_sent_or_dropped() {
+    async fn a_stream_makes_its_events_as_they_are_taken() {
         let store = Arc::new(Store::new());
-        let put = |k: &str, r| {
-            Entry::new(
-                Bytes::from(k.to_string()),
-                Bytes::from("x".repeat(1000)),
-                r,
-                r,
-                1,
-            )
-        };
+        let keys = 2000;
         store
-            .replace(3, vec![put("/p/a", 2), put("/p/b", 3)])
+            .replace(
+                7,
+                (0..keys)
+                    .map(|i| kib_entry(&format!("/p/{i:05}"), 5))
+                    .collect(),
+            )
             .unwrap();
         let mode = ModeHandle::default();
         let (_close, closing) = watch::channel(false);
         let total = Arc::new(AtomicU64::new(0));
-        let scope = Scope::Prefix(Bytes::from_static(b"/p/"));
-        let mut stream = Box::pin(event_stream(
+        let stream = event_stream(
             store.clone(),
             &mode,
-            scope,
+            Scope::Prefix(Bytes::from_static(b"/p/")),
             None,
-            closing,
+            closing.clone(),
             total.clone(),
-        ));
-        // The reset and two values of 1000 bytes wait to be sent.
-        let queued = total.load(Ordering::Relaxed);
-        assert!((2000..2400).contains(&queued), "{queued}");
-        for _ in 0..3 {
-            let _sent = stream.next().await.unwrap().unwrap();
-        }
-        assert_eq!(total.load(Ordering::Relaxed), 0, "all sent");
-        // Two changes arrive; one is sent, the other still counts until the stream goes.
-        store.apply(
-            4,
-            vec![
-                crate::mirror::store::Event::Put(put("/p/a", 4)),
-                crate::mirror::store::Event::Put(put("/p/b", 4)),
-            ],
         );
-        let _sent = stream.next().await.unwrap().unwrap();
         let queued = total.load(Ordering::Relaxed);
-        assert!((1000..1200).contains(&queued), "{queued}");
+        assert!((1..200).contains(&queued), "only the reset waits: {queued}");
         drop(stream);
         assert_eq!(
             total.load(Ordering::Relaxed),
             0,
             "given back when the stream went"
         );
+
+        let mut stream = Box::pin(event_stream(
+            store.clone(),
+            &mode,
+            Scope::Prefix(Bytes::from_static(b"/p/")),
+            None,
+            closing,
+            total.clone(),
+        ));
+        let mut most = 0;
+        let mut events = Vec::new();
+        for _ in 0..=keys {
+            let event = format!("{:?}", stream.next().await.unwrap().unwrap());
+            most = most.max(total.load(Ordering::Relaxed));
+            events.push(event);
+        }
+        assert!(most < 1200, "at most one value queued: {most}");
+        assert!(
+            events[0].contains("reset") && !events[0].contains("id:"),
+            "{}",
+            events[0]
+        );
+        for (i, event) in events[1..].iter().enumerate() {
+            assert!(
+                event.contains(&format!("/p/{i:05}")),
+                "in key order: {event}"
+            );
+            assert_eq!(
+                event.contains("id: 7"),
+                i + 1 == keys,
+                "the id on the last: {event}"
+            );
+        }
+
+        // One revision rewriting every key: the same, one event at a time.
+        store.apply(
+            8,
+            (0..keys)
+                .map(|i| crate::mirror::store::Event::Put(kib_entry(&format!("/p/{i:05}"), 8)))
+                .collect(),
+        );
+        for i in 0..keys {
+            let event = format!("{:?}", stream.next().await.unwrap().unwrap());
+            most = most.max(total.load(Ordering::Relaxed));
+            assert!(event.contains(&format!("/p/{i:05}")), "{event}");
+            assert_eq!(event.contains("id: 8"), i + 1 == keys, "{event}");
+        }
+        assert!(most < 1200, "at most one value queued: {most}");
     }
 
     /// A stream that falls further behind than the live buffer catches up from the history,

@@ -6,7 +6,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::{
+    self,
+    error::{RecvError, TryRecvError},
+};
 
 use crate::mirror::store::{Change, Snapshot};
 
@@ -85,18 +88,17 @@ pub struct Announcement {
 }
 
 /// The change sets published after a revision, in order, as they come: announced on a
-/// broadcast channel, read from the history. Its `recv` answers like a broadcast receiver's:
-/// `Lagged` only when the history no longer reaches back to the last set received (the
-/// subscriber must start over), `Closed` when the store is gone.
+/// broadcast channel, read from the history one at a time as the subscriber asks, so a
+/// subscriber holds at most the set it is handling, never a queue of its own. Its `recv`
+/// answers like a broadcast receiver's: `Lagged` only when the history no longer reaches back to
+/// the last set received (the subscriber must start over), `Closed` when the store is gone.
 pub struct LiveChanges {
-    /// Announcements of new revisions.
+    /// Announcements of new revisions: what wakes a subscriber, and how a reset is told.
     announcements: broadcast::Receiver<Announcement>,
     /// Where the sets are.
     history: Arc<Mutex<History>>,
     /// The revision received up to.
     last: i64,
-    /// Sets read from the history, not yet received.
-    ready: VecDeque<Arc<ChangeSet>>,
 }
 
 impl LiveChanges {
@@ -110,38 +112,80 @@ impl LiveChanges {
             announcements,
             history,
             last,
-            ready: VecDeque::new(),
         }
+    }
+
+    /// The same subscription, starting further back: the sets after `revision` (an older one)
+    /// come first, read from the history as they are received.
+    pub fn replaying_from(mut self, revision: i64) -> Self {
+        self.last = self.last.min(revision);
+        self
+    }
+
+    /// The revision of the last set received (or the one the subscription started after).
+    pub fn received_up_to(&self) -> i64 {
+        self.last
     }
 
     /// The next change set after the last one received.
     pub async fn recv(&mut self) -> Result<Arc<ChangeSet>, RecvError> {
+        let mut closed = false;
         loop {
-            if let Some(set) = self.ready.pop_front() {
-                self.last = set.revision;
-                return Ok(set);
-            }
-            match self.announcements.recv().await {
-                Ok(a) if a.reset => {
-                    self.last = a.revision;
-                    return Ok(Arc::new(ChangeSet {
-                        revision: a.revision,
-                        changes: Vec::new(),
-                        resync: true,
-                        reset: true,
-                    }));
+            // A reset already announced goes first: what the history had before it is gone.
+            loop {
+                match self.announcements.try_recv() {
+                    Ok(a) => {
+                        if let Some(reset) = self.reset(a) {
+                            return Ok(reset);
+                        }
+                    }
+                    // Missed announcements lose nothing: the history has the sets.
+                    Err(TryRecvError::Lagged(_)) => {}
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Closed) => {
+                        closed = true;
+                        break;
+                    }
                 }
-                Ok(a) if a.revision <= self.last => continue,
-                // Missed announcements lose nothing: the history has the sets.
-                Ok(_) | Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => return Err(RecvError::Closed),
             }
-            let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-            match history.since(self.last) {
-                Some(sets) => self.ready.extend(sets),
+            let next = {
+                let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+                history.next_after(self.last)
+            };
+            match next {
+                Some(Some(set)) => {
+                    self.last = set.revision;
+                    return Ok(set);
+                }
+                Some(None) if closed => return Err(RecvError::Closed),
+                Some(None) => {}
                 None => return Err(RecvError::Lagged(0)),
             }
+            match self.announcements.recv().await {
+                Ok(a) => {
+                    if let Some(reset) = self.reset(a) {
+                        return Ok(reset);
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => closed = true,
+            }
         }
+    }
+
+    /// The set that tells a reset, when `announcement` is one (its revision may be lower: the
+    /// data is another cluster's).
+    fn reset(&mut self, announcement: Announcement) -> Option<Arc<ChangeSet>> {
+        if !announcement.reset {
+            return None;
+        }
+        self.last = announcement.revision;
+        Some(Arc::new(ChangeSet {
+            revision: announcement.revision,
+            changes: Vec::new(),
+            resync: true,
+            reset: true,
+        }))
     }
 }
 
@@ -158,6 +202,15 @@ pub(super) struct History {
 }
 
 impl History {
+    /// The first set after revision `last`: `Some(None)` when there is none yet, `None` when the
+    /// history no longer reaches back to `last`.
+    pub(super) fn next_after(&self, last: i64) -> Option<Option<Arc<ChangeSet>>> {
+        (last >= self.floor).then(|| {
+            let at = self.sets.partition_point(|s| s.revision <= last);
+            self.sets.get(at).cloned()
+        })
+    }
+
     /// The sets after revision `since`, or `None` when the history no longer reaches back.
     pub(super) fn since(&self, since: i64) -> Option<Vec<Arc<ChangeSet>>> {
         (since >= self.floor).then(|| {

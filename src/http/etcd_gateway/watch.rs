@@ -116,7 +116,10 @@ pub(crate) async fn watch(
         n if n > 0 => (n - 1).min(snapshot.revision),
         _ => snapshot.revision,
     };
-    let follow = state.store.follow(since);
+    let mut follow = state.store.follow(since);
+    // The sets after `since` are read from the history one at a time as the client takes them,
+    // so a watch holds no backlog of its own.
+    follow.live = follow.live.replaying_from(since);
     let watch = Watch {
         range,
         no_put,
@@ -178,7 +181,7 @@ async fn run(
     if !send(created).await {
         return;
     }
-    let Some(backlog) = backlog else {
+    if backlog.is_none() {
         // The first revision a new watch can start from: read, then watch from there.
         let canceled = Canceled {
             reason: "mvcc: required revision has been compacted (the sidecar's history of \
@@ -188,45 +191,18 @@ async fn run(
         };
         send(watch.canceled(cluster, snapshot.revision, canceled)).await;
         return;
-    };
-    let mut last = snapshot.revision;
-    for set in &backlog {
-        if let Some(events) = watch.events(set, cluster) {
-            if !send(events).await {
-                return;
-            }
-        }
     }
+    drop(backlog);
+    // What progress reports: everything up to it has been sent.
+    let mut last = live.received_up_to();
     let mut closing = state.closing.clone();
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
     let mut body_open = true;
-    let mut lagged = false;
     loop {
-        if std::mem::take(&mut lagged) {
-            // The missed changes from the history, with a fresh subscription taken atomically
-            // with them; canceled when the history no longer reaches back.
-            let follow = state.store.follow(last);
-            live = follow.live;
-            let Some(backlog) = follow.backlog.filter(|b| !b.iter().any(|s| s.reset)) else {
-                let canceled = Canceled {
-                    reason: "the watcher fell behind further than the sidecar's history reaches"
-                        .into(),
-                    compact_revision: state.store.history_floor() + 1,
-                };
-                send(watch.canceled(cluster, last, canceled)).await;
-                return;
-            };
-            for set in &backlog {
-                last = last.max(set.revision);
-                if let Some(events) = watch.events(set, cluster) {
-                    if !send(events).await {
-                        return;
-                    }
-                }
-            }
-        }
         let outcome = tokio::select! {
+            // Sets first: a progress answer says everything up to `last` was sent.
+            biased;
             _ = closing.wait_for(|c| *c) => return,
             received = live.recv() => match received {
                 Ok(set) if set.reset => Err(Canceled {
@@ -240,11 +216,12 @@ async fn run(
                         None => Ok(None),
                     }
                 }
-                // Behind the live changes: caught up from the history below.
-                Err(RecvError::Lagged(_)) => {
-                    lagged = true;
-                    Ok(None)
-                }
+                // Behind further than the history reaches.
+                Err(RecvError::Lagged(_)) => Err(Canceled {
+                    reason: "the watcher fell behind further than the sidecar's history reaches"
+                        .into(),
+                    compact_revision: state.store.history_floor() + 1,
+                }),
                 Err(RecvError::Closed) => Err(Canceled {
                     reason: "the mirror stopped".into(),
                     compact_revision: 0,
