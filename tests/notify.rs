@@ -352,6 +352,12 @@ async fn a_stalled_subscriber_does_not_delay_the_others() {
         text.contains("event: reset") && text.contains("fell behind"),
         "no reset for the stalled subscriber"
     );
+    // Its reset is the whole prefix (1440 values of 16 KiB, 23 MB) still to send: it is made one
+    // event at a time as the socket drains, so the stream queues no more than about one value.
+    let status = sidecar.json("/v1/status").await;
+    let queued = status["streams"]["queued_bytes"].as_u64().unwrap();
+    assert!(queued < 64 * 1024, "{queued} bytes queued by streams");
+    assert!(status["bytes"].as_u64().unwrap() > 20 << 20, "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

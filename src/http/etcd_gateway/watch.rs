@@ -31,6 +31,11 @@ use crate::http::state::AppState;
 use crate::http::MAX_BODY_BYTES;
 use crate::mirror::store::{Change, ChangeSet, Follow};
 
+/// Messages a watch queues for its connection beyond the one being written: each is one
+/// revision's events, made when the connection has room, so a slow client holds back at most
+/// one set's worth of formatted events (the sets themselves are the history's).
+const WATCH_QUEUE_MESSAGES: usize = 1;
+
 /// etcd's `WatchCreateRequest`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -127,7 +132,7 @@ pub(crate) async fn watch(
         start: create.start_revision,
         id: create.watch_id,
     };
-    let (tx, rx) = mpsc::channel::<QueuedMessage>(16);
+    let (tx, rx) = mpsc::channel::<QueuedMessage>(WATCH_QUEUE_MESSAGES);
     let queued = state.subscribers.stream_queue();
     let task_state = state.clone();
     tokio::spawn(async move {
