@@ -56,6 +56,17 @@ impl Reporter {
         snapshot: &Snapshot,
         probes: &[MemberProbe],
     ) -> Vec<Check> {
+        self.checks_at(state, snapshot, probes, checks::resident_bytes())
+    }
+
+    /// The checks, with resident memory already read (`/v1/status` reports the same figure).
+    fn checks_at(
+        &self,
+        state: &AppState,
+        snapshot: &Snapshot,
+        probes: &[MemberProbe],
+        resident: Option<u64>,
+    ) -> Vec<Check> {
         let mut checks = checks::member_checks(probes);
         let facts = WatchFacts {
             loaded: snapshot.loaded,
@@ -82,7 +93,7 @@ impl Reporter {
             checks.push(checks::render_check(&files));
         }
         checks.push(checks::memory_check(
-            checks::resident_bytes(),
+            resident,
             state.live.get(|c| c.memory_budget),
             churn_peak(state, snapshot),
         ));
@@ -100,7 +111,8 @@ impl Report for Reporter {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let checks = self.checks(state, snapshot, &probes);
+        let resident = checks::resident_bytes();
+        let checks = self.checks_at(state, snapshot, &probes, resident);
         let (cache_bodies, cache_bytes) = state.cache.held();
         let (history_sets, history_bytes) = state.store.history_use();
         json!({
@@ -117,7 +129,7 @@ impl Report for Reporter {
             "keys": snapshot.len(),
             "bytes": snapshot.bytes,
             "memory": {
-                "resident_bytes": checks::resident_bytes(),
+                "resident_bytes": resident,
                 "budget_bytes": state.live.get(|c| c.memory_budget),
                 "churn_peak_estimate_bytes": churn_peak(state, snapshot),
             },
