@@ -159,19 +159,19 @@ impl Drop for Queue {
 /// connection takes them: a stream holds a reference to a change set or snapshot the store
 /// holds anyway, not a copy of its events, however large the set or the state.
 enum Sending {
-    /// A change set's changes in scope, from index `next` on (the next one in scope, if any).
+    /// A change set's changes in scope, from index `next` (the next one in scope) on.
     Set {
         /// The set.
         set: Arc<ChangeSet>,
         /// Where in `set.changes` the next event in scope is.
-        next: Option<usize>,
+        next: usize,
     },
     /// The whole state in scope as of `snapshot`, after the `reset` event.
     State {
         /// The state sent.
         snapshot: Arc<Snapshot>,
         /// The next entry to send.
-        next: Option<Arc<Entry>>,
+        next: Arc<Entry>,
     },
 }
 
@@ -213,9 +213,7 @@ impl Subscriber {
             ));
         }
         self.last = set.revision;
-        if next.is_some() {
-            self.sending = Some(Sending::Set { set, next });
-        }
+        self.sending = next.map(|next| Sending::Set { set, next });
     }
 
     /// The index of the first change in scope at `from` or after.
@@ -227,21 +225,24 @@ impl Subscriber {
     fn send_reset(&mut self, snapshot: Arc<Snapshot>, reason: &str) {
         let (Scope::Prefix(prefix) | Scope::Key(prefix)) = &self.scope;
         let next = self.next_entry(&snapshot, prefix.clone(), false);
-        let (event, bytes) = sized(
+        let reset = sized(
             "reset",
             json!({ "revision": snapshot.revision, "reason": reason }).to_string(),
         );
-        let event = match next {
-            // Nothing in scope: the reset is the whole revision.
-            None => event.id(snapshot.revision.to_string()),
-            Some(_) => event,
+        // Nothing in scope: the reset is the whole revision.
+        self.push_of_revision(reset, snapshot.revision, next.is_none());
+        self.last = snapshot.revision;
+        self.sending = next.map(|next| Sending::State { snapshot, next });
+    }
+
+    /// Queues an event of `revision`; the last of it carries the `id:`.
+    fn push_of_revision(&mut self, (event, bytes): Sized, revision: i64, last: bool) {
+        let event = if last {
+            event.id(revision.to_string())
+        } else {
+            event
         };
         self.pending.push((event, bytes));
-        self.last = snapshot.revision;
-        self.sending = next.map(|next| Sending::State {
-            snapshot,
-            next: Some(next),
-        });
     }
 
     /// The first entry in scope from `key` on (after it, when `after`).
@@ -260,45 +261,25 @@ impl Subscriber {
         let Some(sending) = self.sending.take() else {
             return false;
         };
-        match sending {
-            Sending::Set {
-                set,
-                next: Some(at),
-            } => {
-                let following = self.next_change(&set, at + 1);
-                let (event, bytes) = change_event(&set.changes[at]);
-                let event = match following {
-                    None => event.id(set.revision.to_string()),
-                    Some(_) => event,
-                };
-                self.pending.push((event, bytes));
-                if following.is_some() {
-                    self.sending = Some(Sending::Set {
-                        set,
-                        next: following,
-                    });
-                }
+        let (event, revision, rest) = match sending {
+            Sending::Set { set, next } => {
+                let revision = set.revision;
+                let event = change_event(&set.changes[next]);
+                let rest = self
+                    .next_change(&set, next + 1)
+                    .map(|next| Sending::Set { set, next });
+                (event, revision, rest)
             }
-            Sending::State {
-                snapshot,
-                next: Some(entry),
-            } => {
-                let following = self.next_entry(&snapshot, entry.key.clone(), true);
-                let (event, bytes) = change_event(&Change::Put(entry));
-                let event = match following {
-                    None => event.id(snapshot.revision.to_string()),
-                    Some(_) => event,
-                };
-                self.pending.push((event, bytes));
-                if following.is_some() {
-                    self.sending = Some(Sending::State {
-                        snapshot,
-                        next: following,
-                    });
-                }
+            Sending::State { snapshot, next } => {
+                let revision = snapshot.revision;
+                let rest = self
+                    .next_entry(&snapshot, next.key.clone(), true)
+                    .map(|next| Sending::State { snapshot, next });
+                (change_event(&Change::Put(next)), revision, rest)
             }
-            Sending::Set { next: None, .. } | Sending::State { next: None, .. } => {}
-        }
+        };
+        self.push_of_revision(event, revision, rest.is_none());
+        self.sending = rest;
         true
     }
 
