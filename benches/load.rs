@@ -368,14 +368,7 @@ async fn run(plan: Plan) -> String {
     let snap = dir.path().join("mem.snap");
     let mem = SidecarProcess::start(&proxied, "/mem/", &snap);
     mem.wait_ready(&http, Duration::from_secs(120)).await;
-    let status: serde_json::Value = http
-        .get(format!("{}/v1/status", mem.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = common::get_json(&http, &format!("{}/v1/status", mem.base)).await;
     assert_eq!(status["keys"], plan.keys);
     let raw = status["bytes"].as_u64().unwrap();
     let rss = mem.rss_bytes();

@@ -67,14 +67,7 @@ async fn py_consul_reads_blocks_writes_and_reads_on_without_quorum() {
     assert_eq!(raw.headers()["x-consul-knownleader"], "true");
     assert!(raw.headers().contains_key("x-consul-lastcontact"));
     assert_eq!(raw.text().await.unwrap(), "3");
-    let entry: Value = http
-        .get(format!("{consul}/v1/kv/cs/app/dir/c"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let entry = get_json(&http, &format!("{consul}/v1/kv/cs/app/dir/c")).await;
     assert_eq!(entry[0]["ModifyIndex"], c);
     assert_eq!(entry[0]["Value"], "Mw==");
     let missing = http

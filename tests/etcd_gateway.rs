@@ -167,14 +167,7 @@ async fn ranges_and_watches_answer_as_etcds_own_gateway() {
     let http = reqwest::Client::new();
     let etcd_base = cluster.endpoint(0);
 
-    let version: Value = http
-        .get(sidecar.url("/version"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let version = sidecar.json("/version").await;
     assert!(version["etcdserver"].as_str().unwrap().starts_with("3.4"));
 
     let prefix = json!({"key": b64("/r/app/"), "range_end": b64("/r/app0")});

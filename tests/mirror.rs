@@ -565,14 +565,7 @@ async fn unknown_is_not_missing_before_the_first_load() {
             .status(),
         200
     );
-    let status: serde_json::Value = http
-        .get(format!("{base}/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = get_json(&http, &format!("{base}/v1/status")).await;
     assert_eq!(status["mode"], "starting");
     assert_eq!(status["ready"], false);
     running.stop().await.unwrap();

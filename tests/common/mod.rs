@@ -578,6 +578,13 @@ impl Drop for Process {
     }
 }
 
+/// The JSON body of a 200 answer to `GET url` (any other status fails the test).
+pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    let r = http.get(url).send().await.expect("request");
+    assert_eq!(r.status(), 200, "GET {url}");
+    r.json().await.expect("JSON body")
+}
+
 /// The mode `/v1/status` at `base` reports, or `None` when it does not answer.
 pub async fn mode_at(http: &reqwest::Client, base: &str) -> Option<String> {
     let status: serde_json::Value = http
@@ -806,9 +813,7 @@ impl Sidecar {
     }
 
     pub async fn json(&self, path: &str) -> serde_json::Value {
-        let r = self.get(path).await;
-        assert_eq!(r.status(), 200, "GET {path}");
-        r.json().await.expect("JSON body")
+        get_json(&self.http, &self.url(path)).await
     }
 
     /// The mode it reports.
