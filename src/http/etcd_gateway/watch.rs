@@ -205,9 +205,9 @@ async fn run(
         tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
     let mut body_open = true;
     loop {
+        // A progress answer or heartbeat reports `last`: everything up to it was sent, even in
+        // the middle of a replay.
         let outcome = tokio::select! {
-            // Sets first: a progress answer says everything up to `last` was sent.
-            biased;
             _ = closing.wait_for(|c| *c) => return,
             received = live.recv() => match received {
                 Ok(set) if set.reset => Err(Canceled {
