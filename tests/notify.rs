@@ -360,6 +360,66 @@ async fn a_stalled_subscriber_does_not_delay_the_others() {
     assert!(status["bytes"].as_u64().unwrap() > 20 << 20, "{status}");
 }
 
+/// A client that asks for a stream and stops reading is closed after the send timeout: its
+/// stream slot, and whatever the stream holds, are freed; clients that read are not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_takes_nothing_is_closed_after_the_send_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let cluster = EtcdCluster::start(1).await;
+    let mut etcd = cluster.client().await;
+    let value = "v".repeat(16 * 1024);
+    let mut seeded = 0;
+    for batch in 0..50 {
+        let ops: Vec<TxnOp> = (0..12)
+            .map(|i| TxnOp::put(format!("/sd/k{batch}-{i}"), value.clone(), None))
+            .collect();
+        let txn = etcd.txn(Txn::new().and_then(ops)).await.unwrap();
+        seeded = txn.header().unwrap().revision();
+    }
+    let mut config = sidecar_config(&cluster.endpoints(), &["/sd/"]);
+    config.http.send_timeout = Duration::from_secs(2);
+    // The watchdog looks every half header-read timeout.
+    config.http.header_read_timeout = Duration::from_secs(1);
+    let sidecar = start_sidecar(config).await;
+
+    // 600 values of 16 KiB (9.6 MB) to send as the stream's reset: more than the socket buffers
+    // hold (here up to 4 MiB sent and 128 KiB received unread).
+    let mut stalled = tokio::net::TcpStream::connect(sidecar.addr())
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"GET /v1/watch/sd/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reading = SseClient::connect(&sidecar.http, &sidecar.url("/v1/watch/sd/"), None).await;
+    let open = || async { sidecar.json("/v1/status").await["streams"]["open"].as_u64() };
+    eventually(Duration::from_secs(5), "both streams open", || async {
+        open().await == Some(2)
+    })
+    .await;
+    let stalled_at = Instant::now();
+    // The reading client takes its whole reset, and is then idle: not stalled.
+    let state = read_until(&mut reading, seeded, Duration::from_secs(10)).await;
+    assert_eq!(state.len(), 601, "the reset and 600 values");
+    eventually(
+        Duration::from_secs(10),
+        "the stalled stream closed",
+        || async { open().await == Some(1) },
+    )
+    .await;
+    assert!(
+        stalled_at.elapsed() >= Duration::from_millis(1500),
+        "closed before its send timeout: {:?}",
+        stalled_at.elapsed()
+    );
+    // The reading client has all it asked for and goes on.
+    let r = put_rev(&mut etcd, "/sd/after", "1").await;
+    let got = read_until(&mut reading, r, Duration::from_secs(10)).await;
+    assert!(got.iter().any(|e| e.event == "put"), "{}", got.len());
+    assert_eq!(open().await, Some(1));
+    drop(stalled);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_during_a_compaction_resync_are_correct() {
     let cluster = EtcdCluster::start(3).await;

@@ -113,6 +113,8 @@ pub struct HttpConfig {
     pub idle_timeout: Duration,
     /// Time a request body gets to arrive, once its head has.
     pub body_read_timeout: Duration,
+    /// Time a response may wait for the client to take more of it before the connection closes.
+    pub send_timeout: Duration,
     /// Whether a non-loopback listen address was allowed explicitly.
     pub allow_remote: bool,
     /// Extra names accepted in the Host header.

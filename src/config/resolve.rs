@@ -230,6 +230,7 @@ impl Config {
                 header_read_timeout: s.header_read_timeout,
                 idle_timeout: s.idle_timeout,
                 body_read_timeout: s.body_read_timeout,
+                send_timeout: s.send_timeout,
                 allow_remote: s.allow_remote,
                 allowed_hosts,
                 max_connections: s.max_connections as usize,

@@ -168,6 +168,11 @@ pub struct Settings {
     /// Time a connection may sit with nothing in flight and no bytes moving [SIGHUP applies it].
     #[arg(long, env = "CONFIG_SIDECAR_IDLE_TIMEOUT", default_value = "60s", value_parser = duration, help_heading = "http")]
     pub idle_timeout: Duration,
+    /// Time a response may wait for the client to take more of it (nginx's send_timeout): a
+    /// client that stops reading a stream or a large body is closed after it, so it holds no
+    /// stream, snapshot or buffer for ever [SIGHUP applies it].
+    #[arg(long, env = "CONFIG_SIDECAR_SEND_TIMEOUT", default_value = "60s", value_parser = duration, help_heading = "http")]
+    pub send_timeout: Duration,
     /// Time a write's body gets to arrive once its head has [SIGHUP applies it].
     #[arg(long, env = "CONFIG_SIDECAR_BODY_READ_TIMEOUT", default_value = "10s", value_parser = duration, help_heading = "http")]
     pub body_read_timeout: Duration,

@@ -250,6 +250,7 @@ fn limits(live: &Live) -> server::ConnectionLimits {
     live.get(|c| server::ConnectionLimits {
         header_read_timeout: c.http.header_read_timeout,
         idle_timeout: c.http.idle_timeout,
+        send_timeout: c.http.send_timeout,
         shutdown_grace: c.http.shutdown_grace,
         max_connections: c.http.max_connections,
     })

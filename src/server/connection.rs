@@ -31,6 +31,8 @@ pub(crate) struct Activity {
     in_flight: AtomicUsize,
     /// Reads and writes that moved bytes.
     moved: AtomicU64,
+    /// Whether the last write found the socket full: the client is not taking the response.
+    write_blocked: AtomicBool,
 }
 
 /// Why a watchdog closed its connection.
@@ -40,6 +42,8 @@ pub(crate) enum Expired {
     HeaderRead,
     /// Nothing in flight and no bytes moving for the idle timeout.
     Idle,
+    /// A response's writes blocked, with no bytes moving, for the send timeout.
+    Send,
 }
 
 impl Expired {
@@ -47,6 +51,7 @@ impl Expired {
         match self {
             Expired::HeaderRead => "request head not received in time",
             Expired::Idle => "idle",
+            Expired::Send => "the client took none of the response in time",
         }
     }
 }
@@ -54,14 +59,13 @@ impl Expired {
 /// Completes when the connection should be closed.
 pub(crate) async fn watchdog(activity: &Activity, limits: ConnectionLimits) -> Expired {
     let tick = limits.header_read_timeout / 2;
-    let idle_ticks = limits
-        .idle_timeout
-        .as_nanos()
-        .div_ceil(tick.as_nanos().max(1)) as u32;
+    let ticks =
+        |timeout: std::time::Duration| timeout.as_nanos().div_ceil(tick.as_nanos().max(1)) as u32;
+    let (idle_ticks, send_ticks) = (ticks(limits.idle_timeout), ticks(limits.send_timeout));
     let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut heads, mut moved) = (0, 0);
-    let (mut pending, mut idle) = (0u32, 0u32);
+    let (mut pending, mut idle, mut stuck) = (0u32, 0u32, 0u32);
     loop {
         interval.tick().await;
         let busy = activity.in_flight.load(Ordering::Relaxed) > 0;
@@ -78,6 +82,11 @@ pub(crate) async fn watchdog(activity: &Activity, limits: ConnectionLimits) -> E
         } else {
             idle = 0;
         }
+        if busy && now_moved == moved && activity.write_blocked.load(Ordering::Relaxed) {
+            stuck += 1;
+        } else {
+            stuck = 0;
+        }
         // Three looks half a timeout apart: the head's first byte is at least a timeout old.
         if pending >= 3 {
             return Expired::HeaderRead;
@@ -86,6 +95,10 @@ pub(crate) async fn watchdog(activity: &Activity, limits: ConnectionLimits) -> E
         // last activity.
         if idle > idle_ticks {
             return Expired::Idle;
+        }
+        // The same for a response the client does not take (its writes find the socket full).
+        if stuck > send_ticks {
+            return Expired::Send;
         }
         (heads, moved) = (now_heads, now_moved);
     }
@@ -151,8 +164,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
 
 impl<T> CountingIo<T> {
     fn count_write(&self, result: &Poll<io::Result<usize>>) {
-        if matches!(result, Poll::Ready(Ok(n)) if *n > 0) {
-            self.activity.moved.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.activity.moved.fetch_add(1, Ordering::Relaxed);
+                self.activity.write_blocked.store(false, Ordering::Relaxed);
+            }
+            Poll::Pending => self.activity.write_blocked.store(true, Ordering::Relaxed),
+            _ => {}
         }
     }
 }
@@ -269,6 +287,7 @@ mod tests {
         ConnectionLimits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(1),
             max_connections: 16,
         }
@@ -311,6 +330,40 @@ mod tests {
         assert_eq!(expired, Expired::Idle);
         assert!(
             after >= Duration::from_secs(360) && after <= Duration::from_secs(366),
+            "{after:?}"
+        );
+    }
+
+    /// A stream whose client stopped reading: its writes find the socket full and nothing moves.
+    /// Cut after the send timeout; a slow client that takes a little at a time is not.
+    #[tokio::test(start_paused = true)]
+    async fn a_response_the_client_does_not_take_is_cut_after_the_send_timeout() {
+        let activity = Arc::new(Activity::default());
+        activity.heads.store(1, Ordering::Relaxed);
+        let _in_flight = InFlight::new(&activity);
+        let watched = {
+            let activity = activity.clone();
+            tokio::spawn(async move { fires(&activity).await })
+        };
+        // Slow but moving: a write goes through every 20 s between blocked ones, for 10 minutes.
+        for _ in 0..30 {
+            activity.write_blocked.store(true, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            activity.moved.fetch_add(1, Ordering::Relaxed);
+            activity.write_blocked.store(false, Ordering::Relaxed);
+            assert!(
+                !watched.is_finished(),
+                "cut while the client was taking bytes"
+            );
+        }
+        // Then it takes nothing more.
+        let stopped = tokio::time::Instant::now();
+        activity.write_blocked.store(true, Ordering::Relaxed);
+        let (expired, _) = watched.await.unwrap();
+        assert_eq!(expired, Expired::Send);
+        let after = stopped.elapsed();
+        assert!(
+            after >= Duration::from_secs(30) && after <= Duration::from_secs(41),
             "{after:?}"
         );
     }

@@ -38,6 +38,8 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Time a connection may sit with nothing in flight and no bytes moving.
     pub idle_timeout: Duration,
+    /// Time a response may wait, its writes blocked, for the client to take more of it.
+    pub send_timeout: Duration,
     /// Time in-flight requests get to finish at shutdown.
     pub shutdown_grace: Duration,
     /// Most connections open at once; one more is answered 503 and closed.
