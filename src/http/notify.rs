@@ -19,7 +19,7 @@ use tokio::sync::broadcast::Receiver;
 use tokio::sync::watch;
 
 use crate::mirror::mode::{ModeHandle, Transition};
-use crate::mirror::render::{entry_json, put_bytes};
+use crate::mirror::render::{put_bytes, EntryJson};
 use crate::mirror::store::{Change, ChangeSet, Entry, Follow, LiveChanges, Snapshot, Store};
 
 /// Longest `wait` a blocking query may ask for.
@@ -112,7 +112,10 @@ fn sized(name: &str, data: String) -> Sized {
 
 fn change_event(change: &Change) -> Sized {
     match change {
-        Change::Put(entry) => sized("put", entry_json(entry).to_string()),
+        Change::Put(entry) => sized(
+            "put",
+            serde_json::to_string(&EntryJson(entry)).expect("entries serialise"),
+        ),
         Change::Delete { key, revision } => {
             let mut obj = serde_json::Map::new();
             put_bytes(&mut obj, "key", key);
