@@ -114,6 +114,17 @@ async fn read_until(client: &mut SseClient, revision: i64, within: Duration) -> 
     }
 }
 
+/// A connection that asks for the stream at `path` and then reads nothing (until the test does).
+async fn unread_stream(sidecar: &Sidecar, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut socket = tokio::net::TcpStream::connect(sidecar.addr())
+        .await
+        .unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket
+}
+
 /// `(event, key, mod_revision)` of each put/delete event.
 fn summary(events: &[SseEvent]) -> Vec<(String, String, i64)> {
     events
@@ -283,20 +294,14 @@ async fn a_stream_resumes_with_and_without_a_gap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_subscriber_does_not_delay_the_others() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let cluster = EtcdCluster::start(1).await;
     let mut etcd = cluster.client().await;
     etcd.put("/st/seed", "0", None).await.unwrap();
     let sidecar = start_sidecar(sidecar_config(&cluster.endpoints(), &["/st/"])).await;
 
     // The stalled one: asks for the stream and never reads.
-    let mut stalled = tokio::net::TcpStream::connect(sidecar.addr())
-        .await
-        .unwrap();
-    stalled
-        .write_all(b"GET /v1/watch/st/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stalled = unread_stream(&sidecar, "/v1/watch/st/").await;
     let mut healthy = SseClient::connect(&sidecar.http, &sidecar.url("/v1/watch/st/"), None).await;
     assert_eq!(
         healthy.next(Duration::from_secs(5)).await.unwrap().event,
@@ -364,7 +369,6 @@ async fn a_stalled_subscriber_does_not_delay_the_others() {
 /// stream slot, and whatever the stream holds, are freed; clients that read are not touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_takes_nothing_is_closed_after_the_send_timeout() {
-    use tokio::io::AsyncWriteExt;
     let cluster = EtcdCluster::start(1).await;
     let mut etcd = cluster.client().await;
     let value = "v".repeat(16 * 1024);
@@ -384,13 +388,7 @@ async fn a_client_that_takes_nothing_is_closed_after_the_send_timeout() {
 
     // 600 values of 16 KiB (9.6 MB) to send as the stream's reset: more than the socket buffers
     // hold (here up to 4 MiB sent and 128 KiB received unread).
-    let mut stalled = tokio::net::TcpStream::connect(sidecar.addr())
-        .await
-        .unwrap();
-    stalled
-        .write_all(b"GET /v1/watch/sd/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
+    let stalled = unread_stream(&sidecar, "/v1/watch/sd/").await;
     let mut reading = SseClient::connect(&sidecar.http, &sidecar.url("/v1/watch/sd/"), None).await;
     let open = || async { sidecar.json("/v1/status").await["streams"]["open"].as_u64() };
     eventually(Duration::from_secs(5), "both streams open", || async {

@@ -180,32 +180,32 @@ impl serde::Serialize for EntryJson<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let entry = self.0;
-        let key = std::str::from_utf8(&entry.key).map_err(|_| base64_of(&entry.key));
-        let value = std::str::from_utf8(entry.value()).map_err(|_| base64_of(entry.value()));
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("create_revision", &entry.create_revision)?;
-        match &key {
-            Ok(text) => map.serialize_entry("key", text)?,
-            Err(encoded) => {
-                map.serialize_entry("key", encoded)?;
-                map.serialize_entry("key_encoding", "base64")?;
-            }
-        }
+        bytes_field(&mut map, "key", "key_encoding", &entry.key)?;
         map.serialize_entry("mod_revision", &entry.mod_revision)?;
-        match &value {
-            Ok(text) => map.serialize_entry("value", text)?,
-            Err(encoded) => {
-                map.serialize_entry("value", encoded)?;
-                map.serialize_entry("value_encoding", "base64")?;
-            }
-        }
+        bytes_field(&mut map, "value", "value_encoding", entry.value())?;
         map.serialize_entry("version", &entry.version)?;
         map.end()
     }
 }
 
-fn base64_of(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
+/// `name: text`, or `name: base64` followed by `marker: "base64"` for bytes that are not UTF-8
+/// (as [`put_bytes`] writes them).
+fn bytes_field<M: serde::ser::SerializeMap>(
+    map: &mut M,
+    name: &str,
+    marker: &str,
+    bytes: &[u8],
+) -> Result<(), M::Error> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => map.serialize_entry(name, text),
+        Err(_) => {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+            map.serialize_entry(name, &encoded)?;
+            map.serialize_entry(marker, "base64")
+        }
+    }
 }
 
 /// `[{key, value, create_revision, mod_revision, version}, ...]` for every key starting with
