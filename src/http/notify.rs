@@ -19,7 +19,7 @@ use tokio::sync::broadcast::Receiver;
 use tokio::sync::watch;
 
 use crate::mirror::mode::{ModeHandle, Transition};
-use crate::mirror::render::{put_bytes, EntryJson};
+use crate::mirror::render::{DeletionJson, EntryJson};
 use crate::mirror::store::{Change, ChangeSet, Entry, Follow, LiveChanges, Snapshot, Store};
 
 /// Longest `wait` a blocking query may ask for.
@@ -116,12 +116,14 @@ fn change_event(change: &Change) -> Sized {
             "put",
             serde_json::to_string(&EntryJson(entry)).expect("entries serialise"),
         ),
-        Change::Delete { key, revision } => {
-            let mut obj = serde_json::Map::new();
-            put_bytes(&mut obj, "key", key);
-            obj.insert("mod_revision".into(), (*revision).into());
-            sized("delete", serde_json::Value::Object(obj).to_string())
-        }
+        Change::Delete { key, revision } => sized(
+            "delete",
+            serde_json::to_string(&DeletionJson {
+                key,
+                revision: *revision,
+            })
+            .expect("deletions serialise"),
+        ),
     }
 }
 

@@ -142,38 +142,10 @@ impl Drop for Alive {
     }
 }
 
-/// Puts `bytes` into `obj` under `field` as text, or as base64 with a `{field}_encoding: "base64"`
-/// marker when they are not UTF-8. Every JSON body that carries keys or values uses it.
-pub fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => {
-            obj.insert(field.into(), Value::String(text.into()));
-        }
-        Err(_) => {
-            obj.insert(
-                field.into(),
-                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
-            );
-            obj.insert(format!("{field}_encoding"), Value::String("base64".into()));
-        }
-    }
-}
-
-/// One entry as JSON: `{key, value, create_revision, mod_revision, version}`, with base64 and an
-/// `_encoding` marker for bytes that are not UTF-8.
-pub fn entry_json(entry: &Entry) -> Value {
-    let mut obj = Map::new();
-    put_bytes(&mut obj, "key", &entry.key);
-    put_bytes(&mut obj, "value", entry.value());
-    obj.insert("create_revision".into(), entry.create_revision.into());
-    obj.insert("mod_revision".into(), entry.mod_revision.into());
-    obj.insert("version".into(), entry.version.into());
-    Value::Object(obj)
-}
-
-/// [`entry_json`]'s text, written straight from the entry: no map, no copy of the key or value
-/// into a JSON value first (a listing or a change event is made of these). The fields come in
-/// the order `entry_json`'s map serialises them (by name), so the bytes are the same.
+/// One entry as JSON: `{create_revision, key, mod_revision, value, version}` (fields by name),
+/// written straight from the entry with no JSON value copying its key and value first (a
+/// listing or a change event is made of these). A key or value that is not UTF-8 is base64 and
+/// carries `key_encoding` / `value_encoding: "base64"`.
 pub struct EntryJson<'a>(pub &'a Entry);
 
 impl serde::Serialize for EntryJson<'_> {
@@ -190,8 +162,26 @@ impl serde::Serialize for EntryJson<'_> {
     }
 }
 
-/// `name: text`, or `name: base64` followed by `marker: "base64"` for bytes that are not UTF-8
-/// (as [`put_bytes`] writes them).
+/// A deleted key as JSON: `{key, mod_revision}`, the key as [`EntryJson`] writes it.
+pub struct DeletionJson<'a> {
+    /// The key deleted.
+    pub key: &'a [u8],
+    /// The revision of the deletion.
+    pub revision: i64,
+}
+
+impl serde::Serialize for DeletionJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        bytes_field(&mut map, "key", "key_encoding", self.key)?;
+        map.serialize_entry("mod_revision", &self.revision)?;
+        map.end()
+    }
+}
+
+/// `name: text`, or `name: base64` followed by `marker: "base64"` for bytes that are not UTF-8:
+/// how every JSON body that carries keys or values writes them.
 fn bytes_field<M: serde::ser::SerializeMap>(
     map: &mut M,
     name: &str,
@@ -304,8 +294,38 @@ pub fn tree(snapshot: &Snapshot, dir: &str) -> Value {
 mod tests {
     use super::*;
 
-    /// The direct writer and the JSON value give the same bytes, for text and for bytes that
-    /// are not UTF-8 (base64 with the `_encoding` markers).
+    /// The reference the direct writers must equal: `bytes` into `obj` under `field` as text, or
+    /// as base64 with a `{field}_encoding: "base64"` marker when they are not UTF-8, through a
+    /// JSON map (as entries and deletions were written before `EntryJson`).
+    fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => {
+                obj.insert(field.into(), Value::String(text.into()));
+            }
+            Err(_) => {
+                obj.insert(
+                    field.into(),
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                );
+                obj.insert(format!("{field}_encoding"), Value::String("base64".into()));
+            }
+        }
+    }
+
+    /// One entry as JSON: `{key, value, create_revision, mod_revision, version}`, with base64 and an
+    /// `_encoding` marker for bytes that are not UTF-8.
+    fn entry_json(entry: &Entry) -> Value {
+        let mut obj = Map::new();
+        put_bytes(&mut obj, "key", &entry.key);
+        put_bytes(&mut obj, "value", entry.value());
+        obj.insert("create_revision".into(), entry.create_revision.into());
+        obj.insert("mod_revision".into(), entry.mod_revision.into());
+        obj.insert("version".into(), entry.version.into());
+        Value::Object(obj)
+    }
+
+    /// The direct writers give the JSON map's bytes, for text and for bytes that are not UTF-8
+    /// (base64 with the `_encoding` markers).
     #[test]
     fn entry_json_text_is_the_values_text() {
         for (key, value) in [
@@ -323,6 +343,13 @@ mod tests {
             assert_eq!(
                 serde_json::to_string(&EntryJson(&entry)).unwrap(),
                 entry_json(&entry).to_string()
+            );
+            let mut deletion = Map::new();
+            put_bytes(&mut deletion, "key", key);
+            deletion.insert("mod_revision".into(), 9.into());
+            assert_eq!(
+                serde_json::to_string(&DeletionJson { key, revision: 9 }).unwrap(),
+                Value::Object(deletion).to_string()
             );
         }
     }
