@@ -300,6 +300,12 @@ mod tests {
         (expired, start.elapsed())
     }
 
+    /// The watchdog over `activity` as a task of its own, while the test drives the activity.
+    fn watch(activity: &Arc<Activity>) -> tokio::task::JoinHandle<(Expired, Duration)> {
+        let activity = activity.clone();
+        tokio::spawn(async move { fires(&activity).await })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_trickled_head_is_cut_between_one_and_one_and_a_half_timeouts() {
         let activity = Activity::default();
@@ -319,10 +325,7 @@ mod tests {
         // A blocking query: head complete, response pending for five minutes.
         activity.heads.store(1, Ordering::Relaxed);
         let in_flight = InFlight::new(&activity);
-        let watched = {
-            let activity = activity.clone();
-            tokio::spawn(async move { fires(&activity).await })
-        };
+        let watched = watch(&activity);
         tokio::time::sleep(Duration::from_secs(300)).await;
         assert!(!watched.is_finished(), "cut while a request was in flight");
         drop(in_flight);
@@ -341,10 +344,7 @@ mod tests {
         let activity = Arc::new(Activity::default());
         activity.heads.store(1, Ordering::Relaxed);
         let _in_flight = InFlight::new(&activity);
-        let watched = {
-            let activity = activity.clone();
-            tokio::spawn(async move { fires(&activity).await })
-        };
+        let watched = watch(&activity);
         // Slow but moving: a write goes through every 20 s between blocked ones, for 10 minutes.
         for _ in 0..30 {
             activity.write_blocked.store(true, Ordering::Relaxed);
@@ -371,10 +371,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn heads_completing_keep_a_busy_connection_open() {
         let activity = Arc::new(Activity::default());
-        let watched = {
-            let activity = activity.clone();
-            tokio::spawn(async move { fires(&activity).await })
-        };
+        let watched = watch(&activity);
         // A request every second for two minutes: each starts reading, completes, moves bytes.
         for _ in 0..120 {
             activity.reading.store(true, Ordering::Relaxed);
