@@ -14,8 +14,8 @@ pub enum Failure {
     /// The member answered that the cluster has no leader: nothing was applied, and the member
     /// is cut off from a quorum or the cluster is electing.
     NoLeader,
-    /// The call's deadline passed (`DeadlineExceeded`, `Cancelled`): a request that was sent may
-    /// have been applied.
+    /// The call's deadline passed (`DeadlineExceeded`, `Cancelled`, for a request that went out):
+    /// a request that was sent may have been applied.
     Deadline,
     /// The member could not be reached or the connection broke (a transport or IO error, or
     /// `Unavailable` for another reason): whether a request sent was applied is unknown.
@@ -32,6 +32,11 @@ impl Failure {
             etcd_client::Error::GRpcStatus(status) => match status.code() {
                 Code::Unavailable if status.message() == NO_LEADER => Failure::NoLeader,
                 Code::Unavailable | Code::Unknown => Failure::Unreachable,
+                // Canceled because the connection was refused or closed before the request
+                // went out (a killed member): the member is unreachable, not slow.
+                Code::DeadlineExceeded | Code::Cancelled if Failure::not_sent(error) => {
+                    Failure::Unreachable
+                }
                 Code::DeadlineExceeded | Code::Cancelled => Failure::Deadline,
                 _ => Failure::Refused,
             },
@@ -104,6 +109,14 @@ mod tests {
             Failure::of(&status(Code::DeadlineExceeded, "context deadline exceeded")),
             Failure::Deadline
         );
+        // Canceled by a connection that never carried the request (here refused): unreachable.
+        let mut canceled = tonic::Status::new(Code::Cancelled, "operation was canceled");
+        canceled.set_source(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        let canceled = etcd_client::Error::GRpcStatus(canceled);
+        assert!(Failure::not_sent(&canceled));
+        assert_eq!(Failure::of(&canceled), Failure::Unreachable);
         // A refusal whose text mentions a leader is still a refusal: the code decides.
         assert_eq!(
             Failure::of(&status(Code::InvalidArgument, "etcdserver: no leader")),
