@@ -12,18 +12,21 @@
 //!
 //! `cargo bench --bench fleet` runs it at full size (`FLEET_SIDECARS`, default 40; `FLEET_REST`
 //! seconds, default 150: long enough for two or three of the light probe rounds a sidecar at rest
-//! makes about every minute) and writes `benches/results/fleet.md`. Without `--bench` (as `cargo test`
-//! runs it) it is a smoke run of 3 sidecars that only checks that every part works.
+//! makes about every minute) and writes `benches/results/fleet.md`. At full size it runs the binary
+//! as fleets run it, linked statically by `scripts/build-static.sh` (which it calls). Without
+//! `--bench` (as `cargo test` runs it) it is a smoke run of 3 sidecars of the test build that
+//! only checks that every part works.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{eventually, free_port, sidecar_command, EtcdCluster, Process};
+use common::{eventually, free_port, sidecar_command_of, EtcdCluster, Process};
 
 /// One etcd member's counters, from its `/metrics`.
 #[derive(Debug, Default, Clone)]
@@ -97,7 +100,28 @@ async fn head_revision(etcd: &mut etcd_client::Client) -> i64 {
     answer.header().expect("response header").revision()
 }
 
-/// One sidecar binary.
+/// The sidecar binary every [`Sidecar`] runs: set once in `main`.
+static BINARY: OnceLock<PathBuf> = OnceLock::new();
+
+/// The statically linked release binary, as the image ships it, built by the script that says how.
+fn static_binary() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-static.sh");
+    let output = std::process::Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run scripts/build-static.sh");
+    assert!(output.status.success(), "scripts/build-static.sh failed");
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+/// The binary's path as the results show it: from the repository's root.
+fn binary_shown() -> String {
+    let binary = BINARY.get().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    binary.strip_prefix(root).unwrap_or(binary).display().to_string()
+}
+
+/// One sidecar process.
 struct Sidecar {
     process: Process,
     base: String,
@@ -108,7 +132,7 @@ struct Sidecar {
 impl Sidecar {
     fn start(args: Vec<String>, base: String, prefix: String) -> Sidecar {
         Sidecar {
-            process: Process::spawn(&mut sidecar_command(&args)),
+            process: Process::spawn(&mut sidecar_command_of(BINARY.get().unwrap(), &args)),
             base,
             prefix,
             args,
@@ -193,6 +217,12 @@ fn sum(all: &[Counters], f: impl Fn(&Counters) -> f64) -> f64 {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
+    let binary = if full {
+        static_binary()
+    } else {
+        PathBuf::from(common::BIN)
+    };
+    BINARY.set(binary).unwrap();
     let n = if full {
         common::env_number("FLEET_SIDECARS", 40)
     } else {
@@ -336,7 +366,8 @@ async fn run(n: usize, keys: usize, rest: Duration) -> String {
     let when = common::utc_minute();
     let _ = writeln!(
         out,
-        "Fleet benchmark, {when}: {n} idle sidecars against one 3-member etcd on this machine, each mirroring {keys} keys of about 1 KiB; rest measured over {seconds:.0} s.\n"
+        "Fleet benchmark, {when}: {n} idle sidecars against one 3-member etcd on this machine, each mirroring {keys} keys of about 1 KiB; rest measured over {seconds:.0} s. Binary: {}.\n",
+        binary_shown()
     );
     let _ = writeln!(out, "| at rest | value |\n| --- | ---: |");
     let _ = writeln!(

@@ -6,7 +6,7 @@
 #
 #   need               package            checked by                                  used by
 #   C toolchain        gcc, libc6-dev     cc compiles and links a C program, also     ring's build, rustc's linker,
-#                                         as a static PIE (libc.a, rcrt1.o)           the static binary (.cargo)
+#                                         as a static PIE (libc.a, rcrt1.o)           scripts/build-static.sh
 #   protoc             protobuf-compiler  protoc --version answers                    etcd-client's build
 #   well-known protos  libprotobuf-dev    protoc compiles a file importing            etcd-client's build
 #                                         google/protobuf/{descriptor,struct}.proto
@@ -30,7 +30,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 has_c_toolchain() {
   printf '#include <stdio.h>\nint main(void) { puts("ok"); return 0; }\n' >"$scratch/t.c"
   cc -o "$scratch/t" "$scratch/t.c" >/dev/null 2>&1 && [ "$("$scratch/t")" = ok ] &&
-    # .cargo/config.toml links the binary statically: glibc's static archives must be there.
+    # scripts/build-static.sh links the binary statically: glibc's static archives must be there.
     cc -static-pie -o "$scratch/ts" "$scratch/t.c" >/dev/null 2>&1 && [ "$("$scratch/ts")" = ok ]
 }
 

@@ -43,7 +43,6 @@ ETCDCTL_API=3 etcdctl --endpoints "$endpoints" del /config/demo/_ready >/dev/nul
 examples/seed.sh "$endpoints"
 
 cargo build --release --quiet
-# .cargo/config.toml names the target, so the binary is under target/<host-tuple>/.
-CONFIG_SIDECAR_ENDPOINTS="$endpoints" "./target/$(rustc --print host-tuple)/release/config-sidecar" --config examples/config.toml &
+CONFIG_SIDECAR_ENDPOINTS="$endpoints" ./target/release/config-sidecar --config examples/config.toml &
 pids+=($!)
 wait "${pids[-1]}"

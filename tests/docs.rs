@@ -235,9 +235,9 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/Dockerfile"))
             .unwrap();
     assert!(dockerfile.contains(&format!("COPY --from=build /src/config-sidecar {BINARY}")));
-    // The build links as the repository's cargo configuration says (statically).
-    assert!(dockerfile.contains("COPY .cargo ./.cargo"));
-    assert!(dockerfile.contains("target/$(rustc --print host-tuple)/release/config-sidecar"));
+    // The image's binary is the statically linked one, built by the script that says how.
+    assert!(dockerfile.contains("COPY scripts/build-static.sh ./scripts/"));
+    assert!(dockerfile.contains("RUN cp \"$(scripts/build-static.sh --locked)\" /src/config-sidecar"));
     let env: Vec<(String, String)> = dockerfile
         .lines()
         .filter_map(|l| l.strip_prefix("ENV "))

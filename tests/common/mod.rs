@@ -493,7 +493,16 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let mut command = Command::new(BIN);
+    sidecar_command_of(BIN, args)
+}
+
+/// [`sidecar_command`] of another build of the binary (the fleet benchmark's static one).
+pub fn sidecar_command_of<I, S>(binary: impl AsRef<std::ffi::OsStr>, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = Command::new(binary);
     command
         .args(args)
         .stdin(Stdio::null())
