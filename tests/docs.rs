@@ -237,7 +237,9 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
     assert!(dockerfile.contains(&format!("COPY --from=build /src/config-sidecar {BINARY}")));
     // The image's binary is the statically linked one, built by the script that says how.
     assert!(dockerfile.contains("COPY scripts/build-static.sh ./scripts/"));
-    assert!(dockerfile.contains("RUN cp \"$(scripts/build-static.sh --locked)\" /src/config-sidecar"));
+    assert!(
+        dockerfile.contains("RUN cp \"$(scripts/build-static.sh --locked)\" /src/config-sidecar")
+    );
     let env: Vec<(String, String)> = dockerfile
         .lines()
         .filter_map(|l| l.strip_prefix("ENV "))
