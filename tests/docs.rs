@@ -1,8 +1,10 @@
 //! Keeps the documents honest: `docs/openapi.yaml` describes exactly the router's routes and
-//! methods, and the deployment files (compose, Kubernetes) give the sidecar only flags and
-//! environment variables it has, probe only its real health paths, on its real port.
+//! methods, the deployment files (compose, Kubernetes) give the sidecar only flags and
+//! environment variables it has, probe only its real health paths, on its real port, the
+//! settings table of `docs/configuration.md` is the schema's, and every relative link and
+//! anchor of the README and `docs/` leads somewhere.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -466,7 +468,7 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
     }
 }
 
-/// The README's settings table, as the schema says it must read: one row per setting, in the
+/// The settings table of `docs/configuration.md`, as the schema says it must read: one row per setting, in the
 /// schema's order, with its section, flag, environment variable, default, whether SIGHUP applies
 /// it, and its help text.
 fn settings_table() -> String {
@@ -492,22 +494,161 @@ fn settings_table() -> String {
 }
 
 #[test]
-fn the_readme_settings_table_is_the_schema() {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+fn the_configuration_page_settings_table_is_the_schema() {
+    let page = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md"),
+    )
+    .unwrap();
     const START: &str = "<!-- settings: checked against the schema by tests/docs.rs -->\n";
     const END: &str = "<!-- end of settings -->";
-    let start = readme
+    let start = page
         .find(START)
-        .expect("the README marks its settings table")
+        .expect("docs/configuration.md marks its settings table")
         + START.len();
-    let end = start
-        + readme[start..]
-            .find(END)
-            .expect("the table's end is marked");
+    let end = start + page[start..].find(END).expect("the table's end is marked");
     let expected = settings_table();
     assert!(
-        readme[start..end] == expected,
-        "README.md's settings table differs from the schema; it should read:\n{expected}"
+        page[start..end] == expected,
+        "docs/configuration.md's settings table differs from the schema; it should read:\n{expected}"
+    );
+}
+
+/// A markdown text without its fenced code blocks, whose lines are neither headings nor prose.
+fn outside_fences(markdown: &str) -> String {
+    let mut fenced = false;
+    let mut kept = String::new();
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    kept
+}
+
+/// GitHub's anchor for a heading: lower case, every character but letters, digits, spaces,
+/// hyphens and underscores dropped, spaces made hyphens.
+fn slug(heading: &str) -> String {
+    heading
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The anchors of a markdown text's headings; a repeated slug gets `-1`, `-2`… as on GitHub.
+fn anchors(markdown: &str) -> BTreeSet<String> {
+    let mut seen = BTreeMap::<String, usize>::new();
+    let mut anchors = BTreeSet::new();
+    for line in outside_fences(markdown).lines() {
+        let text = line.trim_start_matches('#');
+        if text.len() == line.len() || line.len() - text.len() > 6 || !text.starts_with(' ') {
+            continue;
+        }
+        let base = slug(text.trim().trim_end_matches('#').trim_end());
+        let count = seen.entry(base.clone()).or_default();
+        anchors.insert(match *count {
+            0 => base,
+            n => format!("{base}-{n}"),
+        });
+        *count += 1;
+    }
+    anchors
+}
+
+/// The targets of a markdown text's `[text](target)` links, outside code: fenced blocks and
+/// inline code spans (taken paragraph by paragraph, as a span may wrap a line) are skipped.
+fn link_targets(markdown: &str) -> Vec<String> {
+    let mut targets = Vec::new();
+    for paragraph in outside_fences(markdown).split("\n\n") {
+        // Between a span's opening and closing backtick is code: every odd piece.
+        for prose in paragraph.split('`').step_by(2) {
+            for (at, _) in prose.match_indices("](") {
+                let rest = &prose[at + 2..];
+                if let Some(end) = rest.find(')') {
+                    let target = rest[..end].split_whitespace().next().unwrap_or_default();
+                    targets.push(target.to_string());
+                }
+            }
+        }
+    }
+    targets
+}
+
+/// What is wrong with each relative link of the markdown file `file` (inside `root`): a target
+/// that is not a file or directory of the repository, or an anchor no heading of its page has.
+fn broken_links(root: &Path, file: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(file).unwrap();
+    let name = file.strip_prefix(root).unwrap().display().to_string();
+    let mut broken = Vec::new();
+    for target in link_targets(&text) {
+        if ["http://", "https://", "mailto:"]
+            .iter()
+            .any(|scheme| target.starts_with(scheme))
+        {
+            continue;
+        }
+        let (path, anchor) = target.split_once('#').unwrap_or((&target, ""));
+        let page = if path.is_empty() {
+            file.to_path_buf()
+        } else {
+            file.parent().unwrap().join(path)
+        };
+        let inside = page
+            .canonicalize()
+            .is_ok_and(|p| p.starts_with(root.canonicalize().unwrap()));
+        if !inside {
+            broken.push(format!("{name}: {target}: no such file in the repository"));
+        } else if !anchor.is_empty() {
+            let headings = std::fs::read_to_string(&page).unwrap_or_default();
+            if !anchors(&headings).contains(anchor) {
+                broken.push(format!("{name}: {target}: no heading has that anchor"));
+            }
+        }
+    }
+    broken
+}
+
+#[test]
+fn every_relative_link_and_anchor_in_the_readme_and_docs_resolves() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            pages.push(path);
+        }
+    }
+    let broken: Vec<String> = pages.iter().flat_map(|p| broken_links(root, p)).collect();
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+#[test]
+fn the_link_checker_finds_a_missing_file_and_a_missing_anchor() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(
+        root.path().join("other.md"),
+        "# Other\n\n## Same\n\n## Same\n\n```sh\n# not a heading\n```\n",
+    )
+    .unwrap();
+    let page = root.path().join("page.md");
+    std::fs::write(
+        &page,
+        "# A `page`: its title\n\n\
+         [fine](other.md#same-1), [also](#a-page-its-title), [web](https://example.com/x#y)\n\
+         [gone](missing.md) and [wrong](other.md#same-2), [not](#not-a-heading)\n\n\
+         `[code](missing.md)` and\n\n```\n[fenced](missing.md)\n```\n",
+    )
+    .unwrap();
+    assert_eq!(
+        broken_links(root.path(), &page),
+        [
+            "page.md: missing.md: no such file in the repository",
+            "page.md: other.md#same-2: no heading has that anchor",
+            "page.md: #not-a-heading: no heading has that anchor",
+        ]
     );
 }
