@@ -513,6 +513,39 @@ fn the_configuration_page_settings_table_is_the_schema() {
     );
 }
 
+/// The README lists a few settings by hand (`| `--flag` | `ENV` | default | what |`): each row's
+/// environment variable and default must be the schema's, so the front door cannot drift from it.
+#[test]
+fn the_readme_settings_rows_agree_with_the_schema() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let schema = config_sidecar::config::settings::schema();
+    let mut rows = 0;
+    for line in readme.lines().filter(|l| l.starts_with("| `--")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let flag = cells[1].trim_matches('`').trim_start_matches("--");
+        let setting = schema
+            .iter()
+            .find(|s| s.flag == flag)
+            .unwrap_or_else(|| panic!("README lists --{flag}, which the schema does not have"));
+        let default = setting
+            .default
+            .as_ref()
+            .map_or("—".to_string(), |d| format!("`{d}`"));
+        assert_eq!(
+            cells[2],
+            format!("`{}`", setting.env),
+            "README row of --{flag}"
+        );
+        assert_eq!(cells[3], default, "README row of --{flag}");
+        rows += 1;
+    }
+    assert!(
+        rows >= 5,
+        "the README's settings rows were not found ({rows})"
+    );
+}
+
 /// A markdown text without its fenced code blocks, whose lines are neither headings nor prose.
 fn outside_fences(markdown: &str) -> String {
     let mut fenced = false;
