@@ -144,9 +144,12 @@ mod tests {
             .await
             .unwrap_err()
             .contains("holds no pid"));
-        // A shell that counts its SIGHUPs, the way a server reloads on one.
-        let mut child = tokio::process::Command::new("sh")
+        // A shell that counts its SIGHUPs, the way a server reloads on one. A shell cannot trap
+        // a signal ignored when it started (POSIX), as SIGHUP is under `nohup`: env resets it.
+        let mut child = tokio::process::Command::new("env")
             .args([
+                "--default-signal=HUP",
+                "sh",
                 "-c",
                 "trap 'echo hup' HUP; echo ready; while :; do sleep 0.05; done",
             ])
