@@ -130,11 +130,17 @@ async fn rendered_files_are_whole_revisions_written_only_when_they_change() {
     }
     let status = rendered(&sidecar, &json, last_revision).await;
     let took = burst.elapsed();
-    // The reader is a thread the machine may have starved so far: let it check enough reads.
+    // The reader is a thread the machine may have starved so far: let it check enough reads,
+    // two of them counted from now, so that one at least opened the file after its last write
+    // (the one under way now may hold an older revision).
+    let reads_then = reads.load(Ordering::Relaxed);
     eventually(
         Duration::from_secs(10),
-        "more reads than revisions",
-        || async { reads.load(Ordering::Relaxed) > 60 },
+        "a read of the last revision",
+        || async {
+            let n = reads.load(Ordering::Relaxed);
+            n > 60 && n >= reads_then + 2
+        },
     )
     .await;
     stop.store(true, Ordering::Relaxed);
