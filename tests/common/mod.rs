@@ -69,16 +69,17 @@ fn claim_port(port: u16) -> bool {
     true
 }
 
-/// A temp dir on tmpfs when there is one: etcd fsyncs every commit, and a disk makes tests slow.
-fn temp_dir() -> tempfile::TempDir {
+/// A temp dir on tmpfs when there is one: etcd fsyncs every commit, and a disk makes tests slow;
+/// on a disk that other jobs keep busy, one fsync can also take seconds.
+pub fn tmpfs_dir(prefix: &str) -> tempfile::TempDir {
     let shm = PathBuf::from("/dev/shm");
     if shm.is_dir() {
-        if let Ok(d) = tempfile::Builder::new().prefix("cs-etcd").tempdir_in(&shm) {
+        if let Ok(d) = tempfile::Builder::new().prefix(prefix).tempdir_in(&shm) {
             return d;
         }
     }
     tempfile::Builder::new()
-        .prefix("cs-etcd")
+        .prefix(prefix)
         .tempdir()
         .expect("temp dir")
 }
@@ -202,7 +203,7 @@ impl EtcdCluster {
     }
 
     async fn start_with(n: usize, tls: Option<TlsFiles>, extra_args: Vec<String>) -> EtcdCluster {
-        let dir = temp_dir();
+        let dir = tmpfs_dir("cs-etcd");
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
