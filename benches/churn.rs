@@ -307,7 +307,12 @@ async fn run(value_bytes: usize, churn: Duration, settle: Duration) -> Run {
     }
     let started = Instant::now();
     let mut peak = rest;
-    while started.elapsed() < churn {
+    // At least `churn`, and on until a resetting stream has read a whole reset (the check below):
+    // on a busy machine the first one can take longer than a 2-second smoke run.
+    let resets_seen = || resets.load(Ordering::Relaxed) > 0;
+    while started.elapsed() < churn
+        || (!resets_seen() && started.elapsed() < churn + Duration::from_secs(60))
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
         peak = peak.max(sidecar.rss_bytes());
     }

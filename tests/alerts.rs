@@ -62,6 +62,10 @@ async fn a_killed_members_check_is_alerted_as_json_and_as_slack_text() {
         ("slack", WebhookFormat::Slack),
     ] {
         let mut config = sidecar_config(&cluster.endpoints(), &["/app/"]);
+        // A probe that timed out on a busy machine (the default is 800 ms) would mark a healthy
+        // member unhealthy and post an alert early, and the real one would then be held back
+        // by alert_min_interval. The killed member refuses connections, so no timeout is waited.
+        config.mode.probe_timeout = Duration::from_secs(5);
         config.mode.webhook = Some(format!("{base}/{path}"));
         config.mode.webhook_format = format;
         sidecars.push(start_sidecar(config).await);
@@ -125,9 +129,14 @@ async fn a_killed_members_check_is_alerted_as_json_and_as_slack_text() {
         assert_eq!(keys, ["text"], "Slack's shape: {body}");
     }
 
-    let metrics = sidecars[0].get("/metrics").await.text().await.unwrap();
+    // Awaited: the receiver holds the body before its answer reaches the sidecar, which counts
+    // the alert as posted only then.
     let line = format!("config_sidecar_alerts_total{{check=\"{name}\",result=\"posted\"}} 1");
-    assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    eventually(Duration::from_secs(10), &line, || async {
+        let metrics = sidecars[0].get("/metrics").await.text().await.unwrap();
+        metrics.contains(&line)
+    })
+    .await;
     // Quorum held: the only mode alert is the start's.
     let modes: Vec<_> = bodies(&received, "json")
         .into_iter()

@@ -193,6 +193,20 @@ impl Fault {
         }
     }
 
+    /// Whether etcd keeps a quorum the sidecar can reach: writes and consistent reads through the
+    /// sidecar must then succeed once the grace is over (check 8).
+    fn keeps_quorum(self) -> bool {
+        matches!(
+            self,
+            Fault::KillFollower
+                | Fault::KillLeader
+                | Fault::FreezeLeader
+                | Fault::IsolateSidecarsMember
+                | Fault::Delay
+                | Fault::DelayAndKillFollower
+        )
+    }
+
     /// How long the sidecar gets to serve etcd's revision of the heal.
     fn convergence_deadline(self) -> Duration {
         if self == Fault::CompactWhileCutOff {
@@ -1008,6 +1022,23 @@ async fn chaos_history_is_consistent() {
         } else {
             tokio::time::sleep(hold).await;
         }
+        if fault.keeps_quorum() {
+            // Check 8 counts these faults' writes and consistent reads after the grace, and its
+            // minimum asks for 10 per fault. A fixed hold yields that many only on an idle
+            // machine (each request is slower on a busy one), so the fault holds on until the
+            // writer through the sidecar has made 20 after the grace (a writer that makes none
+            // for 20 s more is the availability check's to report).
+            let from = injected + fault.grace();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let counted = || {
+                let record = record.lock().unwrap();
+                let after = record.through_sidecar.iter().filter(|a| a.started >= from);
+                after.count()
+            };
+            while counted() < 20 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         // Heal.
         for p in &proxies {
             p.set(common::Fault::Pass);
@@ -1330,17 +1361,8 @@ async fn chaos_history_is_consistent() {
     //    that take quorum away or cut the sidecar off (or down) count from injection to full.
     let excused = |a: &Attempt| {
         record.faults.iter().any(|f| {
-            let keeps_quorum = matches!(
-                f.fault,
-                Fault::KillFollower
-                    | Fault::KillLeader
-                    | Fault::FreezeLeader
-                    | Fault::IsolateSidecarsMember
-                    | Fault::Delay
-                    | Fault::DelayAndKillFollower
-            );
             let overlaps = |from: Instant, to: Instant| a.ended >= from && a.started <= to;
-            if keeps_quorum {
+            if f.fault.keeps_quorum() {
                 overlaps(f.injected, f.injected + f.fault.grace())
                     || overlaps(f.healed, f.full_again)
             } else {

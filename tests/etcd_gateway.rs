@@ -127,9 +127,9 @@ async fn next_message(stream: &mut reqwest::Response, read: &mut String) -> Opti
             read.drain(..=end);
             return Some(line);
         }
-        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk())
             .await
-            .expect("a watch message within 5 s")
+            .expect("a watch message within 10 s")
             .unwrap()?;
         read.push_str(std::str::from_utf8(&chunk).unwrap());
     }
@@ -215,6 +215,12 @@ async fn ranges_and_watches_answer_as_etcds_own_gateway() {
     // A past revision the range did not change after is answered, as etcd answers it; one it
     // changed after is refused (the mirror keeps current values only).
     let head = put_rev(&mut etcd, "/r/app/d", "4").await;
+    // Asked before its watch delivered the put, the mirror would still take /r/app/d for
+    // unchanged since head - 1.
+    eventually(Duration::from_secs(10), "the put mirrored", || async {
+        sidecar.json("/v1/status").await["revision"].as_i64() >= Some(head)
+    })
+    .await;
     let unchanged = json!({"key": b64("/r/app/a"), "revision": head - 1});
     let (status, ours) = post(&http, &sidecar.base, "/v3/kv/range", &unchanged).await;
     let (_, theirs) = post(&http, &etcd_base, "/v3/kv/range", &unchanged).await;

@@ -30,12 +30,20 @@ struct Attempt {
     what: String,
 }
 
-/// A write and a consistent read every 100 ms for `run`, through `sidecar`.
-async fn paced(sidecar: &Sidecar, run: Duration) -> Vec<Attempt> {
-    let mut attempts = Vec::new();
-    let until = Instant::now() + run;
+/// A write and a consistent read every 100 ms through `sidecar`, for `run` and then on until at
+/// least `at_least` of them started after `after`. A count reached over a fixed wall-clock window
+/// holds only on an idle machine (each request is slower on a busy one); the test needs that many
+/// requests after the fault could be noticed, however long they take. The hard stop keeps a
+/// broken build (every request hanging) from running forever: the caller's count check fails.
+async fn paced(sidecar: &Sidecar, run: Duration, after: Instant, at_least: usize) -> Vec<Attempt> {
+    let mut attempts: Vec<Attempt> = Vec::new();
+    let started = Instant::now();
+    let until = started + run;
+    let hard_stop = until + Duration::from_secs(60);
+    let enough =
+        |attempts: &[Attempt]| attempts.iter().filter(|a| a.started > after).count() >= at_least;
     let mut n = 0;
-    while Instant::now() < until {
+    while Instant::now() < hard_stop && (Instant::now() < until || !enough(&attempts)) {
         n += 1;
         let started = Instant::now();
         let put = sidecar
@@ -101,38 +109,55 @@ async fn first_member_fails_over(fault: MemberFault) {
     let detect = config.etcd.keepalive_interval + config.etcd.keepalive_timeout;
     let sidecar = start_sidecar(config).await;
     sidecar.wait_mode("full", Duration::from_secs(10)).await;
-    let warm = paced(&sidecar, Duration::from_millis(500)).await;
+    let warm = paced(&sidecar, Duration::from_millis(500), Instant::now(), 0).await;
     assert!(warm.iter().all(|a| a.ok), "before the fault");
 
+    // Asked again at the fault, for the failure message: on a busy machine a spurious election
+    // can make the member chosen as a follower the leader, and killing a leader costs requests.
+    let leader_at_fault = cluster.leader_index().await;
     let injected = Instant::now();
     match fault {
         MemberFault::Kill => cluster.kill(first),
         MemberFault::Freeze => cluster.freeze(first),
         MemberFault::Blackhole => proxy.set(Fault::Blackhole),
     }
-    let attempts = paced(&sidecar, Duration::from_secs(8)).await;
-    if fault == MemberFault::Freeze {
-        cluster.thaw(first);
-    }
     // In flight when the fault began, or sent before it could be noticed.
     let window = match fault {
         MemberFault::Kill => Duration::ZERO,
         MemberFault::Freeze | MemberFault::Blackhole => detect + Duration::from_millis(500),
     };
+    let noticed = injected + window;
+    let attempts = paced(&sidecar, Duration::from_secs(8), noticed, 40).await;
     let late: Vec<&String> = attempts
         .iter()
-        .filter(|a| !a.ok && a.started > injected + window)
+        .filter(|a| !a.ok && a.started > noticed)
         .map(|a| &a.what)
         .collect();
     assert!(
         late.is_empty(),
-        "{fault:?}: failed after {window:?}: {late:?}"
+        "{fault:?}: failed after {window:?} (first member m{first}, leader m{leader_at_fault}): {late:?}"
     );
     let early = attempts.iter().filter(|a| !a.ok).count();
     assert!(early <= 6, "{fault:?}: {early} failed within {window:?}");
-    assert!(attempts.len() >= 50, "{} attempts", attempts.len());
+    let after = attempts.iter().filter(|a| a.started > noticed).count();
+    assert!(
+        after >= 40,
+        "{fault:?}: only {after} attempts after {window:?}"
+    );
+    // The member was marked: read while the fault still holds, and awaited. Each rest ends in a
+    // recovery check (`failing` while it runs), and a thawed member passes its check at once, so
+    // one read after the fault was undone raced the rest timer and could find it `healthy`
+    // (issue 27). While the fault holds, a correct build shows `resting` most of the time.
+    eventually(
+        Duration::from_secs(15),
+        "the first member resting while it is faulty",
+        || async { sidecar.json("/v1/status").await["endpoints"][0]["state"] == "resting" },
+    )
+    .await;
+    if fault == MemberFault::Freeze {
+        cluster.thaw(first);
+    }
     let status = sidecar.json("/v1/status").await;
-    assert_eq!(status["endpoints"][0]["state"], "resting", "{status}");
     assert_eq!(status["endpoint_selection"], "ordered");
     sidecar.stop().await;
 }
@@ -171,18 +196,32 @@ async fn the_request_that_finds_a_member_dead_is_retried_on_the_next() {
     let victim = (0..3)
         .find(|&i| i != leader && cluster.endpoint(i) != watched)
         .expect("a follower the watch is not on");
-    let warm = paced(&sidecar, Duration::from_millis(500)).await;
+    let warm = paced(&sidecar, Duration::from_millis(500), Instant::now(), 0).await;
     assert!(warm.iter().all(|a| a.ok), "before the fault");
     cluster.kill(victim);
-    let attempts = paced(&sidecar, Duration::from_secs(3)).await;
+    // Round robin sends every third request to the victim: 30 make sure some did.
+    let attempts = paced(&sidecar, Duration::from_secs(3), Instant::now(), 30).await;
     let failed: Vec<&String> = attempts.iter().filter(|a| !a.ok).map(|a| &a.what).collect();
     assert!(failed.is_empty(), "{failed:?}");
+    // Awaited rather than read once: each rest (1 s, then 2 s, ...) ends with a recovery check
+    // that shows `failing` while it runs, and the paced run ends near the end of the second rest.
+    eventually(
+        Duration::from_secs(15),
+        "the dead member resting",
+        || async { sidecar.json("/v1/status").await["endpoints"][victim]["state"] == "resting" },
+    )
+    .await;
     let status = sidecar.json("/v1/status").await;
     let dead = &status["endpoints"][victim];
-    assert_eq!(dead["state"], "resting", "{status}");
     assert_eq!(dead["last_failure"], "unreachable", "{status}");
     sidecar.stop().await;
 }
+
+/// A probe timeout no busy machine reaches. A light probe round that timed out (the default
+/// 800 ms is short for a loaded 2-core machine) marks a healthy member failing, and requests then
+/// avoid it: `ordered` would send writes past the first member, and `latency` would lose the
+/// slowed member's measurement (a probe through the 150 ms proxy takes about 300 ms).
+const PATIENT_PROBES: Duration = Duration::from_secs(5);
 
 /// `ordered` sends every write to the first member, `round-robin` spreads them over all three,
 /// and `latency` avoids a member slowed by 150 ms once the probes have measured it.
@@ -220,6 +259,7 @@ async fn each_selection_sends_requests_where_it_says() {
         let mut config = sidecar_config(&cluster.endpoints(), &["/fo/"]);
         config.writes.allowed = true;
         config.etcd.selection = selection;
+        config.mode.probe_timeout = PATIENT_PROBES;
         let sidecar = start_sidecar(config).await;
         sidecar.wait_mode("full", Duration::from_secs(10)).await;
         let before = counts().await;
@@ -236,6 +276,7 @@ async fn each_selection_sends_requests_where_it_says() {
     let mut config = sidecar_config(&urls, &["/fo/"]);
     config.writes.allowed = true;
     config.etcd.selection = Selection::Latency;
+    config.mode.probe_timeout = PATIENT_PROBES;
     let sidecar = start_sidecar(config).await;
     eventually(Duration::from_secs(10), "every member measured", || async {
         let status = sidecar.json("/v1/status").await;

@@ -13,7 +13,10 @@ fn proxied_config(proxy: &GrpcProxy) -> config_sidecar::config::Config {
     let mut config = sidecar_config(std::slice::from_ref(&proxy.endpoint), &["/app/"]);
     config.etcd.grpc_proxy = true;
     config.mode.probe_interval = Duration::from_millis(250);
-    config.mode.probe_timeout = Duration::from_millis(200);
+    // A round still starts every 250 ms; each check gets longer than a busy 2-core machine can
+    // stall a healthy member's answer. At 200 ms three slow rounds in a row were a quorum loss
+    // to the mode machine: a spurious read-only dip.
+    config.mode.probe_timeout = Duration::from_secs(1);
     config.writes.allowed = true;
     config.writes.token = Some("s3cret".into());
     config

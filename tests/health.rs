@@ -26,7 +26,9 @@ async fn checks_and_liveness_follow_real_faults() {
     let mut cluster = EtcdCluster::start(1).await;
     let mut etcd = cluster.client().await;
     etcd.put("/h/a", "1", None).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    // On tmpfs: the writer's 1 s limit is for a write stalled on purpose below, and an fsync on
+    // a disk that other jobs keep busy can take longer than that, failing liveness too early.
+    let dir = tmpfs_dir("cs-health");
     let path = dir.path().join("mirror.snap");
     let mut config = sidecar_config(&cluster.endpoints(), &["/h/"]);
     let mut snapshot = SnapshotConfig::at(path.clone());

@@ -119,14 +119,15 @@ async fn bad_input_gets_a_json_4xx_and_serving_goes_on() {
     // Revision 0 is valid: a blocking query from index 0 answers at once (the key changed after
     // it), and a stream resumed from 0 (before any history the sidecar holds, as a compacted
     // revision is) starts with a reset and the whole state.
+    // A wait far longer than the bound, so a loaded machine's delays never pass for blocking.
     let started = std::time::Instant::now();
     let (status, body) = raw(
         addr,
-        b"GET /v1/kv/cfg/ok?index=0&wait=5s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        b"GET /v1/kv/cfg/ok?index=0&wait=60s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert_eq!((status, body.as_str()), (200, "fine"));
-    assert!(started.elapsed() < Duration::from_secs(2), "did not block");
+    assert!(started.elapsed() < Duration::from_secs(20), "did not block");
     let mut stream =
         SseClient::connect(&sidecar.http, &sidecar.url("/v1/watch/cfg/?since=0"), None).await;
     let first = stream.next(Duration::from_secs(5)).await.unwrap();
@@ -247,12 +248,13 @@ async fn slow_heads_and_idle_connections_are_closed_and_busy_ones_kept() {
     let sidecar = start_sidecar(config).await;
     let addr = sidecar.addr();
 
-    // Slowloris: a byte of header every 50 ms, never finishing the head.
+    // Slowloris: a byte of header every 50 ms, never finishing the head. The clock starts before
+    // the first byte is sent, so however late this task runs, the cut cannot look early.
+    let started = std::time::Instant::now();
     let mut slow = TcpStream::connect(addr).await.unwrap();
     slow.write_all(b"GET /v1/kv/cfg/k HTTP/1.1\r\n")
         .await
         .unwrap();
-    let started = std::time::Instant::now();
     let trickle = async {
         loop {
             if slow.write_all(b"X").await.is_err() {
@@ -277,7 +279,9 @@ async fn slow_heads_and_idle_connections_are_closed_and_busy_ones_kept() {
 
     // A keep-alive connection used every 200 ms for 2 s stays open and answers every time.
     let mut busy = TcpStream::connect(addr).await.unwrap();
+    let mut last_request = std::time::Instant::now();
     for _ in 0..10 {
+        last_request = std::time::Instant::now();
         busy.write_all(b"GET /v1/kv/cfg/k HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await
             .unwrap();
@@ -305,12 +309,17 @@ async fn slow_heads_and_idle_connections_are_closed_and_busy_ones_kept() {
         String::from_utf8_lossy(&answer[..n])
     );
 
-    // Now idle: closed after the idle timeout (give it a generous upper bound).
-    let idle_from = std::time::Instant::now();
-    closed_within(&mut busy, Duration::from_secs(5))
+    // Now idle: closed after the idle timeout (give it a generous upper bound). Idle since its
+    // last answer, which came after the last request was sent: measured from there, not from
+    // now (the sleep and the wait above may have used up most of the timeout).
+    closed_within(&mut busy, Duration::from_secs(10))
         .await
         .expect("an idle connection is closed");
-    assert!(idle_from.elapsed() >= Duration::from_millis(1000));
+    let idle_for = last_request.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(1200),
+        "closed before the idle timeout: {idle_for:?}"
+    );
 
     // And serving goes on.
     assert_eq!(sidecar.value("/v1/kv/cfg/k").await.as_deref(), Some("1"));
@@ -429,13 +438,14 @@ async fn hostile_requests_are_refused_and_serving_goes_on() {
     );
 
     // A body that never ends: the write is refused once the body timeout passes.
+    // The clock starts before the head is sent: the body timeout cannot start earlier.
+    let started = std::time::Instant::now();
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(
         b"PUT /v1/kv/cfg/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n1\r\na\r\n",
     )
     .await
     .unwrap();
-    let started = std::time::Instant::now();
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
         .await
@@ -501,7 +511,7 @@ async fn streams_and_connections_are_capped() {
         .to_str()
         .unwrap()
         .to_string();
-    let blocking = sidecar.url(&format!("/v1/kv/cfg/ok?index={index}&wait=10s"));
+    let blocking = sidecar.url(&format!("/v1/kv/cfg/ok?index={index}&wait=60s"));
     let waiting = tokio::spawn(sidecar.http.get(blocking.clone()).send());
     eventually(
         Duration::from_secs(5),
@@ -513,7 +523,7 @@ async fn streams_and_connections_are_capped() {
     )
     .await;
     let second = sidecar
-        .get(&format!("/v1/kv/cfg/ok?index={index}&wait=10s"))
+        .get(&format!("/v1/kv/cfg/ok?index={index}&wait=60s"))
         .await;
     assert_eq!(second.status(), 429);
     waiting.abort();

@@ -19,7 +19,10 @@ fn ladder_config(
 ) -> Config {
     let mut config = sidecar_config(endpoints, &["/app/"]);
     config.mode.probe_interval = Duration::from_millis(250);
-    config.mode.probe_timeout = Duration::from_millis(200);
+    // A round still starts every 250 ms; each check gets longer than a busy 2-core machine can
+    // stall a healthy member's answer. At 200 ms three slow rounds in a row were a quorum loss
+    // to the mode machine: a spurious read-only dip.
+    config.mode.probe_timeout = Duration::from_secs(1);
     config.mode.webhook = webhook;
     // Every transition posted as it happens: the test checks them in order.
     config.mode.alert_min_interval = Duration::ZERO;

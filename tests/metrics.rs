@@ -99,6 +99,17 @@ async fn a_scrape_reports_what_the_sidecar_did() {
             && sidecar.get("/v1/kv/app/k1").await.status() == 404
     })
     .await;
+    // The open stream has sent both events on (its queue is empty below): read them, since the
+    // stream's task takes them a moment after the store publishes them.
+    loop {
+        let event = stream
+            .next(Duration::from_secs(10))
+            .await
+            .expect("the stream delivers the put and the delete");
+        if event.id.as_deref() == Some(revision.to_string().as_str()) {
+            break;
+        }
+    }
 
     let kv = |status: &str| {
         format!("config_sidecar_requests_total{{route=\"/v1/kv/{{*key}}\",status=\"{status}\"}}")
@@ -165,7 +176,7 @@ async fn a_scrape_reports_what_the_sidecar_did() {
     );
     let held = m.value("config_sidecar_render_cache_bytes");
     assert!(held > 0.0 && held == status["render_cache"]["bytes"].as_f64().unwrap());
-    // No stream is open: nothing queued, and the gauge and the status agree.
+    // The open stream has sent all it had: nothing queued, and the gauge and the status agree.
     assert_eq!(m.value("config_sidecar_stream_queue_bytes"), 0.0);
     assert_eq!(status["streams"]["queued_bytes"], 0, "{status}");
     // No request is running: the one cached body is all rendering holds.

@@ -25,7 +25,11 @@ fn etcd_bin() -> String {
 /// A free loopback port for an etcd member to bind later. Taken below the kernel's ephemeral range
 /// (32768 and up), from a counter unique within this process: a port picked by binding port 0 and
 /// letting go could be handed to one of the thousands of outgoing connections a test makes before
-/// etcd binds it.
+/// etcd binds it. Other test processes (a second `cargo test`, another checkout's suite) count
+/// from their own offsets, which may meet ours, so each port is also claimed machine-wide (see
+/// [`claim_port`]): a bind check alone lets two processes pick the same port before either binds
+/// it, and never protects one that is free for now (a killed member's, to be restarted; the dead
+/// endpoint a test points at).
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -33,22 +37,49 @@ pub fn free_port() -> u16 {
     loop {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = (20_000 + (offset + n) % 12_000) as u16;
-        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+        if claim_port(port) && StdListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
 }
 
-/// A temp dir on tmpfs when there is one: etcd fsyncs every commit, and a disk makes tests slow.
-fn temp_dir() -> tempfile::TempDir {
+/// Claims `port` for this process until it exits: an exclusive `flock` on a file named after the
+/// port, in a directory every test process on the machine shares. The kernel drops the lock when
+/// the process ends, however it ends, so no claim outlives its owner. False when another live
+/// process holds it. (A port this process let go of stays claimed: a member restarts on it.)
+fn claim_port(port: u16) -> bool {
+    use rustix::fs::{flock, FlockOperation};
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("config-sidecar-test-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true; // No shared directory: the bind check alone, as before.
+    }
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))
+    else {
+        return true;
+    };
+    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+        return false;
+    }
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+    true
+}
+
+/// A temp dir on tmpfs when there is one: etcd fsyncs every commit, and a disk makes tests slow;
+/// on a disk that other jobs keep busy, one fsync can also take seconds.
+pub fn tmpfs_dir(prefix: &str) -> tempfile::TempDir {
     let shm = PathBuf::from("/dev/shm");
     if shm.is_dir() {
-        if let Ok(d) = tempfile::Builder::new().prefix("cs-etcd").tempdir_in(&shm) {
+        if let Ok(d) = tempfile::Builder::new().prefix(prefix).tempdir_in(&shm) {
             return d;
         }
     }
     tempfile::Builder::new()
-        .prefix("cs-etcd")
+        .prefix(prefix)
         .tempdir()
         .expect("temp dir")
 }
@@ -172,7 +203,7 @@ impl EtcdCluster {
     }
 
     async fn start_with(n: usize, tls: Option<TlsFiles>, extra_args: Vec<String>) -> EtcdCluster {
-        let dir = temp_dir();
+        let dir = tmpfs_dir("cs-etcd");
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
