@@ -88,10 +88,10 @@ enum MemberFault {
 
 /// The first member (a follower, so the cluster keeps its leader and quorum) fails as `fault`;
 /// writes and consistent reads through the sidecar, which prefers it (`ordered`), keep
-/// succeeding. Only requests that began before the failure could be noticed may fail: none for
-/// a dead member (its connection is refused, so a request is retried on the next one, even the
-/// first after the kill), those within one HTTP/2 keep-alive interval and timeout for a frozen
-/// or blackholed one.
+/// succeeding. Only requests that began before the failure could be noticed may fail: for a
+/// dead member, those in the moment before the sidecar reads its closed connection (after that
+/// its connection is refused, so a request is retried on the next one); for a frozen or
+/// blackholed one, those within one HTTP/2 keep-alive interval and timeout.
 async fn first_member_fails_over(fault: MemberFault) {
     let mut cluster = EtcdCluster::start(3).await;
     let leader = cluster.leader_index().await;
@@ -123,7 +123,12 @@ async fn first_member_fails_over(fault: MemberFault) {
     }
     // In flight when the fault began, or sent before it could be noticed.
     let window = match fault {
-        MemberFault::Kill => Duration::ZERO,
+        // The kernel closes a killed member's connections at once, but the sidecar learns it on
+        // the connection task's next poll: a write sent in between went out and its answer was
+        // lost, which is honestly `outcome: unknown`, never retried (docs/writes.md). Idle, that
+        // moment is microseconds; a busy machine can delay the poll (failed once in 26 runs
+        // under two CPU hogs with no window at all). Requests after it must all succeed.
+        MemberFault::Kill => Duration::from_millis(500),
         MemberFault::Freeze | MemberFault::Blackhole => detect + Duration::from_millis(500),
     };
     let noticed = injected + window;
