@@ -37,20 +37,18 @@ pub fn on_sighup(
             tracing::info!("SIGHUP received: reading the configuration again");
             // Cloned first: a borrow held across send_replace would deadlock it.
             let current = live.borrow().clone();
-            if let Some(applied) = reload(&args, &current, &log) {
-                live.send_replace(applied);
-            }
+            reload(&args, &current, &log, &live);
         }
     }
 }
 
-/// The configuration to run with after a reload, or `None` when nothing can be applied.
-fn reload(args: &[OsString], current: &Config, log: &LogControl) -> Option<Config> {
+/// Reads the configuration again and publishes into `live` what can be applied, if anything.
+fn reload(args: &[OsString], current: &Config, log: &LogControl, live: &watch::Sender<Config>) {
     let next = match Config::from_args(args.iter().cloned(), Environment::Read) {
         Ok(next) => next,
         Err(e) => {
             tracing::warn!(error = %e, "configuration not reloaded; still serving the previous one");
-            return None;
+            return;
         }
     };
     let mut plan = Plan::new(&current.given, &next.given);
@@ -71,14 +69,16 @@ fn reload(args: &[OsString], current: &Config, log: &LogControl) -> Option<Confi
         Ok(applied) => applied,
         Err(e) => {
             tracing::warn!(error = %e, "configuration not reloaded; still serving the previous one");
-            return None;
+            return;
         }
     };
+    // Published before it is logged: whoever reads the log line (an operator, a test) may rely
+    // on the change being in effect.
+    live.send_replace(applied);
     for setting in &plan.changed {
         let (from, to) = plan.describe(setting, &current.given);
         tracing::info!(setting = setting.name, from = %from, to = %to, "configuration changed");
     }
-    Some(applied)
 }
 
 /// What a reload does: which changed settings it applies and which it refuses.
