@@ -228,12 +228,15 @@ async fn a_restart_with_etcd_up_never_serves_an_older_snapshot() {
     let running = config_sidecar::Running::start(config).await.unwrap();
     let url = format!("http://{}/v1/kv/snap/k", running.addr);
     let http = reqwest::Client::new();
-    // The first answer that is not "not ready" must already be etcd's.
+    // The first answer that is not "not ready" must already be etcd's (within a deadline: a
+    // sidecar that never became ready fails here rather than hanging the suite).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let first = loop {
         let r = http.get(&url).send().await.unwrap();
         if r.status() != 503 {
             break r;
         }
+        assert!(std::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
     let revision: i64 = first.headers()["x-config-revision"]

@@ -707,14 +707,18 @@ impl Proxy {
         let (mut in_read, mut in_write) = inbound.split();
         let (mut out_read, mut out_write) = outbound.split();
         let (up, down) = (fault.clone(), fault.clone());
+        // Biased, and each pump looks at the fault before it writes (below): a chunk read after
+        // the fault changed is never forwarded, so a change made after `set` returned cannot slip
+        // through a cut connection.
         let stopped = tokio::select! {
+            biased;
+            _ = async { while fault.changed().await.is_ok() && forwarding(&fault.borrow()) {} } => true,
             _ = async {
                 tokio::join!(
                     Self::pump(&mut in_read, &mut out_write, up),
                     Self::pump(&mut out_read, &mut in_write, down),
                 )
             } => false,
-            _ = async { while fault.changed().await.is_ok() && forwarding(&fault.borrow()) {} } => true,
         };
         if stopped {
             if *fault.borrow() == Fault::Blackhole {
@@ -740,6 +744,10 @@ impl Proxy {
                 Ok(n) => n,
             };
             let delay = *fault.borrow();
+            if !matches!(delay, Fault::Pass | Fault::Delay { .. }) {
+                // Cut: `carry` ends this pump and acts on the fault; the chunk is not sent.
+                std::future::pending::<()>().await;
+            }
             if let Fault::Delay { base, jitter } = delay {
                 let spread = jitter.as_micros() as i64;
                 let offset = if spread > 0 {
