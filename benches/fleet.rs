@@ -118,7 +118,11 @@ fn static_binary() -> PathBuf {
 fn binary_shown() -> String {
     let binary = BINARY.get().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    binary.strip_prefix(root).unwrap_or(binary).display().to_string()
+    binary
+        .strip_prefix(root)
+        .unwrap_or(binary)
+        .display()
+        .to_string()
 }
 
 /// One sidecar process.

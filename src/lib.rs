@@ -26,11 +26,12 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod files;
 pub mod http;
 pub mod liveness;
 pub mod mirror;
+pub mod mode;
 pub mod ops;
-pub mod server;
 pub mod upstream;
 
 pub use ops::run::{serve, serve_live, Running, SNAPSHOT_FALLBACK_AFTER};

@@ -10,8 +10,8 @@ use axum::body::Body;
 use clap::CommandFactory;
 use config_sidecar::config::{Cli, Config, Environment};
 use config_sidecar::http::{app, route_paths};
-use config_sidecar::mirror::mode::ModeHandle;
 use config_sidecar::mirror::store::Store;
+use config_sidecar::mode::ModeHandle;
 use config_sidecar::ops::run::standalone_state;
 use http::{Method, Request, StatusCode};
 use tower::ServiceExt;
@@ -237,7 +237,9 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
     assert!(dockerfile.contains(&format!("COPY --from=build /src/config-sidecar {BINARY}")));
     // The image's binary is the statically linked one, built by the script that says how.
     assert!(dockerfile.contains("COPY scripts/build-static.sh ./scripts/"));
-    assert!(dockerfile.contains("RUN cp \"$(scripts/build-static.sh --locked)\" /src/config-sidecar"));
+    assert!(
+        dockerfile.contains("RUN cp \"$(scripts/build-static.sh --locked)\" /src/config-sidecar")
+    );
     let env: Vec<(String, String)> = dockerfile
         .lines()
         .filter_map(|l| l.strip_prefix("ENV "))

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::http::error::ApiError;
 use crate::http::state::AppState;
 use crate::http::write::{bearer_matches, read_body};
-use crate::mirror::pin::{self, PinSource};
+use crate::mode::pin::{self, PinSource};
 
 /// Largest pin request body: a mode and a reason.
 const MAX_PIN_BODY: usize = 4096;
@@ -86,8 +86,8 @@ mod tests {
     use tower::ServiceExt;
 
     use crate::config::Config;
-    use crate::mirror::mode::{Hysteresis, Mode, ModeHandle, ModeTask, Signal};
     use crate::mirror::store::{Entry, Store};
+    use crate::mode::{Hysteresis, Mode, ModeHandle, ModeTask, Signal};
 
     /// The app with a loaded mirror in `full` and a running mode task; `token` configures the
     /// admin API. The returned senders keep the mode task alive.

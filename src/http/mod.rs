@@ -28,6 +28,7 @@ pub mod path;
 pub mod query;
 pub mod read;
 pub mod respond;
+pub mod server;
 pub mod state;
 pub mod watch;
 pub mod write;
@@ -213,8 +214,8 @@ mod tests {
 
     use crate::config::Config;
     use crate::http::counters::RequestMetrics;
-    use crate::mirror::mode::{Mode, ModeHandle, Transition};
     use crate::mirror::store::{Entry, Store};
+    use crate::mode::{Mode, ModeHandle, Transition};
 
     /// The app over a store filled directly: this tests the HTTP layer only (sync is tested
     /// against real etcd in tests/).

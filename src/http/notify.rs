@@ -18,9 +18,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::broadcast::Receiver;
 use tokio::sync::watch;
 
-use crate::mirror::mode::{ModeHandle, Transition};
 use crate::mirror::render::{DeletionJson, EntryJson};
 use crate::mirror::store::{Change, ChangeSet, Entry, Follow, LiveChanges, Snapshot, Store};
+use crate::mode::{ModeHandle, Transition};
 
 /// Longest `wait` a blocking query may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -386,8 +386,8 @@ pub fn event_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mirror::mode::Mode;
     use crate::mirror::store::Entry;
+    use crate::mode::Mode;
     use futures_util::StreamExt;
 
     fn kib_entry(key: &str, revision: i64) -> Entry {

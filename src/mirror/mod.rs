@@ -7,14 +7,9 @@
 //! into files (in the [`formats`] apps read) for apps that read files, and [`actions`] tells
 //! the app when one changed.
 
-pub mod actions;
-pub mod files;
-pub mod formats;
 pub mod history;
 pub mod load;
-pub mod mode;
 pub mod persist;
-pub mod pin;
 pub mod render;
 pub mod store;
 pub mod sync;

@@ -26,8 +26,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::liveness::Heartbeat;
-use crate::mirror::mode::{unix_ms, ModeHandle};
 use crate::mirror::store::{Entry, Snapshot, Store};
+use crate::mode::{unix_ms, ModeHandle};
 
 /// The first bytes of every snapshot file: the format's name and version.
 pub const MAGIC: &[u8; 8] = b"CSSNAP\0\x01";

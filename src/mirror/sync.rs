@@ -24,9 +24,9 @@ use tokio::time::{sleep, timeout, Instant};
 use crate::config::{Live, SyncConfig};
 use crate::liveness::Heartbeat;
 use crate::mirror::load::{self, ReadError, Reader};
-use crate::mirror::mode::{ModeHandle, Signal};
 use crate::mirror::persist::SnapshotFile;
 use crate::mirror::store::{Entry, Event, Store};
+use crate::mode::{ModeHandle, Signal};
 use crate::upstream::error::{Failure, NO_LEADER};
 use crate::upstream::{EndpointPool, MAX_DECODE_BYTES};
 

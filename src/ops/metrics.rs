@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use crate::config::Selection;
 use crate::http::counters::{count_in, SubscriberKind, BUCKETS, STATUSES, STRIDE};
 use crate::http::AppState;
-use crate::mirror::mode::Mode;
+use crate::mode::Mode;
 use crate::ops::report::Reporter;
 
 /// The exposition of everything `state` and `reporter` know, as of now.
@@ -174,7 +174,7 @@ impl prometheus_client::collector::Collector for Collector {
                 (
                     "render_writes",
                     "Rendered files written, by path",
-                    (|f: &crate::mirror::files::FileStatus| f.writes) as fn(&_) -> u64,
+                    (|f: &crate::files::FileStatus| f.writes) as fn(&_) -> u64,
                 ),
                 (
                     "render_failures",

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use crate::config::Config;
+use crate::files::FileStatuses;
 use crate::http::{AppState, Report};
-use crate::mirror::files::FileStatuses;
 use crate::mirror::persist::WriterStats;
 use crate::mirror::store::Snapshot;
 use crate::ops::alerts::AlertCounts;

@@ -14,18 +14,17 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, Defaults, Live};
-use crate::http::{self, AppState, Gate};
+use crate::files::FileRenderer;
+use crate::http::{self, server, AppState, Gate};
 use crate::liveness::{Heartbeat, Liveness};
-use crate::mirror::files::FileRenderer;
-use crate::mirror::mode::{Hysteresis, ModeHandle, ModeTask, Signal};
 use crate::mirror::persist::{self, SnapshotWriter};
 use crate::mirror::store::{Entry, Source, Store};
 use crate::mirror::sync::WatchTask;
+use crate::mode::{Hysteresis, ModeHandle, ModeTask, Signal};
 use crate::ops::alerts::{AlertTask, Evaluate};
 use crate::ops::allocator;
 use crate::ops::report::Reporter;
 use crate::ops::webhook::WebhookTask;
-use crate::server;
 use crate::upstream::{EndpointPool, ProbeResults, ProbeTask};
 
 /// Runs the sidecar on `listener` until `shutdown` completes: loads the disk snapshot if there is

@@ -1,6 +1,6 @@
 //! One connection's watch: its IO and service bump counters as they work, and a watchdog task
 //! looks at them every half header-read timeout to close a connection whose request head
-//! trickles or that sits idle (see [`crate::server`] for why it is done lazily).
+//! trickles or that sits idle (see [`crate::http::server`] for why it is done lazily).
 
 use std::future::Future;
 use std::io;
@@ -15,9 +15,9 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http::fast_path::ServiceBody;
+use crate::http::server::screen::RefusalSlot;
+use crate::http::server::ConnectionLimits;
 use crate::http::SidecarService;
-use crate::server::screen::RefusalSlot;
-use crate::server::ConnectionLimits;
 
 /// What a connection's watchdog looks at. Written by the connection as it works (relaxed
 /// atomics, no clock reads), read by the watchdog once per tick.

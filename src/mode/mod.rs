@@ -23,8 +23,10 @@ use http::HeaderValue;
 use serde::Serialize;
 
 use crate::config::Live;
-use crate::mirror::pin::{self, Pin, PinRequest, PinRequests, PinSource, PinUnavailable};
 use crate::upstream::{EndpointPool, Observation};
+use pin::{Pin, PinRequest, PinRequests, PinSource, PinUnavailable};
+
+pub mod pin;
 
 /// What the sidecar can currently promise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

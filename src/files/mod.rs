@@ -16,11 +16,13 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::config::RenderTarget;
-use crate::mirror::actions;
-use crate::mirror::formats::{FormatError, Shape};
-use crate::mirror::mode::unix_ms;
 use crate::mirror::persist::write_atomic_with;
 use crate::mirror::store::{Snapshot, Store};
+use crate::mode::unix_ms;
+use formats::{FormatError, Shape};
+
+pub mod actions;
+pub mod formats;
 
 /// How long after a change the files are rendered: the changes of a burst land in one write.
 pub const COALESCE: Duration = Duration::from_millis(100);
