@@ -11,7 +11,7 @@ use clap::CommandFactory;
 use config_sidecar::config::{Cli, Config, Environment};
 use config_sidecar::http::{app, route_paths};
 use config_sidecar::mirror::store::Store;
-use config_sidecar::mode::ModeHandle;
+use config_sidecar::mode::handle::ModeHandle;
 use config_sidecar::ops::run::standalone_state;
 use http::{Method, Request, StatusCode};
 use tower::ServiceExt;

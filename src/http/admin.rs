@@ -86,8 +86,12 @@ mod tests {
     use tower::ServiceExt;
 
     use crate::config::Config;
-    use crate::mirror::store::{Entry, Store};
-    use crate::mode::{Hysteresis, Mode, ModeHandle, ModeTask, Signal};
+    use crate::mirror::snapshot::Entry;
+    use crate::mirror::store::Store;
+    use crate::mode::handle::ModeHandle;
+    use crate::mode::machine::{Hysteresis, Signal};
+    use crate::mode::task::ModeTask;
+    use crate::mode::Mode;
 
     /// The app with a loaded mirror in `full` and a running mode task; `token` configures the
     /// admin API. The returned senders keep the mode task alive.

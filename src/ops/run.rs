@@ -18,9 +18,12 @@ use crate::files::FileRenderer;
 use crate::http::{self, server, AppState, Gate};
 use crate::liveness::{Heartbeat, Liveness};
 use crate::mirror::persist::{self, SnapshotWriter};
-use crate::mirror::store::{Entry, Source, Store};
+use crate::mirror::snapshot::{Entry, Source};
+use crate::mirror::store::Store;
 use crate::mirror::sync::WatchTask;
-use crate::mode::{Hysteresis, ModeHandle, ModeTask, Signal};
+use crate::mode::handle::ModeHandle;
+use crate::mode::machine::{Hysteresis, Signal};
+use crate::mode::task::ModeTask;
 use crate::ops::alerts::{AlertTask, Evaluate};
 use crate::ops::allocator;
 use crate::ops::report::Reporter;
@@ -138,7 +141,7 @@ pub async fn serve_live(
         probes.results(),
         writer.as_ref().map(|w| w.stats()),
     );
-    reporter.files = files.as_ref().map(FileRenderer::statuses);
+    reporter.parts.files = files.as_ref().map(FileRenderer::statuses);
     if let Some(files) = files {
         spawn("render", tokio::spawn(files.run()), None);
     }
@@ -164,6 +167,7 @@ pub async fn serve_live(
                 return None;
             }
             let probes = reporter
+                .parts
                 .probes
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -176,7 +180,7 @@ pub async fn serve_live(
         evaluate,
         transitions_rx,
         alerts,
-        reporter.alerts.clone(),
+        reporter.parts.alerts.clone(),
     );
     spawn("alerts", tokio::spawn(alerting.run()), None);
     let closer = state.clone();
@@ -245,8 +249,8 @@ pub async fn serve_live(
 }
 
 /// The connection limits in force now (a reload may change them for the connections after).
-fn limits(live: &Live) -> server::ConnectionLimits {
-    live.get(|c| server::ConnectionLimits {
+fn limits(live: &Live) -> server::connection::ConnectionLimits {
+    live.get(|c| server::connection::ConnectionLimits {
         header_read_timeout: c.http.header_read_timeout,
         idle_timeout: c.http.idle_timeout,
         send_timeout: c.http.send_timeout,
