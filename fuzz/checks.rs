@@ -5,8 +5,8 @@
 
 use config_sidecar::config::Prefixes;
 use config_sidecar::http::path::{decode_key_path, validate_key};
+use config_sidecar::http::server::screen::Framing;
 use config_sidecar::mirror::persist;
-use config_sidecar::server::screen::Framing;
 
 /// A URL path after `/v1/kv`: decoding never panics, and whatever it accepts is a key that
 /// cannot leave its prefix: absolute, no NUL, no empty, `.` or `..` segment, and unchanged when

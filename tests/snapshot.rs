@@ -11,7 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{eventually, free_port, metrics_text, sidecar_command, Process, Signal};
 use config_sidecar::mirror::persist;
-use config_sidecar::mirror::store::{Entry, Store};
+use config_sidecar::mirror::snapshot::Entry;
+use config_sidecar::mirror::store::Store;
 
 /// A good snapshot of `/snap/` with one key.
 fn good_snapshot(prefixes: &[&str]) -> Vec<u8> {

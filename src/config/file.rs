@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use super::settings::Setting;
 use super::ConfigError;
 
 /// Reads the TOML file into its key / value pairs.
@@ -15,17 +14,18 @@ pub(super) fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
         .map_err(|e| ConfigError::new("--config", format!("{}: {}", path.display(), e.message())))
 }
 
-/// A file value as the text a flag would carry: strings as they are, numbers and booleans
-/// written out, arrays one value each, a table (`[[render]]`) as one JSON object.
+/// A file value of the setting `name` as the text a flag would carry: strings as they are,
+/// numbers and booleans written out, arrays one value each (a list setting's values are split at
+/// its `delimiter`, `None` for one value), a table (`[[render]]`) as one JSON object.
 pub(super) fn file_values(
     path: &Path,
-    setting: &Setting,
+    name: &str,
+    delimiter: Option<char>,
     value: toml::Value,
 ) -> Result<Vec<String>, ConfigError> {
-    let name = &setting.name;
     let bad =
         |what: &str| ConfigError::new("--config", format!("{}: {name}: {what}", path.display()));
-    let delimiter = setting.delimiter.unwrap_or(',');
+    let delimiter = delimiter.unwrap_or(',');
     match value {
         toml::Value::String(s) => Ok(vec![s]),
         toml::Value::Integer(i) => Ok(vec![i.to_string()]),

@@ -549,7 +549,7 @@ where
             ) {
                 continue;
             }
-            for text in file::file_values(path, setting, value)? {
+            for text in file::file_values(path, &setting.name, setting.delimiter, value)? {
                 args.push(format!("--{}={text}", setting.flag).into());
             }
             from_file.push(setting);

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::http::error::ApiError;
 use crate::http::state::AppState;
 use crate::http::write::{bearer_matches, read_body};
-use crate::mirror::pin::{self, PinSource};
+use crate::mode::pin::{self, PinSource};
 
 /// Largest pin request body: a mode and a reason.
 const MAX_PIN_BODY: usize = 4096;
@@ -86,8 +86,12 @@ mod tests {
     use tower::ServiceExt;
 
     use crate::config::Config;
-    use crate::mirror::mode::{Hysteresis, Mode, ModeHandle, ModeTask, Signal};
-    use crate::mirror::store::{Entry, Store};
+    use crate::mirror::snapshot::Entry;
+    use crate::mirror::store::Store;
+    use crate::mode::handle::ModeHandle;
+    use crate::mode::machine::{Hysteresis, Signal};
+    use crate::mode::task::ModeTask;
+    use crate::mode::Mode;
 
     /// The app with a loaded mirror in `full` and a running mode task; `token` configures the
     /// admin API. The returned senders keep the mode task alive.

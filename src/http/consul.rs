@@ -27,8 +27,8 @@ use crate::http::read::{key_from_path, mirrored, readable_snapshot};
 use crate::http::state::AppState;
 use crate::http::write::{admit_caller, admit_mode, mirrored_by, read_body, write_failed};
 use crate::http::MAX_BODY_BYTES;
-use crate::mirror::mode::Mode;
-use crate::mirror::store::{Entry, Snapshot};
+use crate::mirror::snapshot::{Entry, Snapshot};
+use crate::mode::Mode;
 use crate::upstream::write::{self, WriteError, WriteOp};
 
 /// The routes of the Consul listener.

@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 
 use crate::http::path::KeyError;
 use crate::http::{MAX_HEADERS, MAX_HEAD_BYTES};
-use crate::mirror::mode::Mode;
-use crate::mirror::pin::Pin;
+use crate::mode::pin::Pin;
+use crate::mode::Mode;
 
 /// Why writes are refused, in words: the operator's pin or the facts.
 fn refusal_cause(pin: &Option<Pin>) -> String {

@@ -14,6 +14,8 @@
 //!   a listener of its own ([`consul_service`]).
 //! - [`query`] and [`path`] parse requests; [`respond`] writes the headers every mirror answer
 //!   carries; [`counters`] counts requests and open subscribers.
+//! - [`server`]: the sockets that serve it: the accept loop and drain, per-connection deadlines,
+//!   and the wire screen of HTTP/1 request heads.
 
 pub mod admin;
 pub mod consul;
@@ -28,6 +30,7 @@ pub mod path;
 pub mod query;
 pub mod read;
 pub mod respond;
+pub mod server;
 pub mod state;
 pub mod watch;
 pub mod write;
@@ -213,8 +216,11 @@ mod tests {
 
     use crate::config::Config;
     use crate::http::counters::RequestMetrics;
-    use crate::mirror::mode::{Mode, ModeHandle, Transition};
-    use crate::mirror::store::{Entry, Store};
+    use crate::mirror::snapshot::Entry;
+    use crate::mirror::store::Store;
+    use crate::mode::handle::ModeHandle;
+    use crate::mode::machine::Transition;
+    use crate::mode::Mode;
 
     /// The app over a store filled directly: this tests the HTTP layer only (sync is tested
     /// against real etcd in tests/).

@@ -18,9 +18,12 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::broadcast::Receiver;
 use tokio::sync::watch;
 
-use crate::mirror::mode::{ModeHandle, Transition};
+use crate::mirror::history::{ChangeSet, Follow, LiveChanges};
 use crate::mirror::render::{DeletionJson, EntryJson};
-use crate::mirror::store::{Change, ChangeSet, Entry, Follow, LiveChanges, Snapshot, Store};
+use crate::mirror::snapshot::{Change, Entry, Snapshot};
+use crate::mirror::store::Store;
+use crate::mode::handle::ModeHandle;
+use crate::mode::machine::Transition;
 
 /// Longest `wait` a blocking query may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -386,8 +389,8 @@ pub fn event_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mirror::mode::Mode;
-    use crate::mirror::store::Entry;
+    use crate::mirror::snapshot::Entry;
+    use crate::mode::Mode;
     use futures_util::StreamExt;
 
     fn kib_entry(key: &str, revision: i64) -> Entry {
@@ -473,7 +476,7 @@ mod tests {
         store.apply(
             8,
             (0..keys)
-                .map(|i| crate::mirror::store::Event::Put(kib_entry(&format!("/p/{i:05}"), 8)))
+                .map(|i| crate::mirror::snapshot::Event::Put(kib_entry(&format!("/p/{i:05}"), 8)))
                 .collect(),
         );
         for i in 0..keys {
@@ -508,7 +511,7 @@ mod tests {
         let put = |r: i64| {
             store.apply(
                 r,
-                vec![crate::mirror::store::Event::Put(Entry::new(
+                vec![crate::mirror::snapshot::Event::Put(Entry::new(
                     Bytes::from(format!("/p/k{r}")),
                     Bytes::from_static(b"v"),
                     r,
@@ -517,7 +520,7 @@ mod tests {
                 ))],
             );
         };
-        let behind = crate::mirror::store::SUBSCRIBER_BUFFER as i64 * 3;
+        let behind = crate::mirror::history::SUBSCRIBER_BUFFER as i64 * 3;
         for r in 2..2 + behind {
             put(r);
         }

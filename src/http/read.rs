@@ -23,7 +23,7 @@ use crate::http::respond::{
 };
 use crate::http::state::AppState;
 use crate::mirror::render::View;
-use crate::mirror::store::Snapshot;
+use crate::mirror::snapshot::Snapshot;
 use crate::upstream::Retry;
 
 /// The key named by the path after `route` (`/v1/kv` or `/v1/tree`), decoded once.

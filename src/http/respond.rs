@@ -14,7 +14,7 @@ use crate::http::state::AppState;
 use crate::http::{
     INDEX_HEADER, MODE_HEADER, PINNED_HEADER, REVISION_HEADER, SOURCE_HEADER, STALE_HEADER,
 };
-use crate::mirror::store::{Entry, Snapshot, Source};
+use crate::mirror::snapshot::{Entry, Snapshot, Source};
 
 /// Whether `If-None-Match` names `etag` (or `*`).
 pub(crate) fn etag_matches(headers: &HeaderMap, etag: &HeaderValue) -> bool {

@@ -9,10 +9,11 @@ use tokio::sync::watch;
 use crate::config::{Config, Live, Prefixes, Secret, WriteConfig};
 use crate::http::counters::{RequestMetrics, Subscribers};
 use crate::liveness::Liveness;
-use crate::mirror::mode::ModeHandle;
 use crate::mirror::render::RenderCache;
-use crate::mirror::store::{Snapshot, Store};
+use crate::mirror::snapshot::Snapshot;
+use crate::mirror::store::Store;
 use crate::mirror::sync::{SyncState, SyncStatus};
+use crate::mode::handle::ModeHandle;
 use crate::upstream::EndpointPool;
 
 /// The bodies of the operator's endpoints, from the layer above that can see every part.

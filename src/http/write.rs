@@ -17,7 +17,7 @@ use crate::http::read::{key_from_path, mirrored};
 use crate::http::respond::with_mirror_headers;
 use crate::http::state::AppState;
 use crate::http::MAX_BODY_BYTES;
-use crate::mirror::mode::Mode;
+use crate::mode::Mode;
 use crate::upstream::write::{self, WriteError, WriteOp};
 
 /// Compares two byte strings in time that depends only on their lengths, so a wrong token

@@ -5,13 +5,12 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use tokio::sync::broadcast::{
     self,
     error::{RecvError, TryRecvError},
 };
 
-use crate::mirror::store::{Change, Snapshot};
+use crate::mirror::snapshot::{Change, Snapshot};
 
 /// The changes one published snapshot made, as subscribers see them.
 #[derive(Debug)]
@@ -42,16 +41,6 @@ impl ChangeSet {
     /// Whether any change touches a key starting with `prefix`.
     pub fn touches(&self, prefix: &[u8]) -> bool {
         self.changes.iter().any(|c| c.key().starts_with(prefix))
-    }
-}
-
-impl Change {
-    /// The key changed.
-    pub fn key(&self) -> &Bytes {
-        match self {
-            Change::Put(e) => &e.key,
-            Change::Delete { key, .. } => key,
-        }
     }
 }
 

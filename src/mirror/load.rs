@@ -14,7 +14,7 @@ use tokio::time::timeout;
 
 use crate::config::{prefix_range_end, Prefixes};
 use crate::liveness::Heartbeat;
-use crate::mirror::store::Entry;
+use crate::mirror::snapshot::Entry;
 
 /// Why a read did not complete.
 #[derive(Debug, thiserror::Error)]

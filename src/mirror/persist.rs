@@ -26,8 +26,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::liveness::Heartbeat;
-use crate::mirror::mode::{unix_ms, ModeHandle};
-use crate::mirror::store::{Entry, Snapshot, Store};
+use crate::mirror::snapshot::{Entry, Snapshot};
+use crate::mirror::store::Store;
+use crate::mode::handle::ModeHandle;
+use crate::mode::unix_ms;
 
 /// The first bytes of every snapshot file: the format's name and version.
 pub const MAGIC: &[u8; 8] = b"CSSNAP\0\x01";
@@ -378,7 +380,7 @@ impl SnapshotWriter {
         // them for a snapshot of etcd.
         if !snapshot.loaded
             || snapshot.revision == self.written
-            || snapshot.source == crate::mirror::store::Source::Defaults
+            || snapshot.source == crate::mirror::snapshot::Source::Defaults
         {
             return;
         }

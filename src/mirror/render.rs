@@ -12,7 +12,7 @@ use bytes::Bytes;
 use moka::sync::Cache;
 use serde_json::{Map, Value};
 
-use crate::mirror::store::{Entry, Snapshot};
+use crate::mirror::snapshot::{Entry, Snapshot};
 
 /// What a cached body is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

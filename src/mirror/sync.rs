@@ -24,9 +24,11 @@ use tokio::time::{sleep, timeout, Instant};
 use crate::config::{Live, SyncConfig};
 use crate::liveness::Heartbeat;
 use crate::mirror::load::{self, ReadError, Reader};
-use crate::mirror::mode::{ModeHandle, Signal};
 use crate::mirror::persist::SnapshotFile;
-use crate::mirror::store::{Entry, Event, Store};
+use crate::mirror::snapshot::{Entry, Event};
+use crate::mirror::store::Store;
+use crate::mode::handle::ModeHandle;
+use crate::mode::machine::Signal;
 use crate::upstream::error::{Failure, NO_LEADER};
 use crate::upstream::{EndpointPool, MAX_DECODE_BYTES};
 

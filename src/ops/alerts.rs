@@ -14,7 +14,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::Live;
-use crate::mirror::mode::{unix_ms, Transition};
+use crate::mode::machine::Transition;
+use crate::mode::unix_ms;
 use crate::ops::checks::{Check, Status};
 
 /// How often the checks are evaluated for changes, besides at every mode transition (when
@@ -319,7 +320,7 @@ fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mirror::mode::Mode;
+    use crate::mode::Mode;
 
     fn transition(from: Mode, to: Mode, reason: &str) -> Transition {
         Transition {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::files::FileStatus;
 use crate::liveness::Liveness;
-use crate::mirror::files::FileStatus;
 use crate::upstream::MemberProbe;
 
 /// A check's verdict, worst last.

@@ -6,7 +6,7 @@
 //! reads them all at scrape time, so nothing is counted twice.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -15,17 +15,35 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::config::Selection;
+use crate::files::FileStatuses;
 use crate::http::counters::{count_in, SubscriberKind, BUCKETS, STATUSES, STRIDE};
 use crate::http::AppState;
-use crate::mirror::mode::Mode;
-use crate::ops::report::Reporter;
+use crate::mirror::persist::WriterStats;
+use crate::mode::Mode;
+use crate::ops::alerts::AlertCounts;
+use crate::upstream::ProbeResults;
 
-/// The exposition of everything `state` and `reporter` know, as of now.
-pub fn render(state: &Arc<AppState>, reporter: &Reporter) -> Result<String, std::fmt::Error> {
+/// What only the operator's side holds, read at scrape time (and by `/v1/status`).
+#[derive(Clone)]
+pub struct OperatorParts {
+    /// The last probe round.
+    pub probes: ProbeResults,
+    /// The disk snapshot writer's record, when there is a snapshot.
+    pub snapshot_stats: Option<Arc<WriterStats>>,
+    /// Process start, for uptime.
+    pub started: Instant,
+    /// Alerts by check and outcome.
+    pub alerts: Arc<AlertCounts>,
+    /// The rendered files, when there are any.
+    pub files: Option<FileStatuses>,
+}
+
+/// The exposition of everything `state` and `parts` know, as of now.
+pub fn render(state: &Arc<AppState>, parts: &OperatorParts) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("config_sidecar");
     registry.register_collector(Box::new(Collector {
         state: state.clone(),
-        reporter: reporter.clone(),
+        parts: parts.clone(),
     }));
     let mut text = String::with_capacity(16 * 1024);
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
@@ -37,7 +55,7 @@ struct Collector {
     /// What the HTTP side holds: the mirror, the mode, the request and subscriber counts.
     state: Arc<AppState>,
     /// What only the operator's side holds: the probes, the snapshot writer, the start time.
-    reporter: Reporter,
+    parts: OperatorParts,
 }
 
 impl std::fmt::Debug for Collector {
@@ -63,7 +81,7 @@ where
 
 impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
-        let (state, reporter) = (&self.state, &self.reporter);
+        let (state, parts) = (&self.state, &self.parts);
         let requests = &state.requests;
         let totals = requests.totals();
 
@@ -168,13 +186,13 @@ impl prometheus_client::collector::Collector for Collector {
             ConstCounter::new(n)
                 .encode(m.encode_family(&[("from", from.as_str()), ("to", to.as_str())])?)?;
         }
-        if let Some(files) = &self.reporter.files {
+        if let Some(files) = &self.parts.files {
             let files = files.lock().unwrap_or_else(|e| e.into_inner()).clone();
             for (name, help, value) in [
                 (
                     "render_writes",
                     "Rendered files written, by path",
-                    (|f: &crate::mirror::files::FileStatus| f.writes) as fn(&_) -> u64,
+                    (|f: &crate::files::FileStatus| f.writes) as fn(&_) -> u64,
                 ),
                 (
                     "render_failures",
@@ -200,7 +218,7 @@ impl prometheus_client::collector::Collector for Collector {
             None,
             MetricType::Counter,
         )?;
-        for ((check, result), n) in self.reporter.alerts.snapshot() {
+        for ((check, result), n) in self.parts.alerts.snapshot() {
             ConstCounter::new(n)
                 .encode(m.encode_family(&[("check", check.as_str()), ("result", result)])?)?;
         }
@@ -272,7 +290,7 @@ impl prometheus_client::collector::Collector for Collector {
             sync.reconnects,
         )?;
 
-        if let Some(stats) = &reporter.snapshot_stats {
+        if let Some(stats) = &parts.snapshot_stats {
             counter(
                 &mut e,
                 "snapshot_writes",
@@ -287,7 +305,7 @@ impl prometheus_client::collector::Collector for Collector {
             )?;
         }
 
-        let probes = reporter
+        let probes = parts
             .probes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -387,7 +405,7 @@ impl prometheus_client::collector::Collector for Collector {
             &mut e,
             "uptime_seconds",
             "Time since the sidecar started",
-            reporter.started.elapsed().as_secs_f64(),
+            parts.started.elapsed().as_secs_f64(),
         )?;
         Ok(())
     }

@@ -9,43 +9,36 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::http::{AppState, Report};
-use crate::mirror::files::FileStatuses;
 use crate::mirror::persist::WriterStats;
-use crate::mirror::store::Snapshot;
-use crate::ops::alerts::AlertCounts;
+use crate::mirror::snapshot::Snapshot;
 use crate::ops::checks::{self, Check, Quiet, WatchFacts};
+use crate::ops::metrics::{self, OperatorParts};
 use crate::upstream::{MemberProbe, ProbeResults};
 
-/// The parts only the operator's side reports on.
+/// What `/v1/status` and `/metrics` read beyond the HTTP side's state.
 #[derive(Clone)]
 pub struct Reporter {
-    /// The last probe round.
-    pub probes: ProbeResults,
-    /// The disk snapshot writer's record, when there is a snapshot.
-    pub snapshot_stats: Option<Arc<WriterStats>>,
+    /// The parts only the operator's side holds, which `/metrics` reads too.
+    pub parts: OperatorParts,
     /// Where the disk snapshot goes, for its check.
     pub snapshot_path: Option<PathBuf>,
     /// The watch's silence deadline: confirmations of freshness come well within it.
     pub watch_deadline: Duration,
-    /// Process start, for uptime.
-    pub started: Instant,
-    /// Alerts by check and outcome, for `/metrics`.
-    pub alerts: Arc<AlertCounts>,
-    /// The rendered files, when there are any.
-    pub files: Option<FileStatuses>,
 }
 
 impl Reporter {
     /// A reporter for `config`, reading `probes` and (with a snapshot) the writer's `stats`.
     pub fn new(config: &Config, probes: ProbeResults, stats: Option<Arc<WriterStats>>) -> Self {
         Reporter {
-            probes,
-            snapshot_stats: stats,
+            parts: OperatorParts {
+                probes,
+                snapshot_stats: stats,
+                started: Instant::now(),
+                alerts: Arc::default(),
+                files: None,
+            },
             snapshot_path: config.snapshot.as_ref().map(|s| s.path.clone()),
             watch_deadline: config.sync.watch_deadline,
-            started: Instant::now(),
-            alerts: Arc::default(),
-            files: None,
         }
     }
 
@@ -85,10 +78,14 @@ impl Reporter {
         };
         checks.push(checks::watch_check(&facts, probes));
         if let Some(path) = &self.snapshot_path {
-            let failing = self.snapshot_stats.as_ref().is_some_and(|s| s.failing());
+            let failing = self
+                .parts
+                .snapshot_stats
+                .as_ref()
+                .is_some_and(|s| s.failing());
             checks.push(checks::snapshot_check(path, snapshot.bytes, failing));
         }
-        if let Some(files) = &self.files {
+        if let Some(files) = &self.parts.files {
             let files = files.lock().unwrap_or_else(|e| e.into_inner()).clone();
             checks.push(checks::render_check(&files));
         }
@@ -107,6 +104,7 @@ impl Report for Reporter {
         let sync = state.sync.borrow().clone();
         let (transitions, transitions_total) = state.mode.history();
         let probes = self
+            .parts
             .probes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -151,7 +149,7 @@ impl Report for Reporter {
             "endpoints": state.pool.status(),
             "endpoint_selection": state.pool.selection().as_str(),
             "probes": probes,
-            "render": self.files.as_ref().map(|f| f.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            "render": self.parts.files.as_ref().map(|f| f.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             "sync": sync,
             "transitions": transitions,
             "transitions_total": transitions_total,
@@ -161,13 +159,13 @@ impl Report for Reporter {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or_default(),
-            "uptime_seconds": self.started.elapsed().as_secs(),
+            "uptime_seconds": self.parts.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
         })
     }
 
     fn metrics(&self, state: &Arc<AppState>) -> Result<String, std::fmt::Error> {
-        crate::ops::metrics::render(state, self)
+        metrics::render(state, &self.parts)
     }
 }
 

@@ -14,18 +14,20 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, Defaults, Live};
-use crate::http::{self, AppState, Gate};
+use crate::files::FileRenderer;
+use crate::http::{self, server, AppState, Gate};
 use crate::liveness::{Heartbeat, Liveness};
-use crate::mirror::files::FileRenderer;
-use crate::mirror::mode::{Hysteresis, ModeHandle, ModeTask, Signal};
 use crate::mirror::persist::{self, SnapshotWriter};
-use crate::mirror::store::{Entry, Source, Store};
+use crate::mirror::snapshot::{Entry, Source};
+use crate::mirror::store::Store;
 use crate::mirror::sync::WatchTask;
+use crate::mode::handle::ModeHandle;
+use crate::mode::machine::{Hysteresis, Signal};
+use crate::mode::task::ModeTask;
 use crate::ops::alerts::{AlertTask, Evaluate};
 use crate::ops::allocator;
 use crate::ops::report::Reporter;
 use crate::ops::webhook::WebhookTask;
-use crate::server;
 use crate::upstream::{EndpointPool, ProbeResults, ProbeTask};
 
 /// Runs the sidecar on `listener` until `shutdown` completes: loads the disk snapshot if there is
@@ -139,7 +141,7 @@ pub async fn serve_live(
         probes.results(),
         writer.as_ref().map(|w| w.stats()),
     );
-    reporter.files = files.as_ref().map(FileRenderer::statuses);
+    reporter.parts.files = files.as_ref().map(FileRenderer::statuses);
     if let Some(files) = files {
         spawn("render", tokio::spawn(files.run()), None);
     }
@@ -165,6 +167,7 @@ pub async fn serve_live(
                 return None;
             }
             let probes = reporter
+                .parts
                 .probes
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -177,7 +180,7 @@ pub async fn serve_live(
         evaluate,
         transitions_rx,
         alerts,
-        reporter.alerts.clone(),
+        reporter.parts.alerts.clone(),
     );
     spawn("alerts", tokio::spawn(alerting.run()), None);
     let closer = state.clone();
@@ -246,8 +249,8 @@ pub async fn serve_live(
 }
 
 /// The connection limits in force now (a reload may change them for the connections after).
-fn limits(live: &Live) -> server::ConnectionLimits {
-    live.get(|c| server::ConnectionLimits {
+fn limits(live: &Live) -> server::connection::ConnectionLimits {
+    live.get(|c| server::connection::ConnectionLimits {
         header_read_timeout: c.http.header_read_timeout,
         idle_timeout: c.http.idle_timeout,
         send_timeout: c.http.send_timeout,

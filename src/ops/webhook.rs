@@ -103,7 +103,8 @@ pub fn body(alert: &Alert, format: WebhookFormat) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mirror::mode::{Mode, Transition};
+    use crate::mode::machine::Transition;
+    use crate::mode::Mode;
     use axum::http::StatusCode;
     use axum::routing::post;
     use axum::{Json, Router};

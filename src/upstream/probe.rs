@@ -18,7 +18,7 @@ use tokio::time::timeout;
 use crate::config::Live;
 use crate::liveness::Heartbeat;
 use crate::upstream::error::Failure;
-use crate::upstream::EndpointPool;
+use crate::upstream::pool::EndpointPool;
 
 /// What one probe round (or a watch error) says about the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

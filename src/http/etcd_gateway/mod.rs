@@ -25,7 +25,7 @@ use crate::config::prefix_range_end;
 use crate::http::error::ApiError;
 use crate::http::respond::with_mirror_headers;
 use crate::http::state::AppState;
-use crate::mirror::store::{Entry, Snapshot};
+use crate::mirror::snapshot::{Entry, Snapshot};
 
 /// What `GET /version` says: the etcd release whose gateway this answers like, so clients that
 /// pick their API path from it (etcd3gw) choose `/v3/`.

@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::{answer, code, header, int64, kv_json, request_json, GatewayError, KeyRange};
 use crate::http::state::AppState;
-use crate::mirror::store::{Entry, Snapshot};
+use crate::mirror::snapshot::{Entry, Snapshot};
 
 /// Longest wait for the mirror to reach a revision a range asks for.
 const FUTURE_WAIT: Duration = Duration::from_secs(1);

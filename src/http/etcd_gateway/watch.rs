@@ -29,7 +29,8 @@ use crate::http::notify::HEARTBEAT;
 use crate::http::respond::with_mirror_headers;
 use crate::http::state::AppState;
 use crate::http::MAX_BODY_BYTES;
-use crate::mirror::store::{Change, ChangeSet, Follow};
+use crate::mirror::history::{ChangeSet, Follow};
+use crate::mirror::snapshot::Change;
 
 /// Messages a watch queues for its connection beyond the one being written: each is one
 /// revision's events, made when the connection has room, so a slow client holds back at most

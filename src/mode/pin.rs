@@ -6,7 +6,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::PinSetting;
-use crate::mirror::mode::Mode;
+use crate::mode::Mode;
 
 /// Who set a pin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

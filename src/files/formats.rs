@@ -10,7 +10,7 @@ use yaml_rust2::{Yaml, YamlEmitter};
 
 use crate::config::{Format, RenderTarget};
 use crate::mirror::render::{render_tree, tree};
-use crate::mirror::store::Snapshot;
+use crate::mirror::snapshot::Snapshot;
 
 /// Why a prefix cannot be rendered in a format.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -246,7 +246,8 @@ fn java_escape(text: &str, is_key: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mirror::store::{Entry, Store};
+    use crate::mirror::snapshot::Entry;
+    use crate::mirror::store::Store;
     use bytes::Bytes;
 
     fn snapshot(entries: &[(&str, &str)]) -> std::sync::Arc<Snapshot> {

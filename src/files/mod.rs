@@ -1,5 +1,6 @@
-//! Rendered files: each `--render` target is rewritten from the store whenever its content
-//! changes, for apps that read configuration from files on a shared volume. Like the disk
+//! memory → files, for apps that read configuration from files on a shared volume: each
+//! `--render` target is rewritten from the store, in one of the [`formats`] apps read, whenever
+//! its content changes. Like the disk
 //! snapshot, it only reads the store: a file holds one whole revision (rendered from one
 //! snapshot), is written only once the mirror holds a complete state (from etcd, the disk
 //! snapshot or the defaults), atomically (temp file, fsync, rename, fsync of the directory), and
@@ -16,11 +17,14 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::config::RenderTarget;
-use crate::mirror::actions;
-use crate::mirror::formats::{FormatError, Shape};
-use crate::mirror::mode::unix_ms;
 use crate::mirror::persist::write_atomic_with;
-use crate::mirror::store::{Snapshot, Store};
+use crate::mirror::snapshot::Snapshot;
+use crate::mirror::store::Store;
+use crate::mode::unix_ms;
+use formats::{FormatError, Shape};
+
+pub mod actions;
+pub mod formats;
 
 /// How long after a change the files are rendered: the changes of a burst land in one write.
 pub const COALESCE: Duration = Duration::from_millis(100);

@@ -1,6 +1,6 @@
 //! One connection's watch: its IO and service bump counters as they work, and a watchdog task
 //! looks at them every half header-read timeout to close a connection whose request head
-//! trickles or that sits idle (see [`crate::server`] for why it is done lazily).
+//! trickles or that sits idle (see [`crate::http::server`] for why it is done lazily).
 
 use std::future::Future;
 use std::io;
@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -15,9 +16,23 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http::fast_path::ServiceBody;
+use crate::http::server::screen::RefusalSlot;
 use crate::http::SidecarService;
-use crate::server::screen::RefusalSlot;
-use crate::server::ConnectionLimits;
+
+/// How long connections may take and idle.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Time a client gets to send a request head, from its first byte.
+    pub header_read_timeout: Duration,
+    /// Time a connection may sit with nothing in flight and no bytes moving.
+    pub idle_timeout: Duration,
+    /// Time a response may wait, its writes blocked, for the client to take more of it.
+    pub send_timeout: Duration,
+    /// Time in-flight requests get to finish at shutdown.
+    pub shutdown_grace: Duration,
+    /// Most connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+}
 
 /// What a connection's watchdog looks at. Written by the connection as it works (relaxed
 /// atomics, no clock reads), read by the watchdog once per tick.

@@ -25,26 +25,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::http::{ApiError, SidecarService, MAX_HEADERS};
-use connection::{watchdog, Activity, CountingIo, GuardedService};
+use connection::{watchdog, Activity, ConnectionLimits, CountingIo, GuardedService};
 use screen::{HeadScreen, RefusalSlot};
 
 pub mod connection;
 pub mod screen;
-
-/// How long connections may take and idle.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
-    /// Time a client gets to send a request head, from its first byte.
-    pub header_read_timeout: Duration,
-    /// Time a connection may sit with nothing in flight and no bytes moving.
-    pub idle_timeout: Duration,
-    /// Time a response may wait, its writes blocked, for the client to take more of it.
-    pub send_timeout: Duration,
-    /// Time in-flight requests get to finish at shutdown.
-    pub shutdown_grace: Duration,
-    /// Most connections open at once; one more is answered 503 and closed.
-    pub max_connections: usize,
-}
 
 /// Serves `service` on `listener` until `shutdown` completes, then stops accepting and gives
 /// in-flight requests up to the shutdown grace to finish. `limits` is asked at each accepted
