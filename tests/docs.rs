@@ -513,6 +513,42 @@ fn the_configuration_page_settings_table_is_the_schema() {
     );
 }
 
+/// `docs/layout.md` names every source file: each folder's row lists its files by name (a file
+/// in a subfolder as `sub/` or `sub/file.rs`), so a file added or moved without the map fails here.
+#[test]
+fn the_layout_page_names_every_source_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let page = std::fs::read_to_string(root.join("docs/layout.md")).unwrap();
+    let mut missing = Vec::new();
+    for entry in std::fs::read_dir(root.join("src")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if path.is_file() {
+            if !page.contains(&format!("src/{name}")) {
+                missing.push(format!("src/{name}"));
+            }
+            continue;
+        }
+        // A folder's row: from its name to the end of that table line.
+        let Some(at) = page.find(&format!("`src/{name}/`")) else {
+            missing.push(format!("src/{name}/"));
+            continue;
+        };
+        let row = page[at..].lines().next().unwrap();
+        for file in std::fs::read_dir(&path).unwrap() {
+            let file = file.unwrap().path();
+            let file = file.file_name().unwrap().to_string_lossy().to_string();
+            if !row.contains(&format!("`{file}`")) && !row.contains(&format!("`{file}/`")) {
+                missing.push(format!("src/{name}/{file}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/layout.md does not name {missing:?}"
+    );
+}
+
 /// The README lists a few settings by hand (`| `--flag` | `ENV` | default | what |`): each row's
 /// environment variable and default must be the schema's, so the front door cannot drift from it.
 #[test]
