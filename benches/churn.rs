@@ -7,7 +7,7 @@
 //! reconnect each time they have read a reset's whole state (so resets happen mid-churn);
 //! the sidecar's RSS is sampled every 100 ms. Then everything stops and RSS is sampled again for
 //! 10 s. It runs with values of 1 KiB and of 10 KiB and reports, for each: RSS at rest before,
-//! peak during, and 10 s after; puts per second achieved; the peak against the README's bound
+//! peak during, and 10 s after; puts per second achieved; the peak against the bound of docs/benchmarks.md
 //! `64 MiB + 2 x mirrored bytes`; and the sidecar's own history and render cache use.
 //!
 //! `cargo bench --bench churn` runs it at full size (`CHURN_ROUNDS` rounds per value size,
@@ -39,7 +39,7 @@ struct Run {
     value_bytes: usize,
     mirrored: u64,
     rest: u64,
-    /// The peak the README's formula predicts, from `/v1/status` at rest.
+    /// The peak the formula of docs/benchmarks.md predicts, from `/v1/status` at rest.
     predicted: u64,
     peak: u64,
     after: u64,
@@ -99,7 +99,7 @@ fn main() {
     .unwrap();
     writeln!(
         table,
-        "| value size | mirrored MiB | puts/s | RSS at rest MiB | RSS peak MiB | goal MiB (64 + 2 x mirrored) | predicted MiB (README formula) | RSS 10 s after MiB | history MiB at the end | render cache MiB | resets read |"
+        "| value size | mirrored MiB | puts/s | RSS at rest MiB | RSS peak MiB | goal MiB (64 + 2 x mirrored) | predicted MiB (docs formula) | RSS 10 s after MiB | history MiB at the end | render cache MiB | resets read |"
     )
     .unwrap();
     writeln!(

@@ -28,7 +28,7 @@
 //! 8. availability: at least 99% of the writes and `?consistent` reads through the sidecar
 //!    succeed while etcd has a quorum the sidecar can reach, outside each fault's own window.
 //!
-//! It ends by printing its figures; the README shows the latest.
+//! It ends by printing its figures; docs/tests.md shows the latest.
 
 mod common;
 

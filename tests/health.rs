@@ -126,7 +126,7 @@ async fn checks_and_liveness_follow_real_faults() {
 }
 
 /// `--memory-budget` warns before the limit: at rest, far under the budget, the memory check is
-/// already degraded when the settings let a burst of writes pass it (README: Memory under churn).
+/// already degraded when the settings let a burst of writes pass it (docs/benchmarks.md: Memory under churn).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_check_warns_when_a_burst_could_pass_the_budget() {
     let cluster = EtcdCluster::start(1).await;

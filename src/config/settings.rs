@@ -295,7 +295,7 @@ pub struct Settings {
     )]
     pub log_level: String,
     /// Resident memory to stay under (e.g. 200MiB): the memory check is degraded above 80% of it,
-    /// or when a burst of writes could take memory over it (README: Memory under churn), and
+    /// or when a burst of writes could take memory over it (docs/benchmarks.md: Memory under churn), and
     /// unhealthy above it [SIGHUP applies it].
     #[arg(long, env = "CONFIG_SIDECAR_MEMORY_BUDGET", value_parser = size, help_heading = "process")]
     pub memory_budget: Option<u64>,

@@ -257,7 +257,7 @@ pub const CHURN_SLACK_BYTES: u64 = 16 << 20;
 pub const CHURN_MIRROR_COPIES: u64 = 8;
 
 /// The resident memory a sidecar may reach under a sustained burst of writes, predicted from its
-/// settings and what it mirrors: the README's formula (benches/churn.rs measures it).
+/// settings and what it mirrors: the formula of docs/benchmarks.md, Memory under churn (benches/churn.rs measures it).
 pub fn churn_peak_estimate(history_bytes: u64, mirrored: u64) -> u64 {
     REST_BYTES
         .saturating_add(history_bytes)

@@ -32,7 +32,7 @@ struct RangeRequest {
     sort_order: Named,
     sort_target: Named,
     /// Every read here is from memory: a serializable read and a linearizable one are answered
-    /// alike (the README says so).
+    /// alike (docs/clients.md says so).
     serializable: bool,
     keys_only: bool,
     count_only: bool,
