@@ -129,10 +129,11 @@ impl AppState {
         self.close.send_replace(true);
     }
 
-    /// Whether `/readyz` answers 200: something is loaded, and, when readiness requires etcd,
-    /// etcd has been reached.
+    /// Whether `/readyz` answers 200: something is loaded and the mode machine has taken it in
+    /// (the data is published a moment before the machine leaves `starting`, and a ready sidecar
+    /// must say which mode serves it), and, when readiness requires etcd, etcd has been reached.
     pub fn ready(&self, snapshot: &Snapshot) -> bool {
-        if !snapshot.loaded {
+        if !snapshot.loaded || self.mode.mode() == crate::mode::Mode::Starting {
             return false;
         }
         if !self.ready_requires_etcd {
