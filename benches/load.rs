@@ -401,7 +401,8 @@ async fn run(plan: Plan) -> String {
                 Ok(r) => r.json().await.unwrap_or_default(),
                 Err(_) => return false,
             };
-            s["sync"]["full_loads"].as_u64() >= Some(2) && s["revision"].as_i64() >= Some(head)
+            // A catch-up from the mirror's revision, not a full load (issue 28).
+            s["sync"]["resumes"].as_u64() >= Some(1) && s["revision"].as_i64() >= Some(head)
         }
     })
     .await;

@@ -1,7 +1,8 @@
 //! Reading the mirrored prefixes from etcd at one revision, page by page: all of them (a full
-//! load), or, to bring a disk snapshot up to date after a restart, only what changed since it:
-//! every key's name and mod_revision (keys only), and the values of the keys modified after the
-//! snapshot's revision (etcd's `min_mod_revision`). A key the snapshot has and the listing lacks
+//! load), or, to bring data held at an older revision up to date (a disk snapshot after a
+//! restart, the mirror itself after its watch's resume point was compacted), only what changed
+//! since it: every key's name and mod_revision (keys only), and the values of the keys modified
+//! after the held revision (etcd's `min_mod_revision`). A key held and missing from the listing
 //! was deleted. No watch history is needed, so compaction does not matter, and etcd sends a small
 //! part of a full load when little changed.
 
@@ -114,18 +115,18 @@ pub fn entries(kvs: Vec<KeyValue>) -> Vec<Entry> {
         .collect()
 }
 
-/// The snapshot's entries `base` (at `base_revision`) brought to the revision of `listing`
-/// (every key with its mod_revision then) and `changed` (the keys modified after
-/// `base_revision`, with their values). `None` when the snapshot does not fit: a key the listing
-/// names unchanged since the snapshot is missing from it or has another mod_revision (a snapshot
-/// from elsewhere); then only a full load will do.
-pub fn bring_up_to_date(
-    base: &[Entry],
+/// The entries held, `base` (at `base_revision`: a disk snapshot's, or the mirror's own),
+/// brought to the revision of `listing` (every key with its mod_revision then) and `changed` (the
+/// keys modified after `base_revision`, with their values). `None` when what is held does not
+/// fit: a key the listing names unchanged since then is missing from it or has another
+/// mod_revision (data from elsewhere); then only a full load will do.
+pub fn bring_up_to_date<'a>(
+    base: impl IntoIterator<Item = &'a Entry>,
     base_revision: i64,
     listing: &[(Bytes, i64)],
     changed: Vec<Entry>,
 ) -> Option<Vec<Entry>> {
-    let base: HashMap<&[u8], &Entry> = base.iter().map(|e| (&e.key[..], e)).collect();
+    let base: HashMap<&[u8], &Entry> = base.into_iter().map(|e| (&e.key[..], e)).collect();
     let mut changed: HashMap<Bytes, Entry> =
         changed.into_iter().map(|e| (e.key.clone(), e)).collect();
     listing

@@ -4,8 +4,11 @@
 //! publishes it as one snapshot, then watches from the next revision and applies each watch
 //! response as one new snapshot. It never gives up: on any failure it moves to another endpoint,
 //! waits a jittered exponential backoff, and resumes the watch from the last applied revision + 1.
-//! When that revision has been compacted it loads everything again and publishes the difference,
-//! while the old snapshot keeps serving.
+//! When that revision has been compacted it catches up instead: it reads which keys exist now and
+//! the values changed since the mirror's revision, never every value again ([`load`]), and
+//! publishes the difference, while the old snapshot keeps serving. Every load catches up from
+//! the data the sidecar holds (the mirror, or the disk snapshot found at start); only a sidecar
+//! that holds nothing, or data of another cluster, loads everything.
 //!
 //! What it knows about its own progress is published through a `tokio::sync::watch` channel as a
 //! [`SyncStatus`], which the HTTP side reads for `/v1/status` and the mode headers.
@@ -25,7 +28,7 @@ use crate::config::{Live, SyncConfig};
 use crate::liveness::Heartbeat;
 use crate::mirror::load::{self, ReadError, Reader};
 use crate::mirror::persist::SnapshotFile;
-use crate::mirror::snapshot::{Entry, Event};
+use crate::mirror::snapshot::{Entry, Event, Snapshot};
 use crate::mirror::store::Store;
 use crate::mode::handle::ModeHandle;
 use crate::mode::machine::Signal;
@@ -64,9 +67,11 @@ pub struct SyncStatus {
     /// When the watch stream last said anything (event or progress): its liveness.
     #[serde(with = "unix_millis")]
     pub last_heard_at: Option<SystemTime>,
-    /// Number of complete loads (the first one and every compaction resync).
+    /// Number of complete loads: every value read (a first start with nothing held, or data of
+    /// another cluster).
     pub full_loads: u64,
-    /// Number of times the disk snapshot was brought up to date instead of a first full load.
+    /// Number of catch-ups: loads that read only what changed since the data held (the disk
+    /// snapshot at start, the mirror after its watch's resume point was compacted).
     pub resumes: u64,
     /// Number of times the watch had to be reopened.
     pub reconnects: u64,
@@ -120,7 +125,7 @@ enum SessionError {
     Closed,
     #[error("watch cancelled by the server: {0}")]
     Cancelled(String),
-    #[error("revision {wanted} is compacted (compact revision {compact}); reloading")]
+    #[error("revision {wanted} is compacted (compact revision {compact}); catching up")]
     Compacted { wanted: i64, compact: i64 },
     #[error("{0}")]
     Store(#[from] crate::mirror::store::StoreError),
@@ -240,6 +245,58 @@ pub struct WatchTask {
     heartbeat: Arc<Heartbeat>,
     /// The disk snapshot found at start, if any: the first load reads only what changed since.
     resume: Option<Arc<SnapshotFile>>,
+}
+
+/// Data the sidecar holds at one revision of one cluster, from which a load catches up instead
+/// of reading every value again.
+enum Held {
+    /// What the mirror serves: etcd's data, or the disk snapshot it fell back to.
+    Mirror(Arc<Snapshot>),
+    /// The disk snapshot found at start, not yet served.
+    File(Arc<SnapshotFile>),
+}
+
+impl Held {
+    /// What `store` holds, or else the disk snapshot `file`; `None` when there is nothing to
+    /// catch up from (bundled defaults are no etcd data: they have no cluster or revision).
+    fn now(store: &Store, file: &Option<Arc<SnapshotFile>>) -> Option<Held> {
+        let mirror = store.snapshot();
+        if mirror.loaded && mirror.cluster_id != 0 && mirror.revision > 0 {
+            return Some(Held::Mirror(mirror));
+        }
+        file.clone().map(Held::File)
+    }
+
+    /// Its cluster and revision.
+    fn at(&self) -> (u64, i64) {
+        match self {
+            Held::Mirror(s) => (s.cluster_id, s.revision),
+            Held::File(f) => (f.cluster_id, f.revision),
+        }
+    }
+
+    /// For the log.
+    fn what(&self) -> &'static str {
+        match self {
+            Held::Mirror(_) => "mirror",
+            Held::File(_) => "disk snapshot",
+        }
+    }
+
+    /// See [`load::bring_up_to_date`].
+    fn bring_up_to_date(
+        &self,
+        listing: &[(Bytes, i64)],
+        changed: Vec<Entry>,
+    ) -> Option<Vec<Entry>> {
+        let (_, revision) = self.at();
+        match self {
+            Held::Mirror(s) => {
+                load::bring_up_to_date(s.iter().map(|e| e.as_ref()), revision, listing, changed)
+            }
+            Held::File(f) => load::bring_up_to_date(&f.entries, revision, listing, changed),
+        }
+    }
 }
 
 impl WatchTask {
@@ -436,24 +493,22 @@ impl WatchTask {
         if *must_load || !self.store.is_loaded() {
             self.status.send_modify(|s| s.state = SyncState::Loading);
             let started = SystemTime::now();
-            let resumed = match resume.take() {
-                Some(base) if !self.store.is_loaded() => {
-                    match self.resume_load(&mut client, &base).await {
-                        Ok(resumed) => resumed,
-                        Err(e) => {
-                            // Tried again on the next session.
-                            *resume = Some(base);
-                            return e;
-                        }
-                    }
-                }
-                _ => false,
+            let caught_up = match Held::now(&self.store, resume) {
+                // A catch-up that fails is tried again as a catch-up on the next session: what
+                // is held stays held, and a fleet coming back reads no more than it must.
+                Some(held) => match self.catch_up(&mut client, &held).await {
+                    Ok(caught_up) => caught_up,
+                    Err(e) => return e,
+                },
+                None => false,
             };
-            if !resumed {
+            if !caught_up {
                 if let Err(e) = self.full_load(&mut client).await {
                     return e;
                 }
             }
+            // The mirror now holds newer data than the disk snapshot found at start.
+            *resume = None;
             // The load began with a linearizable read: the mirror was current as of then.
             self.mode.confirm(started);
             self.signal(Signal::LoadedFromEtcd).await;
@@ -499,26 +554,19 @@ impl WatchTask {
         Ok(())
     }
 
-    /// Brings the disk snapshot `base` up to etcd's revision by reading only what changed since
-    /// it (see [`crate::mirror::load`]) and publishes the result as one snapshot, as a full load
-    /// would. `Ok(false)`, with nothing published, when the snapshot does not fit etcd's data
-    /// (another cluster, a revision etcd has not reached, keys that disagree): a full load
-    /// follows.
-    async fn resume_load(
-        &self,
-        client: &mut Client,
-        base: &SnapshotFile,
-    ) -> Result<bool, SessionError> {
+    /// Brings the data `held` up to etcd's revision by reading only what changed since it (see
+    /// [`crate::mirror::load`]) and publishes the result as one snapshot, as a full load would.
+    /// `Ok(false)`, with nothing published, when what is held does not fit etcd's data (another
+    /// cluster, a revision etcd has not reached, keys that disagree): a full load follows.
+    async fn catch_up(&self, client: &mut Client, held: &Held) -> Result<bool, SessionError> {
+        let (cluster_id, revision) = held.at();
         let mut reader = self.reader(client);
         let listing = reader.read(GetOptions::with_keys_only, 0).await?;
-        if listing.cluster != base.cluster_id || listing.revision < base.revision {
+        if listing.cluster != cluster_id || listing.revision < revision {
             return Ok(false);
         }
         let changed = reader
-            .read(
-                |o| o.with_min_mod_revision(base.revision + 1),
-                listing.revision,
-            )
+            .read(|o| o.with_min_mod_revision(revision + 1), listing.revision)
             .await?;
         let keys: Vec<(Bytes, i64)> = listing
             .kvs
@@ -527,19 +575,19 @@ impl WatchTask {
             .collect();
         let changed = load::entries(changed.kvs);
         let changed_count = changed.len();
-        let Some(entries) = load::bring_up_to_date(&base.entries, base.revision, &keys, changed)
-        else {
+        let Some(entries) = held.bring_up_to_date(&keys, changed) else {
             return Ok(false);
         };
         let count = entries.len();
         self.store
             .replace_from(listing.cluster, listing.revision, entries)?;
         tracing::info!(
-            from_revision = base.revision,
+            held = held.what(),
+            from_revision = revision,
             revision = listing.revision,
             keys = count,
             changed = changed_count,
-            "disk snapshot brought up to date and published"
+            "caught up from the data held and published"
         );
         self.status.send_modify(|s| s.resumes += 1);
         Ok(true)
