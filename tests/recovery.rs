@@ -1,6 +1,8 @@
 //! Recovery costs etcd little (issue 28): a sidecar that holds data catches up from its revision
 //! (which keys exist now, and the values changed since) instead of reading every value again,
-//! even when etcd compacted the revisions it would have resumed its watch from.
+//! whether it held the data in memory while cut off, while pinned `cache-only`, or from its disk
+//! snapshot served while etcd was too slow to answer a restart; even when etcd compacted the
+//! revisions it would have resumed its watch from. Costs are counted by etcd itself.
 
 mod common;
 
@@ -9,10 +11,13 @@ use std::time::Duration;
 
 use common::{
     compact_to, etcd_prefix, eventually, metric_sum, metrics_text, proxy_every_member,
-    sidecar_config, sidecar_prefix, start_sidecar, EtcdCluster, Fault, SseClient,
+    sidecar_config, sidecar_prefix, start_sidecar, EtcdCluster, Fault, Sidecar, SseClient,
 };
+use serde_json::json;
 
 const KEYS: usize = 200;
+const PREFIX: &str = "/rec/";
+const ADMIN: &str = "adm1n-token";
 
 /// A value of about 1 KiB, so a full load is worth avoiding and its cost shows in etcd's bytes.
 fn value(i: usize, version: &str) -> String {
@@ -30,7 +35,7 @@ async fn sent_bytes(cluster: &EtcdCluster) -> f64 {
 }
 
 /// The sidecar's `sync` counters: full loads and catch-ups.
-async fn loads(sidecar: &common::Sidecar) -> (u64, u64) {
+async fn loads(sidecar: &Sidecar) -> (u64, u64) {
     let status = sidecar.json("/v1/status").await;
     (
         status["sync"]["full_loads"].as_u64().unwrap(),
@@ -38,23 +43,87 @@ async fn loads(sidecar: &common::Sidecar) -> (u64, u64) {
     )
 }
 
-/// Cut off from every member while etcd deletes, changes and adds keys and then compacts past
-/// the mirror's revision, the sidecar comes back with a catch-up, not a full load: the mirror
-/// equals etcd (keys deleted during the outage gone), a change stream receives each change of the
-/// outage exactly once, and etcd sends a small part of what the first load cost it.
+async fn fill(etcd: &mut etcd_client::Client) {
+    for i in 0..KEYS {
+        etcd.put(format!("{PREFIX}k{i:03}"), value(i, "v0"), None)
+            .await
+            .unwrap();
+    }
+}
+
+/// What happens while the sidecar is away: 20 keys deleted, 10 changed, 5 added, then every
+/// revision compacted, so no watch can resume. Returns etcd's state after it, read now (etcd's
+/// bytes count every client, this test's too, so nothing is read from etcd after the heal).
+async fn outage(etcd: &mut etcd_client::Client) -> Vec<(String, String)> {
+    for i in 0..20 {
+        etcd.delete(format!("{PREFIX}k{i:03}"), None).await.unwrap();
+    }
+    for i in 20..30 {
+        etcd.put(format!("{PREFIX}k{i:03}"), value(i, "v1"), None)
+            .await
+            .unwrap();
+    }
+    let mut head = 0;
+    for i in KEYS..KEYS + 5 {
+        let put = etcd
+            .put(format!("{PREFIX}k{i:03}"), value(i, "v1"), None)
+            .await
+            .unwrap();
+        head = put.header().unwrap().revision();
+    }
+    compact_to(etcd, head).await;
+    let expected = etcd_prefix(etcd, PREFIX).await;
+    assert_eq!(expected.len(), KEYS - 20 + 5);
+    expected
+}
+
+/// After the heal: the mirror equals etcd's `expected` state (keys deleted in the outage gone),
+/// the sidecar counted `loads` (full loads, catch-ups), and etcd sent since `before` a small part
+/// of what one full load costs it, `full_load` bytes.
+async fn caught_up(
+    sidecar: &Sidecar,
+    cluster: &EtcdCluster,
+    expected: &[(String, String)],
+    loads_after: (u64, u64),
+    before: f64,
+    full_load: f64,
+) {
+    eventually(
+        Duration::from_secs(20),
+        "mirror equals etcd after the catch-up",
+        || async { sidecar_prefix(sidecar, PREFIX).await.as_deref() == Some(expected) },
+    )
+    .await;
+    assert_eq!(sidecar.get("/v1/kv/rec/k000").await.status(), 404);
+    // The counters follow the publication a moment later (same task).
+    eventually(Duration::from_secs(5), "the catch-up counted", || async {
+        loads(sidecar).await == loads_after
+    })
+    .await;
+    let catch_up = sent_bytes(cluster).await - before;
+    eprintln!("full load {full_load} bytes, catch-up {catch_up} bytes");
+    // 15 values of 200 and every key's name: about a tenth of a full load, which would cost all
+    // of it again. The bound leaves room for a catch-up tried twice (an attempt cut short on a
+    // busy machine is retried as a catch-up) and for the probes' and the watch's own messages,
+    // which the count includes.
+    assert!(
+        catch_up < full_load / 3.0,
+        "the catch-up cost etcd {catch_up} bytes, a full load {full_load}"
+    );
+}
+
+/// Cut off from every member while etcd changes and compacts past the mirror's revision, the
+/// sidecar comes back with a catch-up, not a full load, and a change stream receives each change
+/// of the outage exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compacted_resume_point_is_caught_up_not_reloaded() {
     let cluster = EtcdCluster::start(3).await;
     let mut etcd = cluster.client().await;
-    for i in 0..KEYS {
-        etcd.put(format!("/rec/k{i:03}"), value(i, "v0"), None)
-            .await
-            .unwrap();
-    }
+    fill(&mut etcd).await;
     let (proxies, urls) = proxy_every_member(&cluster).await;
     let before_start = sent_bytes(&cluster).await;
-    let sidecar = start_sidecar(sidecar_config(&urls, &["/rec/"])).await;
-    assert_eq!(sidecar_prefix(&sidecar, "/rec/").await.unwrap().len(), KEYS);
+    let sidecar = start_sidecar(sidecar_config(&urls, &[PREFIX])).await;
+    assert_eq!(sidecar_prefix(&sidecar, PREFIX).await.unwrap().len(), KEYS);
     let first_load = sent_bytes(&cluster).await - before_start;
     assert_eq!(loads(&sidecar).await, (1, 0));
     let mut stream = SseClient::connect(&sidecar.http, &sidecar.url("/v1/watch/rec/"), None).await;
@@ -72,46 +141,20 @@ async fn a_compacted_resume_point_is_caught_up_not_reloaded() {
     for p in &proxies {
         p.set(Fault::Blackhole);
     }
-    // While cut off: 20 deleted, 10 changed, 5 added, then everything compacted.
-    for i in 0..20 {
-        etcd.delete(format!("/rec/k{i:03}"), None).await.unwrap();
-    }
-    for i in 20..30 {
-        etcd.put(format!("/rec/k{i:03}"), value(i, "v1"), None)
-            .await
-            .unwrap();
-    }
-    let mut head = 0;
-    for i in KEYS..KEYS + 5 {
-        let put = etcd
-            .put(format!("/rec/k{i:03}"), value(i, "v1"), None)
-            .await
-            .unwrap();
-        head = put.header().unwrap().revision();
-    }
-    compact_to(&mut etcd, head).await;
-    // Read before the heal: etcd's bytes count every client, this test's too.
-    let expected = etcd_prefix(&mut etcd, "/rec/").await;
-    assert_eq!(expected.len(), KEYS - 20 + 5);
+    let expected = outage(&mut etcd).await;
     let before_heal = sent_bytes(&cluster).await;
-
     for p in &proxies {
         p.set(Fault::Pass);
     }
-    eventually(
-        Duration::from_secs(20),
-        "mirror equals etcd after the catch-up",
-        || async { sidecar_prefix(&sidecar, "/rec/").await.as_ref() == Some(&expected) },
+    caught_up(
+        &sidecar,
+        &cluster,
+        &expected,
+        (1, 1),
+        before_heal,
+        first_load,
     )
     .await;
-    assert_eq!(sidecar.get("/v1/kv/rec/k000").await.status(), 404);
-    // The counters follow the publication a moment later (same task).
-    eventually(Duration::from_secs(5), "the catch-up counted", || async {
-        loads(&sidecar).await == (1, 1)
-    })
-    .await;
-    let catch_up = sent_bytes(&cluster).await - before_heal;
-    eprintln!("first load {first_load} bytes, catch-up {catch_up} bytes");
 
     // The stream: after the outage, each of its 35 changes once (a `resync` first says they sum
     // up revisions etcd no longer has), and nothing else.
@@ -139,21 +182,98 @@ async fn a_compacted_resume_point_is_caught_up_not_reloaded() {
         "more than the outage's changes"
     );
 
-    // 15 values of 200 and every key's name: about a tenth of the first load here, and a full
-    // load would cost all of it again. The bound leaves room for a catch-up tried twice (an
-    // attempt cut short on a busy machine is retried as a catch-up) and for the probes' and the
-    // watch's own messages, which the count includes.
-    assert!(
-        catch_up < first_load / 3.0,
-        "the catch-up cost etcd {catch_up} bytes, the first load {first_load}"
-    );
-
     // And the watch runs again from the caught-up revision.
     etcd.put("/rec/after", "1", None).await.unwrap();
     eventually(
         Duration::from_secs(5),
         "watch after the catch-up",
         || async { sidecar.value("/v1/kv/rec/after").await.as_deref() == Some("1") },
+    )
+    .await;
+}
+
+async fn pin(sidecar: &Sidecar, mode: &str) {
+    let r = sidecar
+        .http
+        .post(sidecar.url("/v1/admin/mode"))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "mode": mode, "reason": "etcd maintenance" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "pin {mode}");
+}
+
+/// Pinned `cache-only` (etcd maintenance) while etcd changes and compacts, then unpinned: a
+/// catch-up from the mirror's revision, not a full load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpinning_after_a_compaction_catches_up() {
+    let cluster = EtcdCluster::start(3).await;
+    let mut etcd = cluster.client().await;
+    fill(&mut etcd).await;
+    let mut config = sidecar_config(&cluster.endpoints(), &[PREFIX]);
+    config.mode.admin_token = Some(ADMIN.into());
+    let before_start = sent_bytes(&cluster).await;
+    let sidecar = start_sidecar(config).await;
+    let first_load = sent_bytes(&cluster).await - before_start;
+    assert_eq!(loads(&sidecar).await, (1, 0));
+
+    pin(&sidecar, "cache-only").await;
+    eventually(Duration::from_secs(10), "the watch held", || async {
+        sidecar.json("/v1/status").await["sync"]["state"] == "held"
+    })
+    .await;
+    let expected = outage(&mut etcd).await;
+    let before_unpin = sent_bytes(&cluster).await;
+    pin(&sidecar, "auto").await;
+    caught_up(
+        &sidecar,
+        &cluster,
+        &expected,
+        (1, 1),
+        before_unpin,
+        first_load,
+    )
+    .await;
+}
+
+/// A restart while every member is frozen: the sidecar serves its disk snapshot after the
+/// fallback wait, and once etcd answers it catches up from that snapshot (which is older than
+/// etcd by a compacted outage), without a full load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_that_served_its_snapshot_catches_up_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = EtcdCluster::start(3).await;
+    let mut etcd = cluster.client().await;
+    fill(&mut etcd).await;
+    let mut config = sidecar_config(&cluster.endpoints(), &[PREFIX]);
+    config.snapshot = Some(config_sidecar::config::SnapshotConfig::at(
+        dir.path().join("mirror.snap"),
+    ));
+    let before_start = sent_bytes(&cluster).await;
+    let sidecar = start_sidecar(config.clone()).await;
+    let first_load = sent_bytes(&cluster).await - before_start;
+    sidecar.stop().await; // writes the snapshot
+
+    let expected = outage(&mut etcd).await;
+    let before_restart = sent_bytes(&cluster).await;
+    for i in 0..3 {
+        cluster.freeze(i);
+    }
+    let sidecar = start_sidecar(config).await;
+    let r = sidecar.get("/v1/kv/rec/k000").await;
+    assert_eq!(r.status(), 200, "the snapshot's data");
+    assert_eq!(r.headers()["x-config-mode"], "cache-only");
+    for i in 0..3 {
+        cluster.thaw(i);
+    }
+    caught_up(
+        &sidecar,
+        &cluster,
+        &expected,
+        (0, 1),
+        before_restart,
+        first_load,
     )
     .await;
 }
