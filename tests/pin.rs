@@ -7,23 +7,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 
 const ADMIN: &str = "adm1n-token";
 const WRITER: &str = "wr1ter-token";
-
-async fn pin(sidecar: &Sidecar, mode: &str, reason: &str) -> serde_json::Value {
-    let r = sidecar
-        .http
-        .post(sidecar.url("/v1/admin/mode"))
-        .bearer_auth(ADMIN)
-        .json(&json!({ "mode": mode, "reason": reason }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "pin {mode}");
-    r.json().await.unwrap()
-}
 
 async fn put(sidecar: &Sidecar, key: &str, value: &str) -> reqwest::Response {
     sidecar
@@ -65,7 +51,7 @@ async fn pinned_modes_refuse_writes_or_go_silent_and_unpinned_recover() {
     sidecar.wait_mode("full", Duration::from_secs(10)).await;
 
     // Pinned read-only: reads served, writes refused with the operator's reason, shown everywhere.
-    let answer = pin(&sidecar, "read-only", "etcd maintenance").await;
+    let answer = sidecar.pin(ADMIN, "read-only", "etcd maintenance").await;
     assert_eq!(answer["mode"], "read-only");
     let r = sidecar.get("/v1/kv/app/name").await;
     assert_eq!(r.status(), 200);
@@ -98,12 +84,12 @@ async fn pinned_modes_refuse_writes_or_go_silent_and_unpinned_recover() {
         sidecar.value("/v1/kv/app/name").await.as_deref() == Some("seen-while-read-only")
     })
     .await;
-    pin(&sidecar, "auto", "maintenance over").await;
+    sidecar.pin(ADMIN, "auto", "maintenance over").await;
     sidecar.wait_mode("full", Duration::from_secs(5)).await;
     assert_eq!(put(&sidecar, "/app/written", "yes").await.status(), 200);
 
     // Pinned cache-only: the watch closes and etcd hears nothing more from the sidecar.
-    let answer = pin(&sidecar, "cache-only", "etcd upgrade").await;
+    let answer = sidecar.pin(ADMIN, "cache-only", "etcd upgrade").await;
     assert_eq!(answer["mode"], "cache-only");
     let endpoint = cluster.endpoint(0);
     // The count starts once the watch has closed and nothing has arrived for two probe intervals:
@@ -148,7 +134,7 @@ async fn pinned_modes_refuse_writes_or_go_silent_and_unpinned_recover() {
         .unwrap();
 
     // Unpinned: it resumes from its revision, catches up and is full again by itself.
-    pin(&sidecar, "auto", "upgrade done").await;
+    sidecar.pin(ADMIN, "auto", "upgrade done").await;
     let took = sidecar.wait_mode("full", Duration::from_secs(10)).await;
     eprintln!("full {took:?} after the cache-only pin was lifted");
     eventually(Duration::from_secs(5), "caught up", || async {

@@ -13,7 +13,6 @@ use common::{
     compact_to, etcd_prefix, eventually, metric_sum, metrics_text, proxy_every_member,
     sidecar_config, sidecar_prefix, start_sidecar, EtcdCluster, Fault, Sidecar, SseClient,
 };
-use serde_json::json;
 
 const KEYS: usize = 200;
 const PREFIX: &str = "/rec/";
@@ -192,18 +191,6 @@ async fn a_compacted_resume_point_is_caught_up_not_reloaded() {
     .await;
 }
 
-async fn pin(sidecar: &Sidecar, mode: &str) {
-    let r = sidecar
-        .http
-        .post(sidecar.url("/v1/admin/mode"))
-        .bearer_auth(ADMIN)
-        .json(&json!({ "mode": mode, "reason": "etcd maintenance" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "pin {mode}");
-}
-
 /// Pinned `cache-only` (etcd maintenance) while etcd changes and compacts, then unpinned: a
 /// catch-up from the mirror's revision, not a full load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,14 +205,14 @@ async fn unpinning_after_a_compaction_catches_up() {
     let first_load = sent_bytes(&cluster).await - before_start;
     assert_eq!(loads(&sidecar).await, (1, 0));
 
-    pin(&sidecar, "cache-only").await;
+    sidecar.pin(ADMIN, "cache-only", "etcd maintenance").await;
     eventually(Duration::from_secs(10), "the watch held", || async {
         sidecar.json("/v1/status").await["sync"]["state"] == "held"
     })
     .await;
     let expected = outage(&mut etcd).await;
     let before_unpin = sent_bytes(&cluster).await;
-    pin(&sidecar, "auto").await;
+    sidecar.pin(ADMIN, "auto", "maintenance over").await;
     caught_up(
         &sidecar,
         &cluster,

@@ -7,6 +7,7 @@
 //! part of a full load when little changed.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +16,9 @@ use tokio::time::timeout;
 
 use crate::config::{prefix_range_end, Prefixes};
 use crate::liveness::Heartbeat;
-use crate::mirror::snapshot::Entry;
+use crate::mirror::persist::SnapshotFile;
+use crate::mirror::snapshot::{Entry, Snapshot};
+use crate::mirror::store::Store;
 
 /// Why a read did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +145,58 @@ pub fn bring_up_to_date<'a>(
             None => None,
         })
         .collect()
+}
+
+/// Data the sidecar holds at one revision of one cluster, from which a load catches up instead
+/// of reading every value again.
+pub enum Held {
+    /// What the mirror serves: etcd's data, or the disk snapshot it fell back to.
+    Mirror(Arc<Snapshot>),
+    /// The disk snapshot found at start, not yet served.
+    File(Arc<SnapshotFile>),
+}
+
+impl Held {
+    /// What `store` holds, or else the disk snapshot `file`; `None` when there is nothing to
+    /// catch up from (bundled defaults are no etcd data: they have no cluster or revision).
+    pub fn now(store: &Store, file: &Option<Arc<SnapshotFile>>) -> Option<Held> {
+        let mirror = store.snapshot();
+        if mirror.loaded && mirror.cluster_id != 0 && mirror.revision > 0 {
+            return Some(Held::Mirror(mirror));
+        }
+        file.clone().map(Held::File)
+    }
+
+    /// Its cluster and revision.
+    pub fn at(&self) -> (u64, i64) {
+        match self {
+            Held::Mirror(s) => (s.cluster_id, s.revision),
+            Held::File(f) => (f.cluster_id, f.revision),
+        }
+    }
+
+    /// For the log.
+    pub fn what(&self) -> &'static str {
+        match self {
+            Held::Mirror(_) => "mirror",
+            Held::File(_) => "disk snapshot",
+        }
+    }
+
+    /// See [`bring_up_to_date`].
+    pub fn bring_up_to_date(
+        &self,
+        listing: &[(Bytes, i64)],
+        changed: Vec<Entry>,
+    ) -> Option<Vec<Entry>> {
+        let (_, revision) = self.at();
+        match self {
+            Held::Mirror(s) => {
+                bring_up_to_date(s.iter().map(|e| e.as_ref()), revision, listing, changed)
+            }
+            Held::File(f) => bring_up_to_date(&f.entries, revision, listing, changed),
+        }
+    }
 }
 
 #[cfg(test)]

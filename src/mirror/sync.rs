@@ -26,9 +26,9 @@ use tokio::time::{sleep, timeout, Instant};
 
 use crate::config::{Live, SyncConfig};
 use crate::liveness::Heartbeat;
-use crate::mirror::load::{self, ReadError, Reader};
+use crate::mirror::load::{self, Held, ReadError, Reader};
 use crate::mirror::persist::SnapshotFile;
-use crate::mirror::snapshot::{Entry, Event, Snapshot};
+use crate::mirror::snapshot::{Entry, Event};
 use crate::mirror::store::Store;
 use crate::mode::handle::ModeHandle;
 use crate::mode::machine::Signal;
@@ -245,58 +245,6 @@ pub struct WatchTask {
     heartbeat: Arc<Heartbeat>,
     /// The disk snapshot found at start, if any: the first load reads only what changed since.
     resume: Option<Arc<SnapshotFile>>,
-}
-
-/// Data the sidecar holds at one revision of one cluster, from which a load catches up instead
-/// of reading every value again.
-enum Held {
-    /// What the mirror serves: etcd's data, or the disk snapshot it fell back to.
-    Mirror(Arc<Snapshot>),
-    /// The disk snapshot found at start, not yet served.
-    File(Arc<SnapshotFile>),
-}
-
-impl Held {
-    /// What `store` holds, or else the disk snapshot `file`; `None` when there is nothing to
-    /// catch up from (bundled defaults are no etcd data: they have no cluster or revision).
-    fn now(store: &Store, file: &Option<Arc<SnapshotFile>>) -> Option<Held> {
-        let mirror = store.snapshot();
-        if mirror.loaded && mirror.cluster_id != 0 && mirror.revision > 0 {
-            return Some(Held::Mirror(mirror));
-        }
-        file.clone().map(Held::File)
-    }
-
-    /// Its cluster and revision.
-    fn at(&self) -> (u64, i64) {
-        match self {
-            Held::Mirror(s) => (s.cluster_id, s.revision),
-            Held::File(f) => (f.cluster_id, f.revision),
-        }
-    }
-
-    /// For the log.
-    fn what(&self) -> &'static str {
-        match self {
-            Held::Mirror(_) => "mirror",
-            Held::File(_) => "disk snapshot",
-        }
-    }
-
-    /// See [`load::bring_up_to_date`].
-    fn bring_up_to_date(
-        &self,
-        listing: &[(Bytes, i64)],
-        changed: Vec<Entry>,
-    ) -> Option<Vec<Entry>> {
-        let (_, revision) = self.at();
-        match self {
-            Held::Mirror(s) => {
-                load::bring_up_to_date(s.iter().map(|e| e.as_ref()), revision, listing, changed)
-            }
-            Held::File(f) => load::bring_up_to_date(&f.entries, revision, listing, changed),
-        }
-    }
 }
 
 impl WatchTask {

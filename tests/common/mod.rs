@@ -872,6 +872,20 @@ impl Sidecar {
     }
 
     /// Waits until it reports `mode`, failing the test after `within`; how long that took.
+    /// Pins `mode` (or `auto`) by the operator's API with the admin `token`; its JSON answer.
+    pub async fn pin(&self, token: &str, mode: &str, reason: &str) -> serde_json::Value {
+        let r = self
+            .http
+            .post(self.url("/v1/admin/mode"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "mode": mode, "reason": reason }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "pin {mode}");
+        r.json().await.unwrap()
+    }
+
     pub async fn wait_mode(&self, mode: &str, within: Duration) -> Duration {
         let started = Instant::now();
         eventually(within, &format!("mode {mode}"), || async {
