@@ -468,6 +468,14 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
     }
 }
 
+/// A setting's default as both settings tables write it: in backticks, or a dash for none.
+fn default_cell(setting: &config_sidecar::config::settings::Setting) -> String {
+    setting
+        .default
+        .as_ref()
+        .map_or("—".to_string(), |d| format!("`{d}`"))
+}
+
 /// The settings table of `docs/configuration.md`, as the schema says it must read: one row per setting, in the
 /// schema's order, with its section, flag, environment variable, default, whether SIGHUP applies
 /// it, and its help text.
@@ -485,7 +493,7 @@ fn settings_table() -> String {
             s.section,
             s.flag,
             s.env,
-            s.default.map_or("—".to_string(), |d| format!("`{d}`")),
+            default_cell(&s),
             if s.live { "applied" } else { "restart" },
             doc.trim()
         ));
@@ -564,10 +572,7 @@ fn the_readme_settings_rows_agree_with_the_schema() {
             .iter()
             .find(|s| s.flag == flag)
             .unwrap_or_else(|| panic!("README lists --{flag}, which the schema does not have"));
-        let default = setting
-            .default
-            .as_ref()
-            .map_or("—".to_string(), |d| format!("`{d}`"));
+        let default = default_cell(setting);
         assert_eq!(
             cells[2],
             format!("`{}`", setting.env),
