@@ -90,6 +90,8 @@ pub struct SyncConfig {
     pub backoff_max: Duration,
     /// Longest random wait before a first load without a snapshot: a fleet's starts spread.
     pub first_load_jitter: Duration,
+    /// Longest random wait before a catch-up after an outage: a fleet's catch-ups spread.
+    pub catch_up_jitter: Duration,
     /// Keys per page of a full load.
     pub page_size: i64,
     /// Most bytes of change history kept.

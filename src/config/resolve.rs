@@ -219,6 +219,7 @@ impl Config {
                 backoff_min: s.backoff_min,
                 backoff_max: s.backoff_max,
                 first_load_jitter: s.first_load_jitter,
+                catch_up_jitter: s.catch_up_jitter,
                 page_size: s.page_size,
                 history_bytes: s.history_bytes,
             },
@@ -393,11 +394,14 @@ mod tests {
             "/c/",
             "--first-load-jitter",
             "0s",
+            "--catch-up-jitter",
+            "0s",
             "--alert-min-interval",
             "0s",
         ])
         .unwrap();
         assert!(c.sync.first_load_jitter.is_zero());
+        assert!(c.sync.catch_up_jitter.is_zero());
         assert!(c.mode.alert_min_interval.is_zero());
         let e = cli(&["--prefix", "/c/", "--probe-interval", "0s"]).unwrap_err();
         assert!(e.contains("greater than zero"), "{e}");

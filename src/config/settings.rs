@@ -126,6 +126,11 @@ pub struct Settings {
     /// date, so that pods started together do not all load at once (0s: none).
     #[arg(long, env = "CONFIG_SIDECAR_FIRST_LOAD_JITTER", default_value = "500ms", value_parser = duration_or_zero, help_heading = "sync")]
     pub first_load_jitter: Duration,
+    /// Longest random wait before catching up after an outage (the watch's resume point was
+    /// compacted, or `cache-only` was unpinned), so that a fleet coming back together spreads its
+    /// catch-ups; the data held keeps serving meanwhile (0s: none).
+    #[arg(long, env = "CONFIG_SIDECAR_CATCH_UP_JITTER", default_value = "2s", value_parser = duration_or_zero, help_heading = "sync")]
+    pub catch_up_jitter: Duration,
     /// Keys per page of a full load.
     #[arg(long, env = "CONFIG_SIDECAR_PAGE_SIZE", default_value = "1000", value_parser = clap::value_parser!(i64).range(1..), help_heading = "sync")]
     pub page_size: i64,

@@ -11,5 +11,6 @@ pub mod load;
 pub mod persist;
 pub mod render;
 pub mod snapshot;
+pub mod spread;
 pub mod store;
 pub mod sync;

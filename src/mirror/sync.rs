@@ -19,7 +19,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use etcd_client::{Client, EventType, GetOptions, WatchOptions, WatchResponse};
-use rand::Rng;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
@@ -29,6 +28,7 @@ use crate::liveness::Heartbeat;
 use crate::mirror::load::{self, Held, ReadError, Reader};
 use crate::mirror::persist::SnapshotFile;
 use crate::mirror::snapshot::{Entry, Event};
+use crate::mirror::spread::{catch_up_delay, first_load_delay, Backoff};
 use crate::mirror::store::Store;
 use crate::mode::handle::ModeHandle;
 use crate::mode::machine::Signal;
@@ -181,50 +181,6 @@ async fn until_held(holds: &mut watch::Receiver<bool>) {
     }
 }
 
-/// How long to wait before the first load: a random part of `jitter` when it loads everything
-/// (`full`), so that a fleet of pods started together (a new deployment, a node's restart)
-/// spreads its full loads; nothing when a disk snapshot is brought up to date, which costs etcd
-/// little.
-pub fn first_load_delay(jitter: Duration, full: bool) -> Duration {
-    if !full || jitter.is_zero() {
-        return Duration::ZERO;
-    }
-    jitter.mul_f64(rand::random_range(0.0..1.0))
-}
-
-/// Jittered exponential backoff: each delay is drawn from the upper half of a doubling window, so
-/// many sidecars that lost the same cluster do not reconnect in step.
-#[derive(Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    window: Duration,
-}
-
-impl Backoff {
-    /// A backoff between `min` and `max`.
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max,
-            window: min,
-        }
-    }
-
-    /// The next delay; the window doubles up to `max`.
-    pub fn next_delay(&mut self) -> Duration {
-        let window = self.window;
-        self.window = (self.window * 2).min(self.max);
-        let half = window / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
-    }
-
-    /// Back to the smallest window, after a success.
-    pub fn reset(&mut self) {
-        self.window = self.min;
-    }
-}
-
 /// The task that keeps the store equal to etcd.
 pub struct WatchTask {
     /// Where to connect.
@@ -278,7 +234,9 @@ impl WatchTask {
     /// it is declared stuck; twice that is a task that stopped.
     fn request_timeout(&self) -> Duration {
         let request_timeout = self.live.get(|c| c.etcd.request_timeout);
-        let longest_wait = self.config.backoff_max.max(self.config.first_load_jitter)
+        let longest_wait = (self.config.backoff_max)
+            .max(self.config.first_load_jitter)
+            .max(self.config.catch_up_jitter)
             + self.pool.dial_timeout()
             + request_timeout
             + self.config.watch_deadline;
@@ -316,6 +274,8 @@ impl WatchTask {
         // has shown it is the same cluster.
         let mut must_load = !self.store.is_loaded();
         let mut cluster_checked = must_load;
+        // Whether that check found the mirror to be another cluster's: nothing to catch up from.
+        let mut foreign = false;
         // The disk snapshot, to bring up to date instead of a first full load.
         let mut resume = self.resume.clone();
         let wait = first_load_delay(self.config.first_load_jitter, must_load && resume.is_none());
@@ -328,7 +288,11 @@ impl WatchTask {
         }
         loop {
             self.heartbeat.beat();
-            self.wait_while_held().await;
+            // The wait after an unpin also spreads the catch-up it may lead to.
+            let spread = self.wait_while_held().await;
+            if spread {
+                self.wait_to_catch_up("unpinned").await;
+            }
             let chosen = match self.pool.choose(previous).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -343,7 +307,7 @@ impl WatchTask {
                 .session(
                     chosen.client,
                     chosen.index,
-                    (&mut must_load, &mut cluster_checked),
+                    (&mut must_load, &mut cluster_checked, &mut foreign),
                     &mut resume,
                     &mut backoff,
                 )
@@ -362,7 +326,8 @@ impl WatchTask {
             }
             let compacted = matches!(err, SessionError::Compacted { .. });
             if compacted {
-                // Not the member's fault: reload right away, from any member.
+                // Not the member's fault: catch up from any member, after a random part of the
+                // catch-up jitter (the whole fleet learns of it as it comes back).
                 tracing::warn!(endpoint = %chosen.url, error = %err, "watch resume point compacted");
                 must_load = true;
                 previous = None;
@@ -379,17 +344,34 @@ impl WatchTask {
                 s.last_error = Some(err.to_string());
                 s.last_interruption = Some(format!("{}: {err}", chosen.url));
             });
-            if !compacted {
+            if compacted {
+                if !spread {
+                    self.wait_to_catch_up("watch resume point compacted").await;
+                }
+            } else {
                 sleep(backoff.next_delay()).await;
             }
         }
     }
 
-    /// Waits while the operator's `cache-only` pin holds calls to etcd, beating the heartbeat.
-    async fn wait_while_held(&self) {
+    /// Waits a random part of `--catch-up-jitter` before a catch-up after an outage.
+    async fn wait_to_catch_up(&self, why: &'static str) {
+        let wait = catch_up_delay(self.config.catch_up_jitter);
+        tracing::info!(
+            why,
+            ?wait,
+            "catching up after a random part of --catch-up-jitter"
+        );
+        self.heartbeat.beat();
+        sleep(wait).await;
+    }
+
+    /// Waits while the operator's `cache-only` pin holds calls to etcd, beating the heartbeat;
+    /// whether it held.
+    async fn wait_while_held(&self) -> bool {
         let mut holds = self.pool.holds();
         if !*holds.borrow_and_update() {
-            return;
+            return false;
         }
         self.status.send_modify(|s| s.state = SyncState::Held);
         while *holds.borrow_and_update() {
@@ -397,6 +379,7 @@ impl WatchTask {
             let _ = timeout(Duration::from_secs(1), holds.changed()).await;
         }
         tracing::info!("unpinned: resuming the watch from the mirror's revision");
+        true
     }
 
     /// One connection's worth of work: load if needed, then watch until something fails.
@@ -404,7 +387,7 @@ impl WatchTask {
         &self,
         mut client: Client,
         index: usize,
-        (must_load, cluster_checked): (&mut bool, &mut bool),
+        (must_load, cluster_checked, foreign): (&mut bool, &mut bool, &mut bool),
         resume: &mut Option<Arc<SnapshotFile>>,
         backoff: &mut Backoff,
     ) -> SessionError {
@@ -428,6 +411,7 @@ impl WatchTask {
                     "the snapshot is from another etcd cluster; replacing it wholesale"
                 );
                 *must_load = true;
+                *foreign = true;
             } else if current < self.store.revision() {
                 tracing::warn!(
                     snapshot_revision = self.store.revision(),
@@ -441,7 +425,13 @@ impl WatchTask {
         if *must_load || !self.store.is_loaded() {
             self.status.send_modify(|s| s.state = SyncState::Loading);
             let started = SystemTime::now();
-            let caught_up = match Held::now(&self.store, resume) {
+            // Data of another cluster is no base to catch up from: its keys would not match.
+            let held = if *foreign {
+                None
+            } else {
+                Held::now(&self.store, resume)
+            };
+            let caught_up = match held {
                 // A catch-up that fails is tried again as a catch-up on the next session: what
                 // is held stays held, and a fleet coming back reads no more than it must.
                 Some(held) => match self.catch_up(&mut client, &held).await {
@@ -457,6 +447,7 @@ impl WatchTask {
             }
             // The mirror now holds newer data than the disk snapshot found at start.
             *resume = None;
+            *foreign = false;
             // The load began with a linearizable read: the mirror was current as of then.
             self.mode.confirm(started);
             self.signal(Signal::LoadedFromEtcd).await;
@@ -679,37 +670,5 @@ impl WatchTask {
             s.last_heard_at = Some(now);
         });
         Ok(created)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_full_first_load_waits_and_the_waits_spread() {
-        let jitter = Duration::from_millis(500);
-        assert_eq!(first_load_delay(jitter, false), Duration::ZERO);
-        assert_eq!(first_load_delay(Duration::ZERO, true), Duration::ZERO);
-        let waits: Vec<Duration> = (0..200).map(|_| first_load_delay(jitter, true)).collect();
-        assert!(waits.iter().all(|w| *w < jitter), "{waits:?}");
-        let early = waits.iter().filter(|w| **w < jitter / 2).count();
-        assert!(
-            (40..=160).contains(&early),
-            "{early} of 200 in the first half"
-        );
-    }
-
-    #[test]
-    fn backoff_doubles_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
-        let windows = [100, 200, 400, 800, 800];
-        for w in windows {
-            let d = b.next_delay();
-            let w = Duration::from_millis(w);
-            assert!(d >= w / 2 && d <= w, "{d:?} outside [{:?}, {w:?}]", w / 2);
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

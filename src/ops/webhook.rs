@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::config::{Live, WebhookFormat};
-use crate::mirror::sync::Backoff;
+use crate::mirror::spread::Backoff;
 use crate::ops::alerts::Alert;
 
 /// Alerts waiting to be posted at most.

@@ -1,0 +1,117 @@
+//! When the sync task calls etcd again: the waits that keep a fleet of sidecars from arriving
+//! together. One sidecar runs in every pod, and the moments they all need etcd at once are the
+//! moments etcd is weakest: a deployment starting, a cluster coming back from an outage, an
+//! operator unpinning `cache-only` everywhere. Each wait here is random within a bound, so a
+//! fleet's calls spread over that bound instead of landing in the same instant, and the bound is
+//! small because a sidecar that holds data keeps serving it (saying how stale) while it waits.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// A random part of `bound`: uniform in `[0, bound)`; nothing when `bound` is zero.
+fn random_part(bound: Duration) -> Duration {
+    if bound.is_zero() {
+        return Duration::ZERO;
+    }
+    bound.mul_f64(rand::random_range(0.0..1.0))
+}
+
+/// How long to wait before the first load: a random part of `jitter` when it loads everything
+/// (`full`), so that a fleet of pods started together (a new deployment, a node's restart)
+/// spreads its full loads; nothing when a disk snapshot is brought up to date, which costs etcd
+/// little and decides when the sidecar is ready.
+pub fn first_load_delay(jitter: Duration, full: bool) -> Duration {
+    if !full {
+        return Duration::ZERO;
+    }
+    random_part(jitter)
+}
+
+/// How long to wait before catching up after an outage: when the watch's resume point was
+/// compacted (every sidecar that was cut off longer than the cluster's compaction interval
+/// learns it as it reconnects), and when the operator's `cache-only` pin is lifted (likely for
+/// the whole fleet at once). A catch-up reads every key's name, which costs etcd about as much
+/// work per key as a full load does, if far fewer bytes; the mirror serves meanwhile.
+pub fn catch_up_delay(jitter: Duration) -> Duration {
+    random_part(jitter)
+}
+
+/// Jittered exponential backoff: each delay is drawn from the upper half of a doubling window, so
+/// many sidecars that lost the same cluster do not reconnect in step, and a cluster that stays
+/// down (or answers too slowly: a timeout is a failure too) is asked less and less often.
+#[derive(Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    window: Duration,
+}
+
+impl Backoff {
+    /// A backoff between `min` and `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            window: min,
+        }
+    }
+
+    /// The next delay; the window doubles up to `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let window = self.window;
+        self.window = (self.window * 2).min(self.max);
+        let half = window / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+
+    /// Back to the smallest window, after a success.
+    pub fn reset(&mut self) {
+        self.window = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 200 draws of `draw` fall within `bound` and spread over it: neither half gets fewer
+    /// than 40 (a fair draw misses that once in about 10^19).
+    fn spreads_over(bound: Duration, draw: impl Fn() -> Duration) {
+        let waits: Vec<Duration> = (0..200).map(|_| draw()).collect();
+        assert!(waits.iter().all(|w| *w < bound), "{waits:?}");
+        let early = waits.iter().filter(|w| **w < bound / 2).count();
+        assert!(
+            (40..=160).contains(&early),
+            "{early} of 200 in the first half"
+        );
+    }
+
+    #[test]
+    fn only_a_full_first_load_waits_and_the_waits_spread() {
+        let jitter = Duration::from_millis(500);
+        assert_eq!(first_load_delay(jitter, false), Duration::ZERO);
+        assert_eq!(first_load_delay(Duration::ZERO, true), Duration::ZERO);
+        spreads_over(jitter, || first_load_delay(jitter, true));
+    }
+
+    #[test]
+    fn catch_ups_spread_over_their_jitter() {
+        assert_eq!(catch_up_delay(Duration::ZERO), Duration::ZERO);
+        let jitter = Duration::from_secs(2);
+        spreads_over(jitter, || catch_up_delay(jitter));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let windows = [100, 200, 400, 800, 800];
+        for w in windows {
+            let d = b.next_delay();
+            let w = Duration::from_millis(w);
+            assert!(d >= w / 2 && d <= w, "{d:?} outside [{:?}, {w:?}]", w / 2);
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}
