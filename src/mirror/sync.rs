@@ -504,15 +504,24 @@ impl WatchTask {
         if listing.cluster != cluster_id || listing.revision < revision {
             return Ok(false);
         }
-        let changed = reader
-            .read(|o| o.with_min_mod_revision(revision + 1), listing.revision)
-            .await?;
         let keys: Vec<(Bytes, i64)> = listing
             .kvs
             .iter()
             .map(|kv| (Bytes::copy_from_slice(kv.key()), kv.mod_revision()))
             .collect();
-        let changed = load::entries(changed.kvs);
+        let changed_keys: Vec<Bytes> = keys
+            .iter()
+            .filter(|(_, mod_revision)| *mod_revision > revision)
+            .map(|(key, _)| key.clone())
+            .collect();
+        let changed = if changed_keys.len() <= load::POINT_READS_AT_MOST {
+            reader.read_keys(&changed_keys, listing.revision).await?
+        } else {
+            let at = listing.revision;
+            let since = |o: GetOptions| o.with_min_mod_revision(revision + 1);
+            reader.read(since, at).await?.kvs
+        };
+        let changed = load::entries(changed);
         let changed_count = changed.len();
         let Some(entries) = held.bring_up_to_date(&keys, changed) else {
             return Ok(false);
