@@ -5,7 +5,7 @@
 #
 # Why static: dynamically linked, every sidecar maps libc, libm, libgcc_s and the loader, and
 # fault-around makes ~2.3 MiB of them resident in each one; linked in, only the functions used come
-# along: 1.4 MiB less RSS per idle sidecar (benches/fleet.rs). Host names still resolve through
+# along: 1.4 MiB less RSS per idle sidecar (benches/fleet/). Host names still resolve through
 # glibc's NSS modules, loaded at run time from the same glibc release (Debian 12's 2.36 in both
 # the build and the runtime image).
 #

@@ -264,3 +264,42 @@ async fn a_restart_that_served_its_snapshot_catches_up_from_it() {
     )
     .await;
 }
+
+/// Calls of etcd's `Status` that member `i` has started so far: only the sidecar's probes call it.
+async fn status_calls(cluster: &EtcdCluster, i: usize) -> f64 {
+    let text = metrics_text(&cluster.endpoint(i)).await;
+    metric_sum(&text, "grpc_server_started_total{grpc_method=\"Status\"")
+}
+
+/// A quorum loss that lasts: once the sidecar has gone `read-only` (its rounds decided it), the
+/// probes slow down, so a fleet does not ask the surviving member every second; when quorum
+/// returns, the sidecar is `full` again promptly (the watch running again cuts a slow wait short).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_slow_down_in_a_lasting_outage_and_recovery_stays_prompt() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let sidecar = start_sidecar(sidecar_config(&cluster.endpoints(), &[PREFIX])).await;
+    let survivor = cluster.leader_index().await;
+    cluster.lose_quorum().await;
+    sidecar
+        .wait_mode("read-only", Duration::from_secs(30))
+        .await;
+    // Rounds of one second would make 15 in these 15 s (they did, before the rounds slowed);
+    // slowed (a window doubling from 1 s to the 5 s bound, each wait drawn from its upper half)
+    // they make 7 at most.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = status_calls(&cluster, survivor).await;
+    let window = Duration::from_secs(15);
+    tokio::time::sleep(window).await;
+    let rounds = status_calls(&cluster, survivor).await - before;
+    assert!(
+        (2.0..=8.0).contains(&rounds),
+        "{rounds} probe rounds reached the surviving member in {window:?}"
+    );
+    assert_eq!(sidecar.mode().await, "read-only");
+
+    for i in (0..3).filter(|&i| i != survivor) {
+        cluster.restart(i);
+    }
+    let back = sidecar.wait_mode("full", Duration::from_secs(20)).await;
+    eprintln!("{rounds} probe rounds in {window:?} of the outage; full again after {back:?}");
+}

@@ -174,6 +174,11 @@ async fn a_snapshot_from_another_cluster_is_replaced_wholesale() {
         .unwrap()
         .parse()
         .unwrap();
+    // The status says what the file on disk holds: none at first, then the mirror's revision.
+    eventually(Duration::from_secs(10), "the snapshot written", || async {
+        sidecar.json("/v1/status").await["snapshot_file"]["revision"].as_i64() == Some(old_revision)
+    })
+    .await;
     sidecar.stop().await;
     drop(first);
 
@@ -196,6 +201,10 @@ async fn a_snapshot_from_another_cluster_is_replaced_wholesale() {
         "{status}"
     );
     assert_eq!(status["sync"]["full_loads"], 1);
+    assert_eq!(
+        status["sync"]["resumes"], 0,
+        "another cluster's data: nothing to catch up from"
+    );
     sidecar.stop().await;
 }
 

@@ -77,17 +77,47 @@ pub fn sum(all: &[Counters], f: impl Fn(&Counters) -> f64) -> f64 {
     all.iter().map(f).sum()
 }
 
-/// Bytes sent and CPU seconds used by all members between `from` and `to` (taken after any
-/// restart of a member: its counters start again from zero).
-pub fn cost(from: &[Counters], to: &[Counters]) -> (f64, f64) {
-    (
-        sum(to, |c| c.sent) - sum(from, |c| c.sent),
-        sum(to, |c| c.cpu) - sum(from, |c| c.cpu),
-    )
+/// What a stretch of time cost the members, from two readings of their counters.
+#[derive(Debug, Default, Clone)]
+pub struct Cost {
+    /// Bytes sent to gRPC clients.
+    pub bytes: f64,
+    /// CPU seconds.
+    pub cpu: f64,
+    /// Unary RPCs handled, by method.
+    pub unary: BTreeMap<String, f64>,
 }
 
-/// etcd's revision now.
+/// What all members spent between `from` and `to` (both taken after any restart of a member:
+/// its counters start again from zero).
+pub fn cost(from: &[Counters], to: &[Counters]) -> Cost {
+    let mut unary: BTreeMap<String, f64> = BTreeMap::new();
+    for (to, from) in to.iter().zip(from) {
+        for (method, v) in &to.unary {
+            *unary.entry(method.clone()).or_default() +=
+                v - from.unary.get(method).copied().unwrap_or_default();
+        }
+    }
+    unary.retain(|_, v| *v > 0.0);
+    Cost {
+        bytes: sum(to, |c| c.sent) - sum(from, |c| c.sent),
+        cpu: sum(to, |c| c.cpu) - sum(from, |c| c.cpu),
+        unary,
+    }
+}
+
+/// etcd's revision now, asked until a member answers: under a herd of loads etcd may change
+/// leaders, which fails a call without saying anything about the benchmark.
 pub async fn head_revision(etcd: &mut etcd_client::Client) -> i64 {
-    let answer = etcd.get("/", None).await.expect("a read of etcd");
-    answer.header().expect("response header").revision()
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match etcd.get("/", None).await {
+            Ok(answer) => return answer.header().expect("response header").revision(),
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("reading etcd's revision: {e}; again");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("a read of etcd: {e}"),
+        }
+    }
 }

@@ -66,6 +66,8 @@ struct Size {
     sidecars: usize,
     keys: usize,
     rest: Duration,
+    /// How long etcd's own idle CPU is measured, before any sidecar starts.
+    idle: Duration,
     runs: usize,
 }
 
@@ -82,6 +84,7 @@ fn main() {
             sidecars: common::env_number("FLEET_SIDECARS", 40),
             keys: common::env_number("FLEET_KEYS", 2000),
             rest: Duration::from_secs(common::env_number("FLEET_REST", 150)),
+            idle: Duration::from_secs(15),
             runs: common::env_number("FLEET_RUNS", 3),
         }
     } else {
@@ -89,6 +92,7 @@ fn main() {
             sidecars: 3,
             keys: 20,
             rest: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
             runs: 1,
         }
     };
@@ -160,13 +164,13 @@ async fn run(size: &Size) -> String {
     let endpoints = cluster.endpoints().join(",");
 
     // etcd's own idle CPU (raft heartbeats, housekeeping), which no sidecar causes.
-    let idle_window = size.rest.min(Duration::from_secs(15));
+    let idle_window = size.idle;
     let idle_from = all_counters(&cluster).await;
     let idle_started = Instant::now();
     tokio::time::sleep(idle_window).await;
     let idle_to = all_counters(&cluster).await;
     let etcd_idle_cpu = (sum(&idle_to, |c| c.cpu) - sum(&idle_from, |c| c.cpu))
-        / idle_started.elapsed().as_secs_f64().max(1e-3);
+        / idle_started.elapsed().as_secs_f64();
 
     // First start: every sidecar loads its prefix.
     let before_start = all_counters(&cluster).await;
@@ -196,12 +200,11 @@ async fn run(size: &Size) -> String {
     let current_after = until_current(&http, &sidecars, head, started).await;
     let after_start = all_counters(&cluster).await;
     let window = started.elapsed();
-    let (bytes, cpu) = cost(&before_start, &after_start);
+    let cost = cost(&before_start, &after_start);
     let first_start = Outcome {
         what: "first start: nothing held, every sidecar loads its prefix".into(),
         since: "start",
-        bytes,
-        cpu,
+        cost,
         window,
         current_after,
         loads: sidecars::fleet_loads(&http, &sidecars).await,
@@ -245,18 +248,12 @@ async fn at_rest(
         .zip(&sidecar_cpu_from)
         .map(|(s, from)| s.cpu_seconds_since(from) / seconds)
         .collect();
-    let mut by_method: BTreeMap<String, f64> = BTreeMap::new();
-    for (to, from) in rest_to.iter().zip(&rest_from) {
-        for (method, v) in &to.unary {
-            *by_method.entry(method.clone()).or_default() +=
-                v - from.unary.get(method).copied().unwrap_or_default();
-        }
-    }
+    let cost = cost(&rest_from, &rest_to);
     Rest {
         seconds,
-        unary: by_method.values().sum(),
-        by_method,
-        etcd_cpu: sum(&rest_to, |c| c.cpu) - sum(&rest_from, |c| c.cpu),
+        unary: cost.unary.values().sum(),
+        by_method: cost.unary,
+        etcd_cpu: cost.cpu,
         etcd_idle_cpu,
         watch_messages: sum(&rest_to, |c| c.watch_messages) - sum(&rest_from, |c| c.watch_messages),
         watchers: rest_to.iter().map(|c| c.watchers).collect(),
@@ -328,24 +325,29 @@ fn report(size: &Size, etcd_idle_cpu: f64, rest: Option<&Rest>, outcomes: &[Outc
             r.rss.iter().copied().max().unwrap_or(0) as f64 / 1048576.0
         );
     }
-    let full_load = outcomes[0].bytes.max(1.0);
+    let full_load = outcomes[0].cost.bytes.max(1.0);
     let _ = writeln!(
         out,
-        "| start or recovery | bytes etcd sent per sidecar | of a first start | etcd CPU per sidecar above its idle (ms) | full loads / catch-ups | all current after (s), median / slowest | counted from | seen |\n| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"
+        "| start or recovery | bytes etcd sent per sidecar | of a first start | etcd CPU per sidecar above its idle (ms) | full loads / catch-ups | all current after (s), median / slowest | counted from | etcd RPCs per sidecar | seen |\n| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"
     );
     for o in outcomes {
+        let rpcs: Vec<String> = (o.cost.unary.iter())
+            .map(|(method, v)| format!("{method} {:.1}", per(*v)))
+            .collect();
+        let rpcs = rpcs.join(", ");
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.3} | {:.1} | {} / {} | {:.2} / {:.2} | {} | {} |",
+            "| {} | {:.0} | {:.3} | {:.1} | {} / {} | {:.2} / {:.2} | {} | {} | {} |",
             o.what,
-            per(o.bytes),
-            o.bytes / full_load,
-            per(o.cpu - etcd_idle_cpu * o.window.as_secs_f64()).max(0.0) * 1000.0,
+            per(o.cost.bytes),
+            o.cost.bytes / full_load,
+            per(o.cost.cpu - etcd_idle_cpu * o.window.as_secs_f64()).max(0.0) * 1000.0,
             o.loads.0,
             o.loads.1,
             o.median().as_secs_f64(),
             o.all_current().as_secs_f64(),
             o.since,
+            rpcs,
             o.note
         );
     }

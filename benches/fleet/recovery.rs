@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 
 use crate::common::{self, compact_to, EtcdCluster, Signal};
-use crate::etcd_metrics::{all_counters, cost, Counters};
-use crate::sidecars::{answering, check_round, fleet_loads, until_current, Sidecar};
+use crate::etcd_metrics::{all_counters, cost, Cost, Counters};
+use crate::sidecars::{
+    answering, check_round, fleet_loads, until_current, until_persisted, Sidecar,
+};
 
 /// How long every member stays frozen in the restart-while-frozen scenario: longer than the 2 s
 /// after which a starting sidecar serves its disk snapshot.
@@ -24,10 +26,8 @@ pub struct Outcome {
     pub what: String,
     /// The moment the times count from.
     pub since: &'static str,
-    /// Bytes all members sent to gRPC clients.
-    pub bytes: f64,
-    /// CPU seconds all members used.
-    pub cpu: f64,
+    /// What it cost all members.
+    pub cost: Cost,
     /// How long etcd ran between the two readings of its counters (frozen time left out), to
     /// take its own idle CPU out of `cpu`.
     pub window: Duration,
@@ -100,7 +100,9 @@ impl Fleet {
         head
     }
 
-    fn kill_all(&mut self) {
+    /// Kills every sidecar once its disk snapshot is written.
+    async fn kill_all(&mut self) {
+        until_persisted(&self.http, &self.sidecars).await;
         for s in &mut self.sidecars {
             s.process.signal(Signal::KILL);
             let _ = s.process.wait();
@@ -124,14 +126,13 @@ impl Fleet {
         let current_after = until_current(&self.http, &self.sidecars, head, since).await;
         let to = all_counters(&self.cluster).await;
         let window = since.elapsed();
-        let (bytes, cpu) = cost(&from, &to);
+        let cost = cost(&from, &to);
         check_round(&self.http, &self.sidecars, self.round).await;
         let loads = fleet_loads(&self.http, &self.sidecars).await;
         Outcome {
             what: String::new(),
             since: "",
-            bytes,
-            cpu,
+            cost,
             window,
             current_after,
             loads: (loads.0 - loads_before.0, loads.1 - loads_before.1),
@@ -141,7 +142,7 @@ impl Fleet {
 
     /// Every sidecar killed, a round of changes, all started at once with etcd answering.
     pub async fn mass_restart(&mut self) -> Outcome {
-        self.kill_all();
+        self.kill_all().await;
         let head = self.change().await;
         let from = all_counters(&self.cluster).await;
         let started = Instant::now();
@@ -158,7 +159,7 @@ impl Fleet {
     /// (1) Every sidecar killed, a round of changes, every member frozen, all sidecars started,
     /// the members thawed after [`FREEZE`].
     pub async fn restart_while_frozen(&mut self) -> Outcome {
-        self.kill_all();
+        self.kill_all().await;
         let head = self.change().await;
         let from = all_counters(&self.cluster).await;
         for i in 0..3 {

@@ -132,6 +132,26 @@ pub async fn fleet_loads(http: &reqwest::Client, sidecars: &[Sidecar]) -> (u64, 
     total
 }
 
+/// Waits until every sidecar's disk snapshot holds the revision it serves, as a pod that ran a
+/// while has it (a sidecar killed before its first write has no snapshot and must load
+/// everything: that is not what a restart of a running fleet finds).
+pub async fn until_persisted(http: &reqwest::Client, sidecars: &[Sidecar]) {
+    common::eventually(
+        Duration::from_secs(120),
+        "every snapshot written",
+        || async {
+            for s in sidecars {
+                let status = common::get_json(http, &format!("{}/v1/status", s.base)).await;
+                if status["snapshot_file"]["revision"] != status["revision"] {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+}
+
 /// For each sidecar, how long after `since` it was first seen serving `revision` or later; waits
 /// until every one does, failing the benchmark after two minutes.
 pub async fn until_current(

@@ -134,6 +134,8 @@ pub struct HttpConfig {
 pub struct ModeConfig {
     /// Time between probe rounds.
     pub probe_interval: Duration,
+    /// Longest time between probe rounds while an outage lasts: a fleet's probes back off.
+    pub probe_interval_max: Duration,
     /// Timeout of each probe check.
     pub probe_timeout: Duration,
     /// Time between probe rounds while the watch is healthy.

@@ -183,6 +183,7 @@ impl Config {
         Ok(Config {
             mode: ModeConfig {
                 probe_interval: s.probe_interval,
+                probe_interval_max: s.probe_interval_max,
                 probe_timeout: s.probe_timeout,
                 probe_idle_interval: s.probe_idle_interval,
                 degrade_after: s.degrade_after,

@@ -11,6 +11,5 @@ pub mod load;
 pub mod persist;
 pub mod render;
 pub mod snapshot;
-pub mod spread;
 pub mod store;
 pub mod sync;

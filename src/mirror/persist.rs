@@ -18,7 +18,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -316,6 +316,9 @@ pub struct WriterStats {
     failures: AtomicU64,
     /// Whether the last write failed.
     failing: AtomicBool,
+    /// The revision the file on disk holds (written, or found at start; 0: none yet): what a
+    /// restart now would serve and catch up from.
+    revision: AtomicI64,
 }
 
 impl WriterStats {
@@ -332,6 +335,11 @@ impl WriterStats {
     /// Whether the last write failed.
     pub fn failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
+    }
+
+    /// The revision the file on disk holds (0: none yet).
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Relaxed)
     }
 
     fn record(&self, ok: bool) {
@@ -358,7 +366,10 @@ impl SnapshotWriter {
             prefixes,
             mode,
             written,
-            stats: Arc::default(),
+            stats: Arc::new(WriterStats {
+                revision: AtomicI64::new(written),
+                ..WriterStats::default()
+            }),
             heartbeat: Heartbeat::new(write_timeout + WRITE_EVERY * 2),
         }
     }
@@ -401,6 +412,7 @@ impl SnapshotWriter {
         match result {
             Ok(Ok(())) => {
                 self.written = revision;
+                self.stats.revision.store(revision, Ordering::Relaxed);
                 self.stats.record(true);
                 tracing::debug!(revision, "snapshot written");
             }

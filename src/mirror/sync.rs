@@ -28,11 +28,11 @@ use crate::liveness::Heartbeat;
 use crate::mirror::load::{self, Held, ReadError, Reader};
 use crate::mirror::persist::SnapshotFile;
 use crate::mirror::snapshot::{Entry, Event};
-use crate::mirror::spread::{catch_up_delay, first_load_delay, Backoff};
 use crate::mirror::store::Store;
 use crate::mode::handle::ModeHandle;
 use crate::mode::machine::Signal;
 use crate::upstream::error::{Failure, NO_LEADER};
+use crate::upstream::spread::{catch_up_delay, first_load_delay, Backoff};
 use crate::upstream::{EndpointPool, MAX_DECODE_BYTES};
 
 /// Where the sync task is in its cycle.

@@ -21,7 +21,7 @@ use crate::ops::checks::{Check, Status};
 /// How often the checks are evaluated for changes, besides at every mode transition (when
 /// checks usually change too). Each evaluation wakes an idle sidecar and reads `/proc` and the
 /// snapshot directory's file system: at every second it was a fifth of an idle sidecar's CPU
-/// (benches/fleet.rs); a check's alert may come this much later than its change.
+/// (benches/fleet/); a check's alert may come this much later than its change.
 pub const EVALUATE_EVERY: Duration = Duration::from_secs(5);
 
 /// What changed.

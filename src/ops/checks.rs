@@ -246,7 +246,7 @@ pub fn render_check(files: &[FileStatus]) -> Check {
 }
 
 /// Resident memory at rest, before anything is mirrored: the binary, the runtime, the threads
-/// (benches/fleet.rs measures about 8.5 MiB).
+/// (benches/fleet/ measures about 8.5 MiB).
 pub const REST_BYTES: u64 = 10 << 20;
 /// What the allocator may keep of the memory a burst of writes churns through, before it is
 /// handed back when the burst ends (`ops::allocator`), and the streams' formatting in flight.

@@ -151,6 +151,11 @@ impl Report for Reporter {
             "probes": probes,
             "render": self.parts.files.as_ref().map(|f| f.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             "sync": sync,
+            "snapshot_file": self.parts.snapshot_stats.as_ref().map(|s| json!({
+                "revision": s.revision(),
+                "writes": s.writes(),
+                "failures": s.failures(),
+            })),
             "transitions": transitions,
             "transitions_total": transitions_total,
             "writes_allowed": state.writes.allowed,

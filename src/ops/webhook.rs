@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::config::{Live, WebhookFormat};
-use crate::mirror::spread::Backoff;
 use crate::ops::alerts::Alert;
+use crate::upstream::spread::Backoff;
 
 /// Alerts waiting to be posted at most.
 pub const WEBHOOK_QUEUE: usize = 64;

@@ -1,7 +1,10 @@
 //! Health probes. While the watch is not healthy (lost, reconnecting, silent), every interval
 //! each etcd member is asked three things at once, each with a short timeout: its status
 //! (leader, raft term and index, version), a serializable read (reachability) and a linearizable
-//! read (quorum). While it is healthy, nothing is sent: its stream requires a leader and answers
+//! read (quorum); once an outage has lasted long enough for the mode machine to act on it, the
+//! rounds slow down (doubling, jittered, to `--probe-interval-max`), so that a fleet does not
+//! ask a struggling cluster every second, and speed up again as soon as the verdict changes or
+//! the watch runs. While it is healthy, nothing is sent: its stream requires a leader and answers
 //! progress requests, which shows quorum already; only a slow, jittered light round (status and
 //! a serializable read) keeps the member view of `/v1/status` fresh. Each interval's verdict
 //! goes to the mode machine as an [`Observation`]; each member's answer is kept for `/v1/status`.
@@ -19,6 +22,7 @@ use crate::config::Live;
 use crate::liveness::Heartbeat;
 use crate::upstream::error::Failure;
 use crate::upstream::pool::EndpointPool;
+use crate::upstream::spread::probe_delay;
 
 /// What one probe round (or a watch error) says about the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +135,8 @@ impl ProbeTask {
     }
 
     /// The interval and timeout now; the heartbeat's allowance follows them (a round takes at
-    /// most a connection attempt and the checks' timeout, after the interval).
+    /// most a connection attempt and the checks' timeout, after the interval; the wait before it
+    /// beats every interval).
     fn settings(&self) -> (Duration, Duration) {
         let (interval, timeout) = self
             .live
@@ -139,6 +144,31 @@ impl ProbeTask {
         self.heartbeat
             .set_allowance(3 * (interval + self.pool.dial_timeout() + timeout));
         (interval, timeout)
+    }
+
+    /// Waits from `started` (a round's start) until the next round is due: `interval` while
+    /// things change, longer once `steady` rounds in a row found the same trouble (see
+    /// [`probe_delay`]). A longer wait ends early when the watch runs again, which the next
+    /// round then reports at once.
+    async fn wait_for_next_round(
+        &self,
+        started: tokio::time::Instant,
+        interval: Duration,
+        steady: u32,
+    ) {
+        let (max, decided_after) = self
+            .live
+            .get(|c| (c.mode.probe_interval_max, c.mode.degrade_after));
+        let due = started + probe_delay(interval, max, steady, decided_after);
+        let mut next = started + interval;
+        loop {
+            tokio::time::sleep_until(next).await;
+            self.heartbeat.beat();
+            if next >= due || self.pool.watch_fresh(WATCH_FRESH) {
+                return;
+            }
+            next = (next + interval).min(due);
+        }
     }
 
     /// The shared results.
@@ -162,6 +192,9 @@ impl ProbeTask {
         // sees quorum everywhere again.
         let mut suspect = false;
         let mut holds = self.pool.holds();
+        // The last verdict of a round that sent calls, and how many rounds in a row found it.
+        let mut last: Option<Observation> = None;
+        let mut steady = 0u32;
         loop {
             let started = tokio::time::Instant::now();
             let (interval, timeout) = self.settings();
@@ -171,15 +204,17 @@ impl ProbeTask {
                 let _ = tokio::time::timeout(interval, holds.changed()).await;
                 // Unpinned, the first round is a full one.
                 next_light = tokio::time::Instant::now();
+                (last, steady) = (None, 0);
                 continue;
             }
             let quiet = self.pool.watch_fresh(WATCH_FRESH)
                 && !(proxied && (suspect || !self.pool.all_healthy()));
             let observation = if quiet && started < next_light {
                 // At rest: the watch, which requires a leader, shows quorum; nothing is sent.
-                let last = self.results.lock().unwrap_or_else(|e| e.into_inner());
+                (last, steady) = (None, 0);
+                let answers = self.results.lock().unwrap_or_else(|e| e.into_inner());
                 Observation::Quorum {
-                    all_members: last.iter().all(|m| m.reachable) && self.pool.all_healthy(),
+                    all_members: answers.iter().all(|m| m.reachable) && self.pool.all_healthy(),
                 }
             } else {
                 let round =
@@ -196,13 +231,20 @@ impl ProbeTask {
                 };
                 suspect = observation != Observation::Quorum { all_members: true };
                 *self.results.lock().unwrap_or_else(|e| e.into_inner()) = round;
+                // Trouble that lasts (the watch down, the verdict unchanged) slows the rounds.
+                steady = match last {
+                    Some(before) if before == observation && !quiet => steady + 1,
+                    _ => 1,
+                };
+                last = Some(observation);
                 observation
             };
             if self.verdicts.send(observation).await.is_err() {
                 return;
             }
-            // Rounds start an interval apart; a round that ran long starts the next at once.
-            tokio::time::sleep_until(started + interval).await;
+            // Rounds start an interval apart (or more, in a lasting outage); a round that ran
+            // long starts the next at once.
+            self.wait_for_next_round(started, interval, steady).await;
         }
     }
 

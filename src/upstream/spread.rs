@@ -37,6 +37,20 @@ pub fn catch_up_delay(jitter: Duration) -> Duration {
     random_part(jitter)
 }
 
+/// The wait before the next probe round. `interval` while things change: the mode machine needs
+/// its rounds to decide. Once `steady` rounds in a row found the same trouble and the machine
+/// has acted on it (`steady` past `decided_after`), a window that doubles each further round up
+/// to `max`, the wait drawn from its upper half (never under `interval`): a fleet that probes a
+/// cluster through a long outage asks it less and less often, and not in step.
+pub fn probe_delay(interval: Duration, max: Duration, steady: u32, decided_after: u32) -> Duration {
+    if steady <= decided_after || max <= interval {
+        return interval;
+    }
+    let doublings = (steady - decided_after).min(16);
+    let window = interval.saturating_mul(1 << doublings).min(max);
+    (window / 2 + random_part(window / 2)).max(interval)
+}
+
 /// Jittered exponential backoff: each delay is drawn from the upper half of a doubling window, so
 /// many sidecars that lost the same cluster do not reconnect in step, and a cluster that stays
 /// down (or answers too slowly: a timeout is a failure too) is asked less and less often.
@@ -100,6 +114,36 @@ mod tests {
         assert_eq!(catch_up_delay(Duration::ZERO), Duration::ZERO);
         let jitter = Duration::from_secs(2);
         spreads_over(jitter, || catch_up_delay(jitter));
+    }
+
+    #[test]
+    fn probes_slow_down_only_once_an_outage_is_decided() {
+        let (interval, max) = (Duration::from_secs(1), Duration::from_secs(5));
+        // While the mode machine counts its rounds (3 to degrade), every interval.
+        for steady in 0..=3 {
+            assert_eq!(probe_delay(interval, max, steady, 3), interval);
+        }
+        // Then a doubling window, from its upper half, up to the bound.
+        for (steady, window) in [(4, 2), (5, 4), (6, 5), (40, 5)] {
+            let window = Duration::from_secs(window);
+            for _ in 0..50 {
+                let d = probe_delay(interval, max, steady, 3);
+                assert!(
+                    d >= window / 2 && d <= window && d >= interval,
+                    "{steady}: {d:?}"
+                );
+            }
+        }
+        spreads_over_upper_half(Duration::from_secs(5), || probe_delay(interval, max, 9, 3));
+        // A bound at or under the interval: never slower.
+        assert_eq!(probe_delay(interval, interval, 9, 3), interval);
+    }
+
+    /// 200 draws of `draw` spread over the upper half of `window`.
+    fn spreads_over_upper_half(window: Duration, draw: impl Fn() -> Duration) {
+        let half = window / 2;
+        let shifted = || draw() - half;
+        spreads_over(half + Duration::from_nanos(1), shifted);
     }
 
     #[test]
