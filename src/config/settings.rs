@@ -195,11 +195,12 @@ pub struct Settings {
     /// silent): they tell read-only from cache-only and notice recovery [SIGHUP applies it].
     #[arg(long, env = "CONFIG_SIDECAR_PROBE_INTERVAL", default_value = "1s", value_parser = duration, help_heading = "mode")]
     pub probe_interval: Duration,
-    /// Longest time between probe rounds while an outage lasts: once the mode machine has acted
-    /// on a verdict (--degrade-after rounds and one more, all alike), the interval doubles each
-    /// round, jittered, up to this, so a fleet does not ask a struggling cluster every second;
-    /// back to --probe-interval as soon as the verdict changes or the watch runs again
-    /// (--probe-interval or less: never slower) [SIGHUP applies it].
+    /// Longest time between probe rounds while the watch stays down: once the mode machine has
+    /// acted on a verdict (one more round than --recover-after for a healthy one, than
+    /// --degrade-after for any other, all alike), the interval doubles each round, jittered, up
+    /// to this, so a fleet does not ask a struggling cluster every second; back to
+    /// --probe-interval as soon as the verdict changes or the watch runs again (--probe-interval
+    /// or less: never slower) [SIGHUP applies it].
     #[arg(long, env = "CONFIG_SIDECAR_PROBE_INTERVAL_MAX", default_value = "5s", value_parser = duration, help_heading = "mode")]
     pub probe_interval_max: Duration,
     /// Time between member probe rounds while the watch is healthy: its stream requires a leader

@@ -147,18 +147,25 @@ impl ProbeTask {
     }
 
     /// Waits from `started` (a round's start) until the next round is due: `interval` while
-    /// things change, longer once `steady` rounds in a row found the same trouble (see
-    /// [`probe_delay`]). A longer wait ends early when the watch runs again, which the next
+    /// things change, longer once `steady` rounds in a row found the same verdict `last` with the
+    /// watch down (see [`probe_delay`]). A longer wait ends early when the watch runs again, which the next
     /// round then reports at once.
     async fn wait_for_next_round(
         &self,
         started: tokio::time::Instant,
         interval: Duration,
-        steady: u32,
+        (last, steady): (Option<Observation>, u32),
     ) {
-        let (max, decided_after) = self
-            .live
-            .get(|c| (c.mode.probe_interval_max, c.mode.degrade_after));
+        let (max, degrade_after, recover_after) = self.live.get(|c| {
+            let m = &c.mode;
+            (m.probe_interval_max, m.degrade_after, m.recover_after)
+        });
+        // The rounds the mode machine needs to act on the verdict: to climb on a healthy one
+        // (while a load or catch-up runs, say), to degrade on any other.
+        let decided_after = match last {
+            Some(Observation::Quorum { all_members: true }) => recover_after,
+            _ => degrade_after,
+        };
         let due = started + probe_delay(interval, max, steady, decided_after);
         let mut next = started + interval;
         loop {
@@ -231,7 +238,8 @@ impl ProbeTask {
                 };
                 suspect = observation != Observation::Quorum { all_members: true };
                 *self.results.lock().unwrap_or_else(|e| e.into_inner()) = round;
-                // Trouble that lasts (the watch down, the verdict unchanged) slows the rounds.
+                // A verdict that lasts with the watch down (an outage, or a slow load or
+                // catch-up under a fleet's herd) slows the rounds.
                 steady = match last {
                     Some(before) if before == observation && !quiet => steady + 1,
                     _ => 1,
@@ -244,7 +252,8 @@ impl ProbeTask {
             }
             // Rounds start an interval apart (or more, in a lasting outage); a round that ran
             // long starts the next at once.
-            self.wait_for_next_round(started, interval, steady).await;
+            self.wait_for_next_round(started, interval, (last, steady))
+                .await;
         }
     }
 
