@@ -207,13 +207,18 @@ impl Fault {
         )
     }
 
-    /// How long the sidecar gets to serve etcd's revision of the heal.
+    /// How long the sidecar gets to serve etcd's revision of the heal. Any reconnect may find
+    /// its resume point compacted (the run compacts every few seconds), and then the sidecar
+    /// waits up to `--catch-up-jitter` (its default, 2 s) before it catches up: on purpose, so a
+    /// fleet's catch-ups spread.
     fn convergence_deadline(self) -> Duration {
-        if self == Fault::CompactWhileCutOff {
-            Duration::from_secs(15)
-        } else {
-            Duration::from_secs(5)
-        }
+        const CATCH_UP_JITTER: Duration = Duration::from_secs(2);
+        CATCH_UP_JITTER
+            + if self == Fault::CompactWhileCutOff {
+                Duration::from_secs(15)
+            } else {
+                Duration::from_secs(5)
+            }
     }
 }
 
