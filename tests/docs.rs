@@ -236,7 +236,7 @@ fn the_dockerfile_compose_and_kubernetes_files_match_the_binary() {
     let dockerfile =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/Dockerfile"))
             .unwrap();
-    assert!(dockerfile.contains(&format!("COPY --from=build /src/config-sidecar {BINARY}")));
+    assert!(dockerfile.contains(&format!("COPY --from=binary /src/config-sidecar {BINARY}")));
     // The image's binary is the statically linked one, built by the script that says how.
     assert!(dockerfile.contains("COPY scripts/build-static.sh ./scripts/"));
     assert!(
