@@ -97,14 +97,15 @@ mode() {
   app 'wget -qO- http://127.0.0.1:7379/v1/status' 2>/dev/null |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["mode"])' 2>/dev/null || true
 }
+# Seconds since $1 (a `date +%s.%N`), to one decimal.
+seconds_since() { awk -v from="$1" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - from }'; }
 # Waits until the mode is $1 (failing after 60 s) and says how long that took.
 await_mode() {
-  local from=$SECONDS now
+  local from
   from=$(date +%s.%N)
   for _ in $(seq 1 200); do
     if [ "$(mode)" = "$1" ]; then
-      now=$(date +%s.%N)
-      printf '%s after %.1f s\n' "$1" "$(echo "$now - $from" | bc)"
+      echo "$1 after $(seconds_since "$from") s"
       return
     fi
     sleep 0.2
@@ -134,7 +135,7 @@ from=$(date +%s.%N)
 for _ in $(seq 1 50); do etcdctl_in_pod put /config/demo/greeting frozen >/dev/null 2>&1 && break; sleep 0.2; done
 for _ in $(seq 1 150); do [ "$(value)" = frozen ] && break; sleep 0.1; done
 expect_value frozen
-printf 'a change made while a member is frozen reached the app after %.1f s\n' "$(echo "$(date +%s.%N) - $from" | bc)"
+echo "a change made while a member is frozen reached the app after $(seconds_since "$from") s"
 [ "$(mode)" = full ] || { echo "FAILED: one frozen member of three took the sidecar out of full" >&2; exit 1; }
 quiet podman unpause "$pod-m2" >/dev/null
 etcdctl_in_pod put /config/demo/greeting hello >/dev/null

@@ -3,8 +3,8 @@
 //! restart, the mirror itself after its watch's resume point was compacted), only what changed
 //! since it: every key's name and mod_revision (keys only), and the values of the keys modified
 //! after the held revision (one by one when they are few, else by etcd's `min_mod_revision`). A
-//! key held and missing from the listing was deleted. No watch history is needed, so compaction does not matter, and etcd sends a small
-//! part of a full load when little changed.
+//! key held and missing from the listing was deleted. No watch history is needed, so compaction
+//! does not matter, and etcd sends a small part of a full load when little changed.
 
 use std::collections::HashMap;
 use std::sync::Arc;

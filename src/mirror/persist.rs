@@ -298,9 +298,8 @@ pub struct SnapshotWriter {
     prefixes: Vec<String>,
     /// Freshness to record.
     mode: Arc<ModeHandle>,
-    /// Revision of the last write (or of the loaded file), to skip writes that change nothing.
-    written: i64,
-    /// Writes and failures, for metrics and health.
+    /// Writes and failures, for metrics and health, and the revision on disk (written, or of
+    /// the loaded file), to skip writes that change nothing.
     stats: Arc<WriterStats>,
     /// Beaten while idle and after each write: a write that hangs (a wedged disk or network file
     /// system) silences it, and liveness fails.
@@ -365,7 +364,6 @@ impl SnapshotWriter {
             path,
             prefixes,
             mode,
-            written,
             stats: Arc::new(WriterStats {
                 revision: AtomicI64::new(written),
                 ..WriterStats::default()
@@ -390,7 +388,7 @@ impl SnapshotWriter {
         // Defaults are not etcd's data: they never reach the disk, where a restart would take
         // them for a snapshot of etcd.
         if !snapshot.loaded
-            || snapshot.revision == self.written
+            || snapshot.revision == self.stats.revision()
             || snapshot.source == crate::mirror::snapshot::Source::Defaults
         {
             return;
@@ -411,7 +409,6 @@ impl SnapshotWriter {
         .await;
         match result {
             Ok(Ok(())) => {
-                self.written = revision;
                 self.stats.revision.store(revision, Ordering::Relaxed);
                 self.stats.record(true);
                 tracing::debug!(revision, "snapshot written");

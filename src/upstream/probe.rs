@@ -148,8 +148,8 @@ impl ProbeTask {
 
     /// Waits from `started` (a round's start) until the next round is due: `interval` while
     /// things change, longer once `steady` rounds in a row found the same verdict `last` with the
-    /// watch down (see [`probe_delay`]). A longer wait ends early when the watch runs again, which the next
-    /// round then reports at once.
+    /// watch down (see [`probe_delay`]). A longer wait ends early when the watch runs again,
+    /// which the next round then reports at once.
     async fn wait_for_next_round(
         &self,
         started: tokio::time::Instant,

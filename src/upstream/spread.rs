@@ -7,14 +7,18 @@
 
 use std::time::Duration;
 
-use rand::Rng;
-
 /// A random part of `bound`: uniform in `[0, bound)`; nothing when `bound` is zero.
 fn random_part(bound: Duration) -> Duration {
     if bound.is_zero() {
         return Duration::ZERO;
     }
     bound.mul_f64(rand::random_range(0.0..1.0))
+}
+
+/// A random part of the upper half of `window`: the waits that back off, never short, never in
+/// step.
+fn upper_half(window: Duration) -> Duration {
+    window / 2 + random_part(window / 2)
 }
 
 /// How long to wait before the first load: a random part of `jitter` when it loads everything
@@ -48,7 +52,7 @@ pub fn probe_delay(interval: Duration, max: Duration, steady: u32, decided_after
     }
     let doublings = (steady - decided_after).min(16);
     let window = interval.saturating_mul(1 << doublings).min(max);
-    (window / 2 + random_part(window / 2)).max(interval)
+    upper_half(window).max(interval)
 }
 
 /// Jittered exponential backoff: each delay is drawn from the upper half of a doubling window, so
@@ -75,8 +79,7 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let window = self.window;
         self.window = (self.window * 2).min(self.max);
-        let half = window / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
+        upper_half(window)
     }
 
     /// Back to the smallest window, after a success.
