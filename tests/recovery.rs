@@ -2,7 +2,8 @@
 //! (which keys exist now, and the values changed since) instead of reading every value again,
 //! whether it held the data in memory while cut off, while pinned `cache-only`, or from its disk
 //! snapshot served while etcd was too slow to answer a restart; even when etcd compacted the
-//! revisions it would have resumed its watch from. Costs are counted by etcd itself.
+//! revisions it would have resumed its watch from, and when a catch-up is cut short. Costs are
+//! counted by etcd itself.
 
 mod common;
 
@@ -187,6 +188,76 @@ async fn a_compacted_resume_point_is_caught_up_not_reloaded() {
         Duration::from_secs(5),
         "watch after the catch-up",
         || async { sidecar.value("/v1/kv/rec/after").await.as_deref() == Some("1") },
+    )
+    .await;
+}
+
+/// A catch-up cut short (its listing stalls past the request timeout, as under a herd of
+/// reconnecting sidecars) is tried again as a catch-up from the data still held: never a full load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_cut_short_is_retried_as_a_catch_up() {
+    let cluster = EtcdCluster::start(3).await;
+    let mut etcd = cluster.client().await;
+    fill(&mut etcd).await;
+    let (proxies, urls) = proxy_every_member(&cluster).await;
+    let mut config = sidecar_config(&urls, &[PREFIX]);
+    // Small pages through a slow link make the catch-up's listing take many seconds (41 pages,
+    // each at least two delayed chunks): a wide window to cut it in, found by polling, not timed.
+    config.sync.page_size = 5;
+    let before_start = sent_bytes(&cluster).await;
+    let sidecar = start_sidecar(config).await;
+    let first_load = sent_bytes(&cluster).await - before_start;
+    assert_eq!(loads(&sidecar).await, (1, 0));
+
+    for p in &proxies {
+        p.set(Fault::Blackhole);
+    }
+    let expected = outage(&mut etcd).await;
+    let before_heal = sent_bytes(&cluster).await;
+    let slow = Fault::Delay {
+        base: Duration::from_millis(200),
+        jitter: Duration::ZERO,
+    };
+    for p in &proxies {
+        p.set(slow);
+    }
+    // The watch's resume point is compacted: the sidecar starts catching up, slowly.
+    eventually(
+        Duration::from_secs(30),
+        "the catch-up under way",
+        || async { sidecar.json("/v1/status").await["sync"]["state"] == "loading" },
+    )
+    .await;
+    let status = sidecar.json("/v1/status").await;
+    let reconnects = status["sync"]["reconnects"].as_u64().unwrap();
+    for p in &proxies {
+        p.set(Fault::Blackhole);
+    }
+    assert_eq!(loads(&sidecar).await, (1, 0), "cut before it completed");
+    eventually(Duration::from_secs(20), "the catch-up failed", || async {
+        let status = sidecar.json("/v1/status").await;
+        status["sync"]["reconnects"].as_u64().unwrap() > reconnects
+    })
+    .await;
+    let status = sidecar.json("/v1/status").await;
+    assert_eq!(loads(&sidecar).await, (1, 0), "{status}");
+    // Meanwhile it serves what it held (a key the outage deleted), not an empty or half mirror.
+    assert_eq!(
+        sidecar.value("/v1/kv/rec/k000").await,
+        Some(value(0, "v0")),
+        "the data held"
+    );
+
+    for p in &proxies {
+        p.set(Fault::Pass);
+    }
+    caught_up(
+        &sidecar,
+        &cluster,
+        &expected,
+        (1, 1),
+        before_heal,
+        first_load,
     )
     .await;
 }

@@ -41,7 +41,7 @@ use crate::upstream::{EndpointPool, MAX_DECODE_BYTES};
 pub enum SyncState {
     /// Nothing loaded yet.
     Starting,
-    /// A full load is in progress.
+    /// A load (a full load or a catch-up) is in progress.
     Loading,
     /// A watch stream is open and current.
     Watching,
