@@ -62,12 +62,15 @@ async fn mirrors_watches_and_writes_over_tls_with_password_auth() {
     let dir = tempfile::tempdir().unwrap();
     let password_file = dir.path().join("password");
     std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
-    let config = secure_config(&cluster, &pki, &password_file).unwrap();
+    let mut config = secure_config(&cluster, &pki, &password_file).unwrap();
+    config.snapshot = Some(config_sidecar::config::SnapshotConfig::at(
+        dir.path().join("mirror.snap"),
+    ));
     assert!(
         !format!("{config:?}").contains(PASSWORD) && !format!("{config:?}").contains("PRIVATE"),
         "Debug output shows a secret"
     );
-    let sidecar = start_sidecar(fast_failure_detection(config)).await;
+    let sidecar = start_sidecar(fast_failure_detection(config.clone())).await;
     assert_eq!(sidecar.value("/v1/kv/app/a").await.as_deref(), Some("1"));
     // The probes read a key the sidecar's role allows, so the mode reaches full.
     sidecar.wait_mode("full", Duration::from_secs(10)).await;
@@ -114,6 +117,19 @@ async fn mirrors_watches_and_writes_over_tls_with_password_auth() {
     assert!(!status.contains(PASSWORD), "/v1/status shows the password");
     let metrics = sidecar.get("/metrics").await.text().await.unwrap();
     assert!(!metrics.contains(PASSWORD), "/metrics shows the password");
+    sidecar.stop().await;
+
+    // Restarted onto its disk snapshot: it checks the cluster and resumes its watch with only
+    // what its role may read (no full load, and no key outside /app/ asked for).
+    etcd.put("/app/e", "5", None).await.unwrap();
+    let sidecar = start_sidecar(fast_failure_detection(config)).await;
+    eventually(Duration::from_secs(15), "put after the restart", || async {
+        sidecar.value("/v1/kv/app/e").await.as_deref() == Some("5")
+    })
+    .await;
+    let status = sidecar.json("/v1/status").await;
+    assert_eq!(status["sync"]["full_loads"], 0, "{status}");
+    assert_eq!(status["sync"]["reconnects"], 0, "{status}");
     sidecar.stop().await;
 }
 

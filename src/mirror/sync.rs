@@ -392,8 +392,11 @@ impl WatchTask {
         backoff: &mut Backoff,
     ) -> SessionError {
         if !*cluster_checked {
+            // Any answer carries the cluster's id; the first prefix is a key the sidecar's etcd
+            // user may read when authentication is on (as the probes' reads).
             let probe = GetOptions::new().with_count_only();
-            let response = match timeout(self.request_timeout(), client.get("/", Some(probe))).await
+            let key = self.config.prefixes.as_slice()[0].clone();
+            let response = match timeout(self.request_timeout(), client.get(key, Some(probe))).await
             {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => return e.into(),
