@@ -17,6 +17,16 @@
 #   python venv        python3-venv       python3 -m venv makes an environment whose  the client tests (etcd3gw
 #                                         pip runs (pip then installs from PyPI)      from PyPI, tests/clients)
 #
+# With --containers, also what scripts/container-test.sh needs (CI runs it; the suite does not):
+#   podman             podman             podman --version answers                    every container step
+#   runc               runc               runc --version answers (Debian 12's crun    podman (containers.conf
+#                                         refuses this kernel's hybrid cgroups)       of the test)
+#   CNI plugins        containernetworking-plugins  /usr/lib/cni/bridge runs          podman's networks
+#   pause process      catatonit          podman's catatonit runs                     pods (kube play too)
+#   busybox            busybox-static     a static busybox whose wget runs            the app image
+#   curl               curl               curl --version answers                      the manifest's app image
+#   openssl            openssl            openssl makes an EC key                     etcd's TLS in kube.sh
+#
 # Packages are installed with --no-install-recommends, so every package a need takes is named
 # above (protobuf-compiler only *recommends* libprotobuf-dev; gcc only recommends libc6-dev).
 # After installing, every check runs again, and a need still missing fails with its package named.
@@ -81,7 +91,29 @@ has_python_venv() {
   python3 -m venv "$scratch/venv" >/dev/null 2>&1 && "$scratch/venv/bin/python" -m pip --version >/dev/null 2>&1
 }
 
+has_podman() { podman --version >/dev/null 2>&1; }
+has_runc() { runc --version >/dev/null 2>&1; }
+has_cni_plugins() { /usr/lib/cni/bridge --version >/dev/null 2>&1; }
+has_catatonit() {
+  local c
+  for c in /usr/libexec/podman/catatonit "$(command -v catatonit || true)"; do
+    [ -x "$c" ] && "$c" --version >/dev/null 2>&1 && return 0
+  done
+  return 1
+}
+# The app image copies /bin/busybox alone: it must be the static build, and have wget.
+has_busybox() {
+  [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 && /bin/busybox wget --help >/dev/null 2>&1
+}
+has_curl() { curl --version >/dev/null 2>&1; }
+has_openssl() {
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:prime256v1 -out "$scratch/k.pem" >/dev/null 2>&1
+}
+
 needs=(c_toolchain protoc well_known_protos etcd etcdctl nginx wrk python_venv)
+if [ "${1:-}" = --containers ]; then
+  needs+=(podman runc cni_plugins catatonit busybox curl openssl)
+fi
 declare -A packages=(
   [c_toolchain]="gcc libc6-dev"
   [protoc]=protobuf-compiler
@@ -91,6 +123,13 @@ declare -A packages=(
   [nginx]=nginx-light
   [wrk]=wrk
   [python_venv]=python3-venv
+  [podman]=podman
+  [runc]=runc
+  [cni_plugins]=containernetworking-plugins
+  [catatonit]=catatonit
+  [busybox]=busybox-static
+  [curl]=curl
+  [openssl]=openssl
 )
 
 missing() {

@@ -26,6 +26,11 @@ etcdctl_in_pod() {
 }
 for _ in $(seq 1 100); do etcdctl_in_pod put /config/demo/greeting hello >/dev/null 2>&1 && break; sleep 0.1; done
 etcdctl_in_pod get /config/demo/greeting >/dev/null
+# The time from `podman run` to the first answer the app gets: an app container asks from before
+# the sidecar starts until it answers, then prints the kernel's uptime (the host's clock too).
+quiet podman run -d --pod "$pod" --name "$pod-first" "$app_image" \
+  'until wget -qO /dev/null http://127.0.0.1:7379/v1/kv/config/demo/greeting 2>/dev/null; do sleep 0.02; done; cat /proc/uptime' >/dev/null
+run_at=$(cut -d" " -f1 /proc/uptime)
 quiet podman run -d --pod "$pod" --name "$pod-sidecar" -v "$volume:/var/lib/config-sidecar" \
   -v "$shared:/shared" -e CONFIG_SIDECAR_RENDER=/config/demo/=/shared/demo.env \
   -e CONFIG_SIDECAR_ENDPOINTS=http://127.0.0.1:2379,http://127.0.0.1:2389,http://127.0.0.1:2399 \
@@ -69,6 +74,9 @@ expect_value() {
   echo "the app reads '$got', and GREETING='$1' in /shared/demo.env"
 }
 
+quiet podman wait "$pod-first" >/dev/null
+answered_at=$(quiet podman logs "$pod-first" | tail -1 | cut -d" " -f1)
+echo "podman run → the app's first answer: $(awk -v a="$run_at" -v b="$answered_at" 'BEGIN { printf "%.2f", b - a }') s"
 await_mode full
 expect_value hello
 user=$(quiet podman top "$pod-sidecar" huser | tail -1)

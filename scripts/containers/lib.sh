@@ -1,25 +1,11 @@
-# Sourced by scripts/container-test.sh: what every part of the container test shares. Installs
-# what is missing, points podman at a containers.conf that works here, builds the images (the
+# Sourced by scripts/container-test.sh: what every part of the container test shares. Has
+# scripts/install-deps.sh install what is missing, points podman at a containers.conf that works here, builds the images (the
 # sidecar's, etcd's and the app's, from this machine's files: no image registry), and removes
 # everything it made on exit, also when a step fails.
 
-# What it needs, from Debian's packages when missing: podman, runc (crun, Debian 12's default,
-# refuses this kernel's hybrid cgroups), the CNI plugins, catatonit (the pod's pause process),
-# busybox-static (the app image's shell and wget), curl (the app image of the Kubernetes
-# manifest), openssl (etcd's TLS certificates).
-need=()
-command -v podman >/dev/null || need+=(podman)
-command -v runc >/dev/null || need+=(runc)
-[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
-[ -x /usr/libexec/podman/catatonit ] || command -v catatonit >/dev/null || need+=(catatonit)
-[ -x /bin/busybox ] && /bin/busybox wget --help >/dev/null 2>&1 || need+=(busybox-static)
-command -v curl >/dev/null || need+=(curl)
-command -v openssl >/dev/null || need+=(openssl)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "container-test.sh: installing ${need[*]}" >&2
-  apt-get install -y --no-install-recommends "${need[@]}" >/dev/null ||
-    { apt-get update >/dev/null && apt-get install -y --no-install-recommends "${need[@]}" >/dev/null; }
-fi
+# What it needs (podman, runc, the CNI plugins, catatonit, busybox, curl, openssl), from
+# Debian's packages when missing.
+scripts/install-deps.sh --containers
 
 work=$(mktemp -d)
 # Everything made, removed by `cleanup`: pods, containers, volumes, networks, secrets, image tags.
@@ -79,6 +65,6 @@ quiet podman build -q -t "$etcd_image" "$work/etcd" >/dev/null
 mkdir -p "$work/app/rootfs/bin" "$work/app/rootfs/tmp"
 copy_with_libraries "$work/app/rootfs" "$(command -v curl)"
 cp /bin/busybox "$work/app/rootfs/bin/"
-for tool in sh wget cat sleep grep; do ln -s busybox "$work/app/rootfs/bin/$tool"; done
+for tool in sh wget cat sleep grep cut; do ln -s busybox "$work/app/rootfs/bin/$tool"; done
 printf 'FROM scratch\nCOPY rootfs /\nENV PATH=/usr/bin:/bin\nENTRYPOINT ["/bin/sh", "-c"]\n' >"$work/app/Containerfile"
 quiet podman build -q -t "$app_image" "$work/app" >/dev/null
