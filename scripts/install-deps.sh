@@ -21,7 +21,8 @@
 #   podman             podman             podman --version answers                    every container step
 #   runc               runc               runc --version answers (Debian 12's crun    podman (containers.conf
 #                                         refuses this kernel's hybrid cgroups)       of the test)
-#   CNI plugins        containernetworking-plugins  /usr/lib/cni/bridge runs          podman's networks
+#   netavark           netavark           podman's netavark runs                      podman's networks
+#   aardvark-dns       aardvark-dns       podman's aardvark-dns runs                  names on them (compose)
 #   pause process      catatonit          podman's catatonit runs                     pods (kube play too)
 #   busybox            busybox-static     a static busybox whose wget runs            the app image
 #   curl               curl               curl --version answers                      the manifest's app image
@@ -93,7 +94,8 @@ has_python_venv() {
 
 has_podman() { podman --version >/dev/null 2>&1; }
 has_runc() { runc --version >/dev/null 2>&1; }
-has_cni_plugins() { /usr/lib/cni/bridge --version >/dev/null 2>&1; }
+has_netavark() { /usr/lib/podman/netavark --version >/dev/null 2>&1; }
+has_aardvark_dns() { /usr/lib/podman/aardvark-dns --version >/dev/null 2>&1; }
 has_catatonit() {
   local c
   for c in /usr/libexec/podman/catatonit "$(command -v catatonit || true)"; do
@@ -112,7 +114,7 @@ has_openssl() {
 
 needs=(c_toolchain protoc well_known_protos etcd etcdctl nginx wrk python_venv)
 if [ "${1:-}" = --containers ]; then
-  needs+=(podman runc cni_plugins catatonit busybox curl openssl)
+  needs+=(podman runc netavark aardvark_dns catatonit busybox curl openssl)
 fi
 declare -A packages=(
   [c_toolchain]="gcc libc6-dev"
@@ -125,7 +127,8 @@ declare -A packages=(
   [python_venv]=python3-venv
   [podman]=podman
   [runc]=runc
-  [cni_plugins]=containernetworking-plugins
+  [netavark]=netavark
+  [aardvark_dns]=aardvark-dns
   [catatonit]=catatonit
   [busybox]=busybox-static
   [curl]=curl

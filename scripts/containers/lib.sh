@@ -3,23 +3,32 @@
 # sidecar's, etcd's and the app's, from this machine's files: no image registry), and removes
 # everything it made on exit, also when a step fails.
 
-# What it needs (podman, runc, the CNI plugins, catatonit, busybox, curl, openssl), from
-# Debian's packages when missing.
+# What it needs (podman, runc, netavark and aardvark-dns, catatonit, busybox, curl, openssl),
+# from Debian's packages when missing.
 scripts/install-deps.sh --containers
 
 work=$(mktemp -d)
 # Everything made, removed by `cleanup`: pods, containers, volumes, networks, secrets, image tags.
 made_pods=() made_containers=() made_volumes=() made_networks=() made_secrets=() made_tags=()
-# runc, and rlimits under this machine's hard limits (podman's defaults exceed them).
+made_projects=() # podman-compose projects: their containers, volumes and network
+# runc, rlimits under this machine's hard limits (podman's defaults exceed them), and netavark,
+# whose networks have DNS for container names (Debian has no dnsname plugin for CNI).
 cat >"$work/containers.conf" <<'CONF'
 [engine]
 runtime = "runc"
 [containers]
 default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+[network]
+network_backend = "netavark"
 CONF
 export CONTAINERS_CONF="$work/containers.conf"
 cleanup() {
   local p
+  for p in "${made_projects[@]}"; do
+    podman ps -aq --filter "label=io.podman.compose.project=$p" | xargs -r podman rm -f -t 0 >/dev/null 2>&1 || true
+    podman volume ls -q --filter "label=io.podman.compose.project=$p" | xargs -r podman volume rm -f >/dev/null 2>&1 || true
+    podman network rm -f "${p}_default" >/dev/null 2>&1 || true
+  done
   for p in "${made_pods[@]}"; do podman pod rm -f "$p" >/dev/null 2>&1 || true; done
   for p in "${made_containers[@]}"; do podman rm -f -t 0 "$p" >/dev/null 2>&1 || true; done
   for p in "${made_volumes[@]}"; do podman volume rm -f "$p" >/dev/null 2>&1 || true; done
@@ -29,8 +38,9 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-# podman logs an error for each healthcheck timer it cannot give systemd (absent here): noise.
-quiet() { "$@" 2> >(grep -v 'level=error' >&2); }
+# podman logs an error for each healthcheck timer it cannot give systemd (absent here), and
+# aardvark-dns that it has no syslog: noise.
+quiet() { "$@" 2> >(grep -v -e 'level=error' -e 'failed to connect to syslog' >&2); }
 fail() {
   echo "FAILED: $*" >&2
   exit 1
