@@ -22,6 +22,8 @@
 //!   become responses, etcd's v3 JSON gateway and Consul's KV API over the same store for clients
 //!   that speak them, and the server's sockets (accept loop and drain, per-connection deadlines,
 //!   the wire screen of HTTP/1 request heads).
+//! - [`grpc`]: memory → the app over etcd's own gRPC API (`--grpc-listen`), for etcd's clients:
+//!   ranges inside the mirror from memory by the JSON gateway's rules, others forwarded to etcd.
 //! - [`files`]: memory → the app as files: each render target rewritten atomically when its
 //!   content changes, in the formats apps read, and the app told when one changed.
 //! - [`ops`]: the operator's side, on top: [`ops::serve`] wires and runs the whole; status
@@ -31,6 +33,7 @@
 
 pub mod config;
 pub mod files;
+pub mod grpc;
 pub mod http;
 pub mod liveness;
 pub mod mirror;

@@ -105,6 +105,8 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Where to serve Consul's KV API too, if anywhere.
     pub consul_listen: Option<SocketAddr>,
+    /// Where to serve etcd's gRPC API too, if anywhere.
+    pub grpc_listen: Option<SocketAddr>,
     /// Drain time at shutdown.
     pub shutdown_grace: Duration,
     /// Weight bound of the rendered-body cache.

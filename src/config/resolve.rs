@@ -76,6 +76,7 @@ impl Config {
         for (flag, addr) in [
             ("--listen", Some(s.listen)),
             ("--consul-listen", s.consul_listen),
+            ("--grpc-listen", s.grpc_listen),
         ] {
             if addr.is_some_and(|a| !a.ip().is_loopback()) && !s.allow_remote {
                 return Err(ConfigError::new(
@@ -227,6 +228,7 @@ impl Config {
             http: HttpConfig {
                 listen: s.listen,
                 consul_listen: s.consul_listen,
+                grpc_listen: s.grpc_listen,
                 shutdown_grace: s.shutdown_grace,
                 cache_bytes: s.cache_bytes,
                 header_read_timeout: s.header_read_timeout,

@@ -147,6 +147,11 @@ pub struct Settings {
     /// Consul clients; off unless given. One other hosts can reach needs --allow-remote.
     #[arg(long, env = "CONFIG_SIDECAR_CONSUL_LISTEN", help_heading = "http")]
     pub consul_listen: Option<SocketAddr>,
+    /// Also serve etcd's v3 gRPC API (KV) on this address, for etcd's own clients (etcdctl,
+    /// clientv3, jetcd, etcd-client); off unless given. One other hosts can reach needs
+    /// --allow-remote.
+    #[arg(long, env = "CONFIG_SIDECAR_GRPC_LISTEN", help_heading = "http")]
+    pub grpc_listen: Option<SocketAddr>,
     /// Allow --listen on an address other hosts can reach (a warning is logged).
     #[arg(long, env = "CONFIG_SIDECAR_ALLOW_REMOTE", num_args = 0..=1, default_value = "false", default_missing_value = "true", action = clap::ArgAction::Set, help_heading = "http")]
     pub allow_remote: bool,

@@ -221,6 +221,23 @@ pub async fn serve_live(
             }))
         }
     };
+    // etcd's gRPC API on a listener of its own too; it stops with the main one.
+    let grpc = match config.http.grpc_listen {
+        None => None,
+        Some(addr) => {
+            let grpc_listener = TcpListener::bind(addr).await?;
+            tracing::info!(listen = %grpc_listener.local_addr()?, "serving etcd's gRPC API");
+            let mut closing = state.closing.clone();
+            let stopped = async move {
+                let _ = closing.wait_for(|c| *c).await;
+            };
+            Some(tokio::spawn(crate::grpc::run(
+                grpc_listener,
+                state.clone(),
+                stopped,
+            )))
+        }
+    };
     let service = http::service(state, gate);
     let shutdown = async move {
         shutdown.await;
@@ -231,6 +248,11 @@ pub async fn serve_live(
     if let Some(consul) = consul {
         if let Ok(Err(e)) = consul.await {
             tracing::error!(error = %e, "the Consul listener failed");
+        }
+    }
+    if let Some(grpc) = grpc {
+        if let Ok(Err(e)) = grpc.await {
+            tracing::error!(error = %e, "the gRPC listener failed");
         }
     }
     for task in tasks.iter().chain(&fallback) {

@@ -171,14 +171,20 @@ pub struct KeyRange {
 impl KeyRange {
     /// The range of `key` and `range_end` as base64 fields.
     pub fn decode(key: &str, range_end: &str) -> Result<KeyRange, GatewayError> {
-        let key = unb64("key", key)?;
-        let end = unb64("range_end", range_end)?;
-        let end = match end.as_slice() {
+        Ok(KeyRange::new(
+            unb64("key", key)?,
+            unb64("range_end", range_end)?,
+        ))
+    }
+
+    /// The range of `key` and `range_end` as etcd's protobuf fields carry them.
+    pub fn new(key: Vec<u8>, range_end: Vec<u8>) -> KeyRange {
+        let end = match range_end.as_slice() {
             [] => None,
             [0] => Some(Vec::new()),
-            _ => Some(end),
+            _ => Some(range_end),
         };
-        Ok(KeyRange { key, end })
+        KeyRange { key, end }
     }
 
     /// Whether `key` is in the range.

@@ -70,33 +70,71 @@ impl Named {
     }
 }
 
-pub(crate) async fn range(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-) -> Result<Response, GatewayError> {
-    let request: RangeRequest = request_json(&state, request.into_body()).await?;
-    let range = KeyRange::decode(&request.key, &request.range_end)?;
-    range.check_mirrored(&state)?;
-    let order = request
-        .sort_order
-        .index("sort_order", &["NONE", "ASCEND", "DESCEND"])?;
-    let target = request
-        .sort_target
-        .index("sort_target", &["KEY", "VERSION", "CREATE", "MOD", "VALUE"])?;
-    let snapshot = at_revision(&state, &range, request.revision).await?;
+/// A range as etcd's `RangeRequest` asks for it, whichever transport brought it (this JSON
+/// gateway, or gRPC in [`crate::grpc`]): what [`select`] answers from the mirror.
+#[derive(Debug, Clone)]
+pub struct RangeQuery {
+    /// The keys.
+    pub range: KeyRange,
+    /// Most entries returned (0: all).
+    pub limit: i64,
+    /// The revision to read at (0: the mirror's).
+    pub revision: i64,
+    /// 0 none, 1 ascending, 2 descending.
+    pub sort_order: usize,
+    /// 0 key, 1 version, 2 create, 3 mod, 4 value.
+    pub sort_target: usize,
+    /// Only the count.
+    pub count_only: bool,
+    /// Filters on the entries' revisions (0: none).
+    pub min_mod_revision: i64,
+    /// See `min_mod_revision`.
+    pub max_mod_revision: i64,
+    /// See `min_mod_revision`.
+    pub min_create_revision: i64,
+    /// See `min_mod_revision`.
+    pub max_create_revision: i64,
+}
+
+/// What a range found in the mirror.
+pub struct Found {
+    /// The snapshot read (its revision and cluster are the answer's header).
+    pub snapshot: Arc<Snapshot>,
+    /// The entries to return: sorted, limited, none when only the count was asked for.
+    pub entries: Vec<Arc<Entry>>,
+    /// Every entry in the range that passed the filters.
+    pub count: usize,
+    /// Whether the limit left some out.
+    pub more: bool,
+}
+
+/// The sort orders and targets, in protobuf number order.
+pub const SORT_ORDERS: [&str; 3] = ["NONE", "ASCEND", "DESCEND"];
+/// See [`SORT_ORDERS`].
+pub const SORT_TARGETS: [&str; 5] = ["KEY", "VERSION", "CREATE", "MOD", "VALUE"];
+
+/// Answers `query` from the mirror (the caller has checked the range is mirrored).
+pub async fn select(state: &AppState, query: &RangeQuery) -> Result<Found, GatewayError> {
+    let snapshot = at_revision(state, &query.range, query.revision).await?;
     let filtered = |e: &&Arc<Entry>| {
         let within = |n: i64, min: i64, max: i64| (min == 0 || n >= min) && (max == 0 || n <= max);
         within(
             e.mod_revision,
-            request.min_mod_revision,
-            request.max_mod_revision,
+            query.min_mod_revision,
+            query.max_mod_revision,
         ) && within(
             e.create_revision,
-            request.min_create_revision,
-            request.max_create_revision,
+            query.min_create_revision,
+            query.max_create_revision,
         )
     };
-    let mut entries: Vec<&Arc<Entry>> = range.scan(&snapshot).filter(filtered).collect();
+    let mut entries: Vec<Arc<Entry>> = query
+        .range
+        .scan(&snapshot)
+        .filter(filtered)
+        .cloned()
+        .collect();
+    let (order, target) = (query.sort_order, query.sort_target);
     // In key order already; etcd sorts only when asked (NONE with a target is ascending).
     if target != 0 || order == 2 {
         entries.sort_by(|a, b| {
@@ -115,29 +153,63 @@ pub(crate) async fn range(
         });
     }
     let count = entries.len();
+    let limit = usize::try_from(query.limit).unwrap_or(0);
+    let shown = if query.count_only {
+        0
+    } else if limit > 0 {
+        count.min(limit)
+    } else {
+        count
+    };
+    entries.truncate(shown);
+    Ok(Found {
+        snapshot,
+        entries,
+        count,
+        more: !query.count_only && shown < count,
+    })
+}
+
+pub(crate) async fn range(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+) -> Result<Response, GatewayError> {
+    let request: RangeRequest = request_json(&state, request.into_body()).await?;
+    let range = KeyRange::decode(&request.key, &request.range_end)?;
+    range.check_mirrored(&state)?;
+    let query = RangeQuery {
+        range,
+        limit: request.limit,
+        revision: request.revision,
+        sort_order: request.sort_order.index("sort_order", &SORT_ORDERS)?,
+        sort_target: request.sort_target.index("sort_target", &SORT_TARGETS)?,
+        count_only: request.count_only,
+        min_mod_revision: request.min_mod_revision,
+        max_mod_revision: request.max_mod_revision,
+        min_create_revision: request.min_create_revision,
+        max_create_revision: request.max_create_revision,
+    };
+    let found = select(&state, &query).await?;
     let mut body = Map::new();
     body.insert(
         "header".into(),
-        header(snapshot.cluster_id, snapshot.revision),
+        header(found.snapshot.cluster_id, found.snapshot.revision),
     );
-    if !request.count_only {
-        let limit = usize::try_from(request.limit).unwrap_or(0);
-        let shown = if limit > 0 { count.min(limit) } else { count };
-        if shown > 0 {
-            let kvs: Vec<Value> = entries[..shown]
-                .iter()
-                .map(|e| kv_json(e, request.keys_only))
-                .collect();
-            body.insert("kvs".into(), Value::Array(kvs));
-        }
-        if shown < count {
-            body.insert("more".into(), json!(true));
-        }
+    if !found.entries.is_empty() {
+        let kvs: Vec<Value> = found
+            .entries
+            .iter()
+            .map(|e| kv_json(e, request.keys_only))
+            .collect();
+        body.insert("kvs".into(), Value::Array(kvs));
     }
-    if count > 0 {
-        body.insert("count".into(), count.to_string().into());
+    if found.more {
+        body.insert("more".into(), json!(true));
     }
-    Ok(answer(&state, &snapshot, Value::Object(body)))
+    if found.count > 0 {
+        body.insert("count".into(), found.count.to_string().into());
+    }
+    Ok(answer(&state, &found.snapshot, Value::Object(body)))
 }
 
 /// The snapshot that answers for `range` at `revision` (0: the current one).
