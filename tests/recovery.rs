@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{
     compact_to, etcd_prefix, eventually, metric_sum, metrics_text, proxy_every_member,
-    sidecar_config, sidecar_prefix, start_sidecar, EtcdCluster, Fault, Sidecar, SseClient,
+    sidecar_config, sidecar_prefix, start_sidecar, EtcdCluster, Fault, Proxy, Sidecar, SseClient,
 };
 
 const KEYS: usize = 200;
@@ -32,6 +32,13 @@ async fn sent_bytes(cluster: &EtcdCluster) -> f64 {
         total += metric_sum(&text, "etcd_network_client_grpc_sent_bytes_total ");
     }
     total
+}
+
+/// Sets `fault` on every proxy.
+fn set_all(proxies: &[Proxy], fault: Fault) {
+    for p in proxies {
+        p.set(fault);
+    }
 }
 
 /// The sidecar's `sync` counters: full loads and catch-ups.
@@ -138,14 +145,10 @@ async fn a_compacted_resume_point_is_caught_up_not_reloaded() {
         assert_eq!(event.event, "put", "{}", event.data);
     }
 
-    for p in &proxies {
-        p.set(Fault::Blackhole);
-    }
+    set_all(&proxies, Fault::Blackhole);
     let expected = outage(&mut etcd).await;
     let before_heal = sent_bytes(&cluster).await;
-    for p in &proxies {
-        p.set(Fault::Pass);
-    }
+    set_all(&proxies, Fault::Pass);
     caught_up(
         &sidecar,
         &cluster,
@@ -209,18 +212,14 @@ async fn a_catch_up_cut_short_is_retried_as_a_catch_up() {
     let first_load = sent_bytes(&cluster).await - before_start;
     assert_eq!(loads(&sidecar).await, (1, 0));
 
-    for p in &proxies {
-        p.set(Fault::Blackhole);
-    }
+    set_all(&proxies, Fault::Blackhole);
     let expected = outage(&mut etcd).await;
     let before_heal = sent_bytes(&cluster).await;
     let slow = Fault::Delay {
         base: Duration::from_millis(200),
         jitter: Duration::ZERO,
     };
-    for p in &proxies {
-        p.set(slow);
-    }
+    set_all(&proxies, slow);
     // The watch's resume point is compacted: the sidecar starts catching up, slowly.
     eventually(
         Duration::from_secs(30),
@@ -230,9 +229,7 @@ async fn a_catch_up_cut_short_is_retried_as_a_catch_up() {
     .await;
     let status = sidecar.json("/v1/status").await;
     let reconnects = status["sync"]["reconnects"].as_u64().unwrap();
-    for p in &proxies {
-        p.set(Fault::Blackhole);
-    }
+    set_all(&proxies, Fault::Blackhole);
     assert_eq!(loads(&sidecar).await, (1, 0), "cut before it completed");
     eventually(Duration::from_secs(20), "the catch-up failed", || async {
         let status = sidecar.json("/v1/status").await;
@@ -248,9 +245,7 @@ async fn a_catch_up_cut_short_is_retried_as_a_catch_up() {
         "the data held"
     );
 
-    for p in &proxies {
-        p.set(Fault::Pass);
-    }
+    set_all(&proxies, Fault::Pass);
     caught_up(
         &sidecar,
         &cluster,
