@@ -1,8 +1,8 @@
-//! etcd's gRPC API on the sidecar (`--grpc-listen`, issue 30's first step): etcd's own clients
+//! etcd's gRPC API on the sidecar (`--grpc-listen`, issue 30's first steps): etcd's own clients
 //! (the etcd-client crate as an app uses it, and Debian's etcdctl) read the mirror over gRPC with
-//! etcd's range options, read outside it through the sidecar (forwarded to etcd), and keep
-//! reading the mirror with no member reachable, while a forwarded read fails fast with
-//! `UNAVAILABLE`.
+//! etcd's range options, read outside it through the sidecar (forwarded to etcd), list members,
+//! endpoint status and alarms (forwarded) but cannot change the cluster, and keep reading the
+//! mirror with no member reachable, while a forwarded read fails fast with `UNAVAILABLE`.
 
 mod common;
 
@@ -115,6 +115,50 @@ async fn etcd_clients_read_the_mirror_over_grpc() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Unimplemented"),
         "{out:?}"
+    );
+
+    // The cluster's state, forwarded; what would change the cluster, refused.
+    let out = etcdctl(&grpc, &["member", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        3,
+        "{out:?}"
+    );
+    let member_id = String::from_utf8_lossy(&out.stdout)
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    // etcdctl 3.4's `endpoint status` sends ":authority: http://host:port" (its passthrough
+    // target), which Rust's HTTP/2 server refuses as malformed; the call itself, from a client
+    // that sends a valid authority:
+    let status = app.status().await.unwrap();
+    assert!(status.version().starts_with("3.4."), "{status:?}");
+    let out = etcdctl(&grpc, &["alarm", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let id = |text: &str| u64::from_str_radix(text, 16).unwrap();
+    let refusals = [
+        app.member_remove(id(&member_id)).await.map(|_| ()),
+        app.defragment().await.map(|_| ()),
+        app.alarm(
+            etcd_client::AlarmAction::Deactivate,
+            etcd_client::AlarmType::Nospace,
+            None,
+        )
+        .await
+        .map(|_| ()),
+    ];
+    for refusal in refusals {
+        assert!(
+            matches!(&refusal, Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::PermissionDenied),
+            "{refusal:?}"
+        );
+    }
+    assert_eq!(
+        etcd.member_list().await.unwrap().members().len(),
+        3,
+        "no member was removed"
     );
 
     // No member reachable: the mirror still answers; a forwarded read fails, and fast.

@@ -11,7 +11,7 @@
 //!   blocking queries; [`operator`]: `/healthz`, `/readyz`, `/v1/status`, `/metrics`;
 //!   [`admin`]: the operator's pin (`/v1/admin/mode`); [`etcd_gateway`]: etcd's v3 JSON
 //!   gateway over the same store, notifications and write path; [`consul`]: Consul's KV API, on
-//!   a listener of its own ([`consul_service`]).
+//!   a listener of its own ([`consul_service`]); [`grpc`]: etcd's gRPC API, on one of its own.
 //! - [`query`] and [`path`] parse requests; [`respond`] writes the headers every mirror answer
 //!   carries; [`counters`] counts requests and open subscribers.
 //! - [`server`]: the sockets that serve it: the accept loop and drain, per-connection deadlines,
@@ -24,6 +24,7 @@ pub mod error;
 pub mod etcd_gateway;
 pub mod fast_path;
 pub mod gate;
+pub mod grpc;
 pub mod notify;
 pub mod operator;
 pub mod path;

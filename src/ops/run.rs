@@ -231,7 +231,7 @@ pub async fn serve_live(
             let stopped = async move {
                 let _ = closing.wait_for(|c| *c).await;
             };
-            Some(tokio::spawn(crate::grpc::run(
+            Some(tokio::spawn(crate::http::grpc::run(
                 grpc_listener,
                 state.clone(),
                 stopped,

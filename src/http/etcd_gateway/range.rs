@@ -71,7 +71,7 @@ impl Named {
 }
 
 /// A range as etcd's `RangeRequest` asks for it, whichever transport brought it (this JSON
-/// gateway, or gRPC in [`crate::grpc`]): what [`select`] answers from the mirror.
+/// gateway, or etcd's gRPC API): what [`select`] answers from the mirror.
 #[derive(Debug, Clone)]
 pub struct RangeQuery {
     /// The keys.

@@ -4,7 +4,7 @@
 //! pool (a read, retried on the next member), answered with etcd's own response or error.
 //! `Put`, `DeleteRange`, `Txn` and `Compact` are not served yet (`UNIMPLEMENTED`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use etcd_client::proto::{
     PbCompactionRequest, PbCompactionResponse, PbDeleteRequest, PbDeleteResponse, PbKeyValue,
@@ -16,9 +16,8 @@ use tonic::{Request, Response, Status};
 
 use crate::http::etcd_gateway::range::{select, RangeQuery, SORT_ORDERS, SORT_TARGETS};
 use crate::http::etcd_gateway::{GatewayError, KeyRange};
-use crate::http::AppState;
+use crate::http::state::AppState;
 use crate::mirror::snapshot::Entry;
-use crate::upstream::error::Failure;
 use crate::upstream::Retry;
 
 /// etcd's KV service over the mirror and the pool.
@@ -101,45 +100,13 @@ impl KvService {
             options = options.with_count_only();
         }
         let key = r.key;
-        let response = forward(&self.state, Retry::Read, move |mut client| {
+        let response = super::forward(&self.state, Retry::Read, move |mut client| {
             let (key, options) = (key.clone(), options.clone());
             async move { client.get(key, Some(options)).await }
         })
         .await?;
         Ok(response.0)
     }
-}
-
-/// Runs `call` on etcd through the pool within the request timeout: etcd's own status when it
-/// refused the call (a permission, a compacted revision), else `UNAVAILABLE` with what failed.
-async fn forward<T, F, Fut>(state: &AppState, retry: Retry, mut call: F) -> Result<T, Status>
-where
-    F: FnMut(etcd_client::Client) -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-{
-    let refused: Arc<Mutex<Option<Status>>> = Arc::default();
-    let seen = refused.clone();
-    let result = state
-        .pool
-        .request(retry, state.etcd_timeout(), |client| {
-            let call = call(client);
-            let seen = seen.clone();
-            async move {
-                call.await.inspect_err(|e| {
-                    if let etcd_client::Error::GRpcStatus(s) = e {
-                        *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
-                    }
-                })
-            }
-        })
-        .await;
-    result.map_err(|failed| {
-        let status = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match status {
-            Some(status) if failed.kind == Failure::Refused => status,
-            _ => super::forwarded(failed),
-        }
-    })
 }
 
 /// An entry as etcd's protobuf `KeyValue` (the mirror keeps no lease: 0).
