@@ -1,7 +1,8 @@
 //! etcd's v3 JSON gateway, served from the mirror, for clients that already speak it (Python
 //! `etcd3gw`, `lua-resty-etcd`, curl): `GET /version`, `POST /v3/kv/range` ([`range`]),
 //! `POST /v3/watch` ([`watch`]), and `POST /v3/kv/put`, `/v3/kv/deleterange`, `/v3/kv/txn`
-//! forwarded to etcd under `--allow-writes` ([`write`]). Only keys inside the mirrored prefixes;
+//! forwarded to etcd under `--allow-writes` ([`write`]). A range outside the mirrored prefixes is
+//! passed on to etcd and answered with etcd's response; the other routes serve the mirror only;
 //! the JSON is the gateway's (base64 keys and values, 64-bit integers as strings, zero values
 //! left out, errors as `{"error", "message", "code"}` with gRPC's code).
 //!
@@ -89,6 +90,11 @@ impl GatewayError {
             code::UNIMPLEMENTED => StatusCode::NOT_IMPLEMENTED,
             code::UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
             code::UNAUTHENTICATED => StatusCode::UNAUTHORIZED,
+            // As grpc-gateway maps etcd's own codes, for calls passed on to etcd.
+            4 => StatusCode::GATEWAY_TIMEOUT,
+            5 => StatusCode::NOT_FOUND,
+            6 | 10 => StatusCode::CONFLICT,
+            8 => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -98,6 +104,13 @@ impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let body = json!({ "error": self.message, "message": self.message, "code": self.code });
         (self.status(), Json(body)).into_response()
+    }
+}
+
+/// etcd's status for a call passed on to it, in the gateway's shape.
+impl From<tonic::Status> for GatewayError {
+    fn from(status: tonic::Status) -> Self {
+        GatewayError::new(status.code() as u16, status.message())
     }
 }
 
@@ -261,6 +274,26 @@ pub fn kv_json(entry: &Entry, keys_only: bool) -> Value {
         kv.insert("value".into(), b64(entry.value()).into());
     }
     Value::Object(kv)
+}
+
+/// etcd's protobuf key-value as the gateway writes it, zero fields left out.
+pub fn pb_kv_json(kv: &etcd_client::proto::PbKeyValue) -> Value {
+    let mut out = Map::new();
+    out.insert("key".into(), b64(&kv.key).into());
+    for (name, n) in [
+        ("create_revision", kv.create_revision),
+        ("mod_revision", kv.mod_revision),
+        ("version", kv.version),
+        ("lease", kv.lease),
+    ] {
+        if n != 0 {
+            out.insert(name.into(), n.to_string().into());
+        }
+    }
+    if !kv.value.is_empty() {
+        out.insert("value".into(), b64(&kv.value).into());
+    }
+    Value::Object(out)
 }
 
 /// A JSON answer with the mirror's headers (mode, revision, staleness).

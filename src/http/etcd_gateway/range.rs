@@ -8,13 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use etcd_client::proto::{PbRangeRequest, PbRangeResponse};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::{answer, code, header, int64, kv_json, request_json, GatewayError, KeyRange};
+use super::{
+    answer, code, header, int64, kv_json, pb_kv_json, request_json, GatewayError, KeyRange,
+};
 use crate::http::state::AppState;
 use crate::mirror::snapshot::{Entry, Snapshot};
+use crate::upstream::forward;
 
 /// Longest wait for the mirror to reach a revision a range asks for.
 const FUTURE_WAIT: Duration = Duration::from_secs(1);
@@ -31,8 +36,8 @@ struct RangeRequest {
     revision: i64,
     sort_order: Named,
     sort_target: Named,
-    /// Every read here is from memory: a serializable read and a linearizable one are answered
-    /// alike (docs/clients.md says so).
+    /// Every read of the mirror is from memory: a serializable read and a linearizable one are
+    /// answered alike (docs/clients.md says so); a read outside it is etcd's, as asked.
     serializable: bool,
     keys_only: bool,
     count_only: bool,
@@ -176,13 +181,36 @@ pub(crate) async fn range(
 ) -> Result<Response, GatewayError> {
     let request: RangeRequest = request_json(&state, request.into_body()).await?;
     let range = KeyRange::decode(&request.key, &request.range_end)?;
-    range.check_mirrored(&state)?;
+    let sort_order = request.sort_order.index("sort_order", &SORT_ORDERS)?;
+    let sort_target = request.sort_target.index("sort_target", &SORT_TARGETS)?;
+    if range.check_mirrored(&state).is_err() {
+        // Not the mirror's: etcd's answer, as etcd's gateway would give it.
+        let asked = PbRangeRequest {
+            key: range.key,
+            range_end: super::unb64("range_end", &request.range_end)?,
+            limit: request.limit,
+            revision: request.revision,
+            sort_order: sort_order as i32,
+            sort_target: sort_target as i32,
+            serializable: request.serializable,
+            keys_only: request.keys_only,
+            count_only: request.count_only,
+            min_mod_revision: request.min_mod_revision,
+            max_mod_revision: request.max_mod_revision,
+            min_create_revision: request.min_create_revision,
+            max_create_revision: request.max_create_revision,
+        };
+        let answer = forward::range(&state.pool, state.etcd_timeout(), asked)
+            .await
+            .map_err(GatewayError::from)?;
+        return Ok(Json(etcd_range_json(&answer)).into_response());
+    }
     let query = RangeQuery {
         range,
         limit: request.limit,
         revision: request.revision,
-        sort_order: request.sort_order.index("sort_order", &SORT_ORDERS)?,
-        sort_target: request.sort_target.index("sort_target", &SORT_TARGETS)?,
+        sort_order,
+        sort_target,
         count_only: request.count_only,
         min_mod_revision: request.min_mod_revision,
         max_mod_revision: request.max_mod_revision,
@@ -210,6 +238,36 @@ pub(crate) async fn range(
         body.insert("count".into(), found.count.to_string().into());
     }
     Ok(answer(&state, &found.snapshot, Value::Object(body)))
+}
+
+/// etcd's own range answer in the gateway's JSON.
+fn etcd_range_json(r: &PbRangeResponse) -> Value {
+    let mut body = Map::new();
+    if let Some(h) = &r.header {
+        let mut header = Map::new();
+        for (name, n) in [
+            ("cluster_id", h.cluster_id),
+            ("member_id", h.member_id),
+            ("revision", h.revision as u64),
+            ("raft_term", h.raft_term),
+        ] {
+            if n != 0 {
+                header.insert(name.into(), n.to_string().into());
+            }
+        }
+        body.insert("header".into(), Value::Object(header));
+    }
+    if !r.kvs.is_empty() {
+        let kvs = r.kvs.iter().map(pb_kv_json).collect();
+        body.insert("kvs".into(), Value::Array(kvs));
+    }
+    if r.more {
+        body.insert("more".into(), json!(true));
+    }
+    if r.count != 0 {
+        body.insert("count".into(), r.count.to_string().into());
+    }
+    Value::Object(body)
 }
 
 /// The snapshot that answers for `range` at `revision` (0: the current one).

@@ -11,14 +11,13 @@ use etcd_client::proto::{
     PbKvService, PbPutRequest, PbPutResponse, PbRangeRequest, PbRangeResponse,
     PbRangeStreamResponse, PbResponseHeader, PbTxnRequest, PbTxnResponse,
 };
-use etcd_client::{GetOptions, SortOrder, SortTarget};
 use tonic::{Request, Response, Status};
 
 use crate::http::etcd_gateway::range::{select, RangeQuery, SORT_ORDERS, SORT_TARGETS};
 use crate::http::etcd_gateway::{GatewayError, KeyRange};
 use crate::http::state::AppState;
 use crate::mirror::snapshot::Entry;
-use crate::upstream::Retry;
+use crate::upstream::forward;
 
 /// etcd's KV service over the mirror and the pool.
 pub struct KvService {
@@ -76,37 +75,6 @@ impl KvService {
             count: found.count as i64,
         })
     }
-
-    /// A range outside the mirror, asked of etcd.
-    async fn range_of_etcd(&self, r: PbRangeRequest) -> Result<PbRangeResponse, Status> {
-        let mut options = GetOptions::new()
-            .with_limit(r.limit)
-            .with_revision(r.revision)
-            .with_sort(sort_target(r.sort_target), sort_order(r.sort_order))
-            .with_min_mod_revision(r.min_mod_revision)
-            .with_max_mod_revision(r.max_mod_revision)
-            .with_min_create_revision(r.min_create_revision)
-            .with_max_create_revision(r.max_create_revision);
-        if !r.range_end.is_empty() {
-            options = options.with_range(r.range_end.clone());
-        }
-        if r.serializable {
-            options = options.with_serializable();
-        }
-        if r.keys_only {
-            options = options.with_keys_only();
-        }
-        if r.count_only {
-            options = options.with_count_only();
-        }
-        let key = r.key;
-        let response = super::forward(&self.state, Retry::Read, move |mut client| {
-            let (key, options) = (key.clone(), options.clone());
-            async move { client.get(key, Some(options)).await }
-        })
-        .await?;
-        Ok(response.0)
-    }
 }
 
 /// An entry as etcd's protobuf `KeyValue` (the mirror keeps no lease: 0).
@@ -125,24 +93,6 @@ fn key_value(entry: &Entry, keys_only: bool) -> PbKeyValue {
     }
 }
 
-fn sort_order(n: i32) -> SortOrder {
-    match n {
-        1 => SortOrder::Ascend,
-        2 => SortOrder::Descend,
-        _ => SortOrder::None,
-    }
-}
-
-fn sort_target(n: i32) -> SortTarget {
-    match n {
-        1 => SortTarget::Version,
-        2 => SortTarget::Create,
-        3 => SortTarget::Mod,
-        4 => SortTarget::Value,
-        _ => SortTarget::Key,
-    }
-}
-
 #[tonic::async_trait]
 impl PbKvService for KvService {
     async fn range(
@@ -154,7 +104,7 @@ impl PbKvService for KvService {
         let response = if range.check_mirrored(&self.state).is_ok() {
             self.range_of_mirror(range, &r).await?
         } else {
-            self.range_of_etcd(r).await?
+            forward::range(&self.state.pool, self.state.etcd_timeout(), r).await?
         };
         Ok(Response::new(response))
     }

@@ -12,15 +12,14 @@ pub mod cluster;
 pub mod kv;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tonic::Status;
 
 use crate::http::etcd_gateway::GatewayError;
 use crate::http::state::AppState;
-use crate::upstream::error::Failure;
-use crate::upstream::{RequestFailed, Retry};
+use crate::upstream::Retry;
 
 /// Most bytes of one request message (etcd's default `--max-request-bytes` is 1.5 MiB; a range
 /// request is far smaller).
@@ -55,40 +54,12 @@ pub fn status(error: GatewayError) -> Status {
     Status::new(tonic::Code::from_i32(i32::from(error.code)), error.message)
 }
 
-/// A call etcd did not answer as a gRPC status: etcd's own when it refused the call, else
-/// `UNAVAILABLE` (no member answered in time), never a hang.
-pub fn forwarded(error: RequestFailed) -> Status {
-    Status::unavailable(format!("etcd: {}", error.message))
-}
-
-/// Runs `call` on etcd through the pool within the request timeout: etcd's own status when it
-/// refused the call (a permission, a compacted revision), else `UNAVAILABLE` with what failed.
-pub async fn forward<T, F, Fut>(state: &AppState, retry: Retry, mut call: F) -> Result<T, Status>
+/// Runs `call` on etcd through the pool within the request timeout (see
+/// [`crate::upstream::forward`]).
+pub async fn forward<T, F, Fut>(state: &AppState, retry: Retry, call: F) -> Result<T, Status>
 where
     F: FnMut(etcd_client::Client) -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
-    let refused: Arc<Mutex<Option<Status>>> = Arc::default();
-    let seen = refused.clone();
-    let result = state
-        .pool
-        .request(retry, state.etcd_timeout(), |client| {
-            let call = call(client);
-            let seen = seen.clone();
-            async move {
-                call.await.inspect_err(|e| {
-                    if let etcd_client::Error::GRpcStatus(s) = e {
-                        *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
-                    }
-                })
-            }
-        })
-        .await;
-    result.map_err(|failed| {
-        let status = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match status {
-            Some(status) if failed.kind == Failure::Refused => status,
-            _ => forwarded(failed),
-        }
-    })
+    crate::upstream::forward::forward(&state.pool, retry, state.etcd_timeout(), call).await
 }
