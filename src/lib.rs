@@ -19,9 +19,9 @@
 //!   snapshot, and listings and trees rendered once per revision.
 //! - [`http`]: memory → the app over HTTP: routes and handlers, the fast path for plain key
 //!   reads, change streams and blocking queries, the gate on who may ask, the one place errors
-//!   become responses, etcd's v3 JSON gateway, etcd's gRPC API (on HTTP/2) and Consul's KV API over
-//!   the same store for clients that speak them, and the server's sockets (accept loop and drain, per-connection deadlines,
-//!   the wire screen of HTTP/1 request heads).
+//!   become responses, etcd's v3 JSON gateway, etcd's gRPC API (on HTTP/2) and Consul's KV API
+//!   over the same store for clients that speak them, and the server's sockets (accept loop and
+//!   drain, per-connection deadlines, the wire screen of HTTP/1 request heads).
 //! - [`files`]: memory → the app as files: each render target rewritten atomically when its
 //!   content changes, in the formats apps read, and the app told when one changed.
 //! - [`ops`]: the operator's side, on top: [`ops::serve`] wires and runs the whole; status
