@@ -54,6 +54,18 @@ pub async fn range(
     deadline: Duration,
     r: PbRangeRequest,
 ) -> Result<PbRangeResponse, Status> {
+    let options = get_options(&r);
+    let key = r.key;
+    let response = forward(pool, Retry::Read, deadline, move |mut client| {
+        let (key, options) = (key.clone(), options.clone());
+        async move { client.get(key, Some(options)).await }
+    })
+    .await?;
+    Ok(response.0)
+}
+
+/// The options of etcd-client's `get` that ask what `r` asks (its key aside).
+pub fn get_options(r: &PbRangeRequest) -> GetOptions {
     let mut options = GetOptions::new()
         .with_limit(r.limit)
         .with_revision(r.revision)
@@ -74,13 +86,7 @@ pub async fn range(
     if r.count_only {
         options = options.with_count_only();
     }
-    let key = r.key;
-    let response = forward(pool, Retry::Read, deadline, move |mut client| {
-        let (key, options) = (key.clone(), options.clone());
-        async move { client.get(key, Some(options)).await }
-    })
-    .await?;
-    Ok(response.0)
+    options
 }
 
 fn sort_order(n: i32) -> SortOrder {

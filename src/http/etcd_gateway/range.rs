@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::{
-    answer, code, header, int64, kv_json, pb_kv_json, request_json, GatewayError, KeyRange,
+    answer, code, header, int64, kv_json, pb_kv_json, request_json, unb64, GatewayError, KeyRange,
 };
 use crate::http::state::AppState;
 use crate::mirror::snapshot::{Entry, Snapshot};
@@ -75,32 +75,6 @@ impl Named {
     }
 }
 
-/// A range as etcd's `RangeRequest` asks for it, whichever transport brought it (this JSON
-/// gateway, or etcd's gRPC API): what [`select`] answers from the mirror.
-#[derive(Debug, Clone)]
-pub struct RangeQuery {
-    /// The keys.
-    pub range: KeyRange,
-    /// Most entries returned (0: all).
-    pub limit: i64,
-    /// The revision to read at (0: the mirror's).
-    pub revision: i64,
-    /// 0 none, 1 ascending, 2 descending.
-    pub sort_order: usize,
-    /// 0 key, 1 version, 2 create, 3 mod, 4 value.
-    pub sort_target: usize,
-    /// Only the count.
-    pub count_only: bool,
-    /// Filters on the entries' revisions (0: none).
-    pub min_mod_revision: i64,
-    /// See `min_mod_revision`.
-    pub max_mod_revision: i64,
-    /// See `min_mod_revision`.
-    pub min_create_revision: i64,
-    /// See `min_mod_revision`.
-    pub max_create_revision: i64,
-}
-
 /// What a range found in the mirror.
 pub struct Found {
     /// The snapshot read (its revision and cluster are the answer's header).
@@ -118,28 +92,50 @@ pub const SORT_ORDERS: [&str; 3] = ["NONE", "ASCEND", "DESCEND"];
 /// See [`SORT_ORDERS`].
 pub const SORT_TARGETS: [&str; 5] = ["KEY", "VERSION", "CREATE", "MOD", "VALUE"];
 
-/// Answers `query` from the mirror (the caller has checked the range is mirrored).
-pub async fn select(state: &AppState, query: &RangeQuery) -> Result<Found, GatewayError> {
-    let snapshot = at_revision(state, &query.range, query.revision).await?;
+/// How a range is answered: from the mirror, or by etcd when the range is not the mirror's.
+pub enum Ranged {
+    /// Inside one mirrored prefix: what the mirror holds.
+    Mirror(Found),
+    /// Elsewhere: etcd's own answer.
+    Etcd(PbRangeResponse),
+}
+
+/// Answers `r`, whichever transport brought it (this JSON gateway, or etcd's gRPC API): from
+/// the mirror when its range is inside one mirrored prefix, else passed on to etcd.
+pub async fn route(state: &AppState, r: PbRangeRequest) -> Result<Ranged, GatewayError> {
+    let range = KeyRange::new(r.key.clone(), r.range_end.clone());
+    if range.check_mirrored(state).is_ok() {
+        return Ok(Ranged::Mirror(select(state, &range, &r).await?));
+    }
+    let answer = forward::range(&state.pool, state.etcd_timeout(), r).await?;
+    Ok(Ranged::Etcd(answer))
+}
+
+/// Answers `r` over `range` from the mirror.
+async fn select(
+    state: &AppState,
+    range: &KeyRange,
+    r: &PbRangeRequest,
+) -> Result<Found, GatewayError> {
+    let index = |field: &str, n: i32, names: &[&str]| {
+        usize::try_from(n)
+            .ok()
+            .filter(|&i| i < names.len())
+            .ok_or_else(|| GatewayError::invalid(format!("{field}: {n} is not one of {names:?}")))
+    };
+    let order = index("sort_order", r.sort_order, &SORT_ORDERS)?;
+    let target = index("sort_target", r.sort_target, &SORT_TARGETS)?;
+    let snapshot = at_revision(state, range, r.revision).await?;
     let filtered = |e: &&Arc<Entry>| {
         let within = |n: i64, min: i64, max: i64| (min == 0 || n >= min) && (max == 0 || n <= max);
-        within(
-            e.mod_revision,
-            query.min_mod_revision,
-            query.max_mod_revision,
-        ) && within(
-            e.create_revision,
-            query.min_create_revision,
-            query.max_create_revision,
-        )
+        within(e.mod_revision, r.min_mod_revision, r.max_mod_revision)
+            && within(
+                e.create_revision,
+                r.min_create_revision,
+                r.max_create_revision,
+            )
     };
-    let mut entries: Vec<Arc<Entry>> = query
-        .range
-        .scan(&snapshot)
-        .filter(filtered)
-        .cloned()
-        .collect();
-    let (order, target) = (query.sort_order, query.sort_target);
+    let mut entries: Vec<Arc<Entry>> = range.scan(&snapshot).filter(filtered).cloned().collect();
     // In key order already; etcd sorts only when asked (NONE with a target is ascending).
     if target != 0 || order == 2 {
         entries.sort_by(|a, b| {
@@ -158,8 +154,8 @@ pub async fn select(state: &AppState, query: &RangeQuery) -> Result<Found, Gatew
         });
     }
     let count = entries.len();
-    let limit = usize::try_from(query.limit).unwrap_or(0);
-    let shown = if query.count_only {
+    let limit = usize::try_from(r.limit).unwrap_or(0);
+    let shown = if r.count_only {
         0
     } else if limit > 0 {
         count.min(limit)
@@ -171,7 +167,7 @@ pub async fn select(state: &AppState, query: &RangeQuery) -> Result<Found, Gatew
         snapshot,
         entries,
         count,
-        more: !query.count_only && shown < count,
+        more: !r.count_only && shown < count,
     })
 }
 
@@ -180,44 +176,26 @@ pub(crate) async fn range(
     request: Request,
 ) -> Result<Response, GatewayError> {
     let request: RangeRequest = request_json(&state, request.into_body()).await?;
-    let range = KeyRange::decode(&request.key, &request.range_end)?;
-    let sort_order = request.sort_order.index("sort_order", &SORT_ORDERS)?;
-    let sort_target = request.sort_target.index("sort_target", &SORT_TARGETS)?;
-    if range.check_mirrored(&state).is_err() {
-        // Not the mirror's: etcd's answer, as etcd's gateway would give it.
-        let asked = PbRangeRequest {
-            key: range.key,
-            range_end: super::unb64("range_end", &request.range_end)?,
-            limit: request.limit,
-            revision: request.revision,
-            sort_order: sort_order as i32,
-            sort_target: sort_target as i32,
-            serializable: request.serializable,
-            keys_only: request.keys_only,
-            count_only: request.count_only,
-            min_mod_revision: request.min_mod_revision,
-            max_mod_revision: request.max_mod_revision,
-            min_create_revision: request.min_create_revision,
-            max_create_revision: request.max_create_revision,
-        };
-        let answer = forward::range(&state.pool, state.etcd_timeout(), asked)
-            .await
-            .map_err(GatewayError::from)?;
-        return Ok(Json(etcd_range_json(&answer)).into_response());
-    }
-    let query = RangeQuery {
-        range,
+    let asked = PbRangeRequest {
+        key: unb64("key", &request.key)?,
+        range_end: unb64("range_end", &request.range_end)?,
         limit: request.limit,
         revision: request.revision,
-        sort_order,
-        sort_target,
+        sort_order: request.sort_order.index("sort_order", &SORT_ORDERS)? as i32,
+        sort_target: request.sort_target.index("sort_target", &SORT_TARGETS)? as i32,
+        serializable: request.serializable,
+        keys_only: request.keys_only,
         count_only: request.count_only,
         min_mod_revision: request.min_mod_revision,
         max_mod_revision: request.max_mod_revision,
         min_create_revision: request.min_create_revision,
         max_create_revision: request.max_create_revision,
     };
-    let found = select(&state, &query).await?;
+    let found = match route(&state, asked).await? {
+        Ranged::Mirror(found) => found,
+        // Not the mirror's: etcd's answer, as etcd's gateway would give it.
+        Ranged::Etcd(answer) => return Ok(Json(etcd_range_json(&answer)).into_response()),
+    };
     let mut body = Map::new();
     body.insert(
         "header".into(),

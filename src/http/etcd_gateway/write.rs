@@ -9,9 +9,10 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use etcd_client::proto::PbRangeRequest;
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, ResponseHeader, Txn,
-    TxnOp, TxnOpResponse, TxnResponse,
+    Compare, CompareOp, DeleteOptions, KeyValue, PutOptions, ResponseHeader, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
 };
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -19,6 +20,7 @@ use serde_json::{json, Map, Value};
 use super::{b64, code, int64, request_json, unb64, GatewayError, KeyRange};
 use crate::http::state::AppState;
 use crate::http::write::{admit, mirrored_by, write_failed};
+use crate::upstream::forward::get_options;
 use crate::upstream::write::apply_txn;
 
 /// etcd's `PutRequest`.
@@ -225,22 +227,16 @@ fn request_op(state: &AppState, op: RequestOp) -> Result<TxnOp, GatewayError> {
             request_txn: None,
         } => {
             let range = mirrored_range(state, &get.key, &get.range_end)?;
-            let mut options = GetOptions::new()
-                .with_limit(get.limit)
-                .with_revision(get.revision);
-            if let Some(end) = range.end {
-                options = options.with_range(end);
-            }
-            if get.serializable {
-                options = options.with_serializable();
-            }
-            if get.keys_only {
-                options = options.with_keys_only();
-            }
-            if get.count_only {
-                options = options.with_count_only();
-            }
-            Ok(TxnOp::get(range.key, Some(options)))
+            let asked = PbRangeRequest {
+                range_end: unb64("range_end", &get.range_end)?,
+                limit: get.limit,
+                revision: get.revision,
+                serializable: get.serializable,
+                keys_only: get.keys_only,
+                count_only: get.count_only,
+                ..PbRangeRequest::default()
+            };
+            Ok(TxnOp::get(range.key, Some(get_options(&asked))))
         }
         RequestOp {
             request_txn: Some(_),

@@ -1,5 +1,5 @@
 //! etcd's KV service. `Range` inside one mirrored prefix is answered from memory (the JSON
-//! gateway's [`select`]: the same rules for revisions, filters, sorting and limits, and it keeps
+//! gateway's [`route`]: the same rules for revisions, filters, sorting and limits, and it keeps
 //! answering in every mode); a range outside them is forwarded to etcd through the endpoint
 //! pool (a read, retried on the next member), answered with etcd's own response or error.
 //! `Put`, `DeleteRange`, `Txn` and `Compact` are not served yet (`UNIMPLEMENTED`).
@@ -13,11 +13,9 @@ use etcd_client::proto::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::http::etcd_gateway::range::{select, RangeQuery, SORT_ORDERS, SORT_TARGETS};
-use crate::http::etcd_gateway::{GatewayError, KeyRange};
+use crate::http::etcd_gateway::range::{route, Ranged};
 use crate::http::state::AppState;
 use crate::mirror::snapshot::Entry;
-use crate::upstream::forward;
 
 /// etcd's KV service over the mirror and the pool.
 pub struct KvService {
@@ -29,51 +27,6 @@ impl KvService {
     /// The service over `state`.
     pub fn new(state: Arc<AppState>) -> Self {
         KvService { state }
-    }
-
-    /// A range of the mirror.
-    async fn range_of_mirror(
-        &self,
-        range: KeyRange,
-        r: &PbRangeRequest,
-    ) -> Result<PbRangeResponse, Status> {
-        let index = |field: &str, n: i32, names: &[&str]| {
-            usize::try_from(n)
-                .ok()
-                .filter(|&i| i < names.len())
-                .ok_or_else(|| {
-                    super::status(GatewayError::invalid(format!(
-                        "{field}: {n} is not one of {names:?}"
-                    )))
-                })
-        };
-        let query = RangeQuery {
-            range,
-            limit: r.limit,
-            revision: r.revision,
-            sort_order: index("sort_order", r.sort_order, &SORT_ORDERS)?,
-            sort_target: index("sort_target", r.sort_target, &SORT_TARGETS)?,
-            count_only: r.count_only,
-            min_mod_revision: r.min_mod_revision,
-            max_mod_revision: r.max_mod_revision,
-            min_create_revision: r.min_create_revision,
-            max_create_revision: r.max_create_revision,
-        };
-        let found = select(&self.state, &query).await.map_err(super::status)?;
-        Ok(PbRangeResponse {
-            header: Some(PbResponseHeader {
-                cluster_id: found.snapshot.cluster_id,
-                revision: found.snapshot.revision,
-                ..Default::default()
-            }),
-            kvs: found
-                .entries
-                .iter()
-                .map(|e| key_value(e, r.keys_only))
-                .collect(),
-            more: found.more,
-            count: found.count as i64,
-        })
     }
 }
 
@@ -100,13 +53,25 @@ impl PbKvService for KvService {
         request: Request<PbRangeRequest>,
     ) -> Result<Response<PbRangeResponse>, Status> {
         let r = request.into_inner();
-        let range = KeyRange::new(r.key.clone(), r.range_end.clone());
-        let response = if range.check_mirrored(&self.state).is_ok() {
-            self.range_of_mirror(range, &r).await?
-        } else {
-            forward::range(&self.state.pool, self.state.etcd_timeout(), r).await?
+        let keys_only = r.keys_only;
+        let found = match route(&self.state, r).await.map_err(super::status)? {
+            Ranged::Mirror(found) => found,
+            Ranged::Etcd(answer) => return Ok(Response::new(answer)),
         };
-        Ok(Response::new(response))
+        Ok(Response::new(PbRangeResponse {
+            header: Some(PbResponseHeader {
+                cluster_id: found.snapshot.cluster_id,
+                revision: found.snapshot.revision,
+                ..Default::default()
+            }),
+            kvs: found
+                .entries
+                .iter()
+                .map(|e| key_value(e, keys_only))
+                .collect(),
+            more: found.more,
+            count: found.count as i64,
+        }))
     }
 
     async fn put(&self, _: Request<PbPutRequest>) -> Result<Response<PbPutResponse>, Status> {
