@@ -1,8 +1,9 @@
 # Sourced by scripts/container-test.sh (after containers/lib.sh): the compose-like stack and its
 # outage drill. Three etcd members, the sidecar and an app in one pod (one network namespace, as
-# in a Kubernetes pod; Debian's podman has no DNS for container names, so members listen on
-# loopback ports rather than as etcd1..3 of docker/compose.yml); the app reads over localhost and
-# from the file the sidecar renders into a volume both mount.
+# in a Kubernetes pod; the members listen on loopback ports rather than as etcd1..3 of
+# docker/compose.yml, because podman's DNS failed lookups for ~40 s after members restarted in
+# some runs, see compose.sh); the app reads over localhost and from the file the sidecar renders
+# into a volume both mount.
 
 pod=config-sidecar-drill-$$
 volume=$pod-snapshot

@@ -75,6 +75,6 @@ quiet podman build -q -t "$etcd_image" "$work/etcd" >/dev/null
 mkdir -p "$work/app/rootfs/bin" "$work/app/rootfs/tmp"
 copy_with_libraries "$work/app/rootfs" "$(command -v curl)"
 cp /bin/busybox "$work/app/rootfs/bin/"
-for tool in sh wget cat sleep grep cut; do ln -s busybox "$work/app/rootfs/bin/$tool"; done
+for tool in sh wget cat sleep; do ln -s busybox "$work/app/rootfs/bin/$tool"; done
 printf 'FROM scratch\nCOPY rootfs /\nENV PATH=/usr/bin:/bin\nENTRYPOINT ["/bin/sh", "-c"]\n' >"$work/app/Containerfile"
 quiet podman build -q -t "$app_image" "$work/app" >/dev/null
