@@ -211,10 +211,7 @@ pub async fn serve_live(
             let gate = Gate::new(consul_listener.local_addr()?, &config.http.allowed_hosts);
             tracing::info!(listen = %consul_listener.local_addr()?, "serving Consul's KV API");
             let service = http::consul_service(state.clone(), gate);
-            let mut closing = state.closing.clone();
-            let stopped = async move {
-                let _ = closing.wait_for(|c| *c).await;
-            };
+            let stopped = closed(&state);
             let live = live.clone();
             Some(tokio::spawn(async move {
                 server::run(consul_listener, service, stopped, || limits(&live)).await
@@ -227,14 +224,10 @@ pub async fn serve_live(
         Some(addr) => {
             let grpc_listener = TcpListener::bind(addr).await?;
             tracing::info!(listen = %grpc_listener.local_addr()?, "serving etcd's gRPC API");
-            let mut closing = state.closing.clone();
-            let stopped = async move {
-                let _ = closing.wait_for(|c| *c).await;
-            };
             Some(tokio::spawn(crate::http::grpc::run(
                 grpc_listener,
                 state.clone(),
-                stopped,
+                closed(&state),
             )))
         }
     };
@@ -268,6 +261,14 @@ pub async fn serve_live(
         }
     }
     result
+}
+
+/// Completes when shutdown begins: the second listeners stop with the main one.
+fn closed(state: &AppState) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut closing = state.closing.clone();
+    async move {
+        let _ = closing.wait_for(|c| *c).await;
+    }
 }
 
 /// The connection limits in force now (a reload may change them for the connections after).
